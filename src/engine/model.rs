@@ -1,0 +1,744 @@
+//! One decoder-only transformer that covers every supported architecture.
+//!
+//! Written on candle-core rather than using candle-transformers' per-architecture models
+//! because those keep their KV cache private and only ever grow it by concatenation: chat
+//! needs to truncate the cache back to the prefix a new turn shares with the last one, and
+//! the architectures differ only in a handful of switches (fused QKV, biases, Q/K norms,
+//! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
+
+use super::gguf::Gguf;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use std::sync::Arc;
+
+/// The architectures this engine runs, by their GGUF `general.architecture` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Qwen3Moe,
+    Gemma3,
+    Phi3,
+}
+
+impl Arch {
+    pub const SUPPORTED: [&'static str; 6] =
+        ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3"];
+
+    pub fn from_gguf_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "llama" => Self::Llama,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "qwen3moe" => Self::Qwen3Moe,
+            "gemma3" => Self::Gemma3,
+            "phi3" => Self::Phi3,
+            other => bail!(
+                "unsupported architecture \"{other}\": tokentop runs {}",
+                Self::SUPPORTED.join(", ")
+            ),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
+            Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
+        }
+    }
+
+    /// GPT-NeoX rotary layout (halves) versus the GGML "normal" layout (adjacent pairs),
+    /// as llama.cpp's llama_model_rope_type assigns them.
+    fn rope_is_neox(self) -> bool {
+        !matches!(self, Self::Llama)
+    }
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct HParams {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f64,
+    /// The context length the model was trained for.
+    pub train_ctx: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    /// Gemma 3: window of the local layers, and every `swa_period`-th layer is global.
+    pub sliding_window: Option<usize>,
+    pub swa_period: usize,
+    pub rope_base_local: f32,
+    pub rope_scale_global: f32,
+}
+
+impl HParams {
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch = Arch::from_gguf_name(g.architecture()?)?;
+        let p = arch.as_str();
+        let key = |k: &str| format!("{p}.{k}");
+        let n_embd = g.require_u32(&key("embedding_length"))? as usize;
+        let n_head = g.require_u32(&key("attention.head_count"))? as usize;
+        let n_layer = g.require_u32(&key("block_count"))? as usize;
+        if n_head == 0 || n_layer == 0 || n_embd == 0 {
+            bail!("{} declares an empty model (zero heads, layers or width)", g.path.display());
+        }
+        let n_kv_head = g.get_u32(&key("attention.head_count_kv")).unwrap_or(n_head as u32) as usize;
+        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+            bail!("{}: {n_head} attention heads cannot share {n_kv_head} KV heads", g.path.display());
+        }
+        let head_dim = g
+            .get_u32(&key("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(n_embd / n_head);
+        let rope_dim = g
+            .get_u32(&key("rope.dimension_count"))
+            .map(|v| v as usize)
+            .unwrap_or(head_dim)
+            .min(head_dim);
+        let default_base = if arch == Arch::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+        let sliding_window = (arch == Arch::Gemma3)
+            .then(|| g.get_u32(&key("attention.sliding_window")).map(|v| v as usize))
+            .flatten();
+        let rope_scale_global = match g.get_str(&key("rope.scaling.type")) {
+            Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
+            _ => 1.0,
+        };
+        Ok(Self {
+            arch,
+            n_layer,
+            n_embd,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope_dim,
+            rope_base: g.get_f32(&key("rope.freq_base")).unwrap_or(default_base),
+            rms_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6) as f64,
+            train_ctx: g.get_u32(&key("context_length")).unwrap_or(2048) as usize,
+            n_expert: g.get_u32(&key("expert_count")).unwrap_or(0) as usize,
+            n_expert_used: g.get_u32(&key("expert_used_count")).unwrap_or(0) as usize,
+            sliding_window,
+            swa_period: 6,
+            rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
+            rope_scale_global,
+        })
+    }
+
+    fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && (layer + 1) % self.swa_period != 0
+    }
+}
+
+/// A per-layer KV cache preallocated in growing chunks and written in place; `truncate`
+/// drops a suffix so a new chat turn can keep the prefix it shares with the last one.
+#[derive(Debug, Default)]
+struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    fn append(&mut self, k: &Tensor, v: &Tensor, max_len: usize) -> Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let need = self.len + seq;
+        if need > max_len {
+            bail!("KV cache full: {need} positions needed, {max_len} allocated");
+        }
+        if need > self.capacity() {
+            let cap = need.max(self.capacity() * 2).max(256).min(max_len);
+            let (b, h, _, d) = k.dims4()?;
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
+        }
+        let (kb, vb) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    fn bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    dim: usize,
+    neox: bool,
+}
+
+impl Rope {
+    fn new(
+        hp: &HParams,
+        base: f32,
+        pos_scale: f32,
+        freq_factors: Option<&[f32]>,
+        max_pos: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = hp.rope_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f32 / hp.rope_dim as f32);
+                f / freq_factors.and_then(|ff| ff.get(i)).copied().unwrap_or(1.0)
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let pos: Vec<f32> = (0..max_pos).map(|p| p as f32 / pos_scale).collect();
+        let pos = Tensor::from_vec(pos, (max_pos, 1), device)?;
+        let angles = pos.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            dim: hp.rope_dim,
+            neox: hp.arch.rope_is_neox(),
+        })
+    }
+
+    /// x: (batch, heads, seq, head_dim), contiguous.
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        let head_dim = x.dim(3)?;
+        let rot = |x: &Tensor| -> Result<Tensor> {
+            Ok(if self.neox {
+                candle_nn::rotary_emb::rope(x, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+            })
+        };
+        if self.dim == head_dim {
+            rot(x)
+        } else {
+            let rotated = rot(&x.narrow(3, 0, self.dim)?.contiguous()?)?;
+            let pass = x.narrow(3, self.dim, head_dim - self.dim)?;
+            Ok(Tensor::cat(&[rotated, pass], 3)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Silu,
+    GeluTanh,
+}
+
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate { gate: QMatMul, up: QMatMul },
+    /// Phi-3 stores gate and up as one matrix, gate first.
+    Fused { gate_up: QMatMul, n_ff: usize },
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up: GateUp,
+    down: QMatMul,
+    act: Act,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUp::Fused { gate_up, n_ff } => {
+                let gu = gate_up.forward(x)?;
+                (gu.narrow(D::Minus1, 0, *n_ff)?, gu.narrow(D::Minus1, *n_ff, *n_ff)?)
+            }
+        };
+        let gate = match self.act {
+            Act::Silu => gate.silu()?,
+            Act::GeluTanh => gate.gelu()?,
+        };
+        Ok(self.down.forward(&(gate * up)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe {
+        router: QMatMul,
+        experts: Vec<Mlp>,
+        top_k: usize,
+    },
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(mlp) => mlp.forward(x),
+            Ffn::Moe {
+                router,
+                experts,
+                top_k,
+            } => moe_forward(router, experts, *top_k, x),
+        }
+    }
+}
+
+/// Softmax router, top-k experts per token, weights renormalised over the chosen k
+/// (Mixtral and Qwen3-MoE both route this way).
+fn moe_forward(router: &QMatMul, experts: &[Mlp], top_k: usize, x: &Tensor) -> Result<Tensor> {
+    let (b, seq, d) = x.dims3()?;
+    let xs = x.reshape((b * seq, d))?;
+    let probs = candle_nn::ops::softmax_last_dim(&router.forward(&xs)?)?;
+    let probs: Vec<Vec<f32>> = probs.to_vec2()?;
+    let mut rows = vec![Vec::<u32>::new(); experts.len()];
+    let mut weights = vec![Vec::<f32>::new(); experts.len()];
+    for (row, p) in probs.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..p.len()).collect();
+        idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let chosen = &idx[..top_k.min(idx.len())];
+        let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+        for &e in chosen {
+            rows[e].push(row as u32);
+            weights[e].push(p[e] / sum);
+        }
+    }
+    let mut out = xs.zeros_like()?;
+    for (e, expert) in experts.iter().enumerate() {
+        if rows[e].is_empty() {
+            continue;
+        }
+        let idx = Tensor::new(rows[e].as_slice(), x.device())?;
+        let w = Tensor::new(weights[e].as_slice(), x.device())?.reshape(((), 1))?;
+        let y = expert.forward(&xs.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+        out = out.index_add(&idx, &y, 0)?;
+    }
+    Ok(out.reshape((b, seq, d))?)
+}
+
+#[derive(Debug, Clone)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Qkv,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    attn_out: QMatMul,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    ffn: Ffn,
+    post_ffn_norm: Option<Tensor>,
+    rope: Arc<Rope>,
+    window: Option<usize>,
+    cache: KvCache,
+}
+
+/// The loaded model: weights, rotary tables and the KV cache of one conversation.
+pub struct Model {
+    pub hp: HParams,
+    /// Positions the KV cache is allowed to hold (the context a user gets).
+    pub n_ctx: usize,
+    embed: Arc<QTensor>,
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    device: Device,
+}
+
+fn norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
+}
+
+impl Model {
+    /// Loads the weights. `n_ctx` caps the context (and so the KV cache and rotary tables).
+    pub fn load(g: &mut Gguf, n_ctx: usize, device: &Device) -> Result<Self> {
+        let hp = HParams::from_gguf(g)?;
+        let n_ctx = n_ctx.min(hp.train_ctx).max(1);
+        let dev = device;
+        let vec_f32 = |g: &mut Gguf, name: &str| -> Result<Tensor> {
+            Ok(g.tensor(name, dev)?.dequantize(dev)?)
+        };
+        let opt_f32 = |g: &mut Gguf, name: &str| -> Result<Option<Tensor>> {
+            if g.has_tensor(name) {
+                Ok(Some(g.tensor(name, dev)?.dequantize(dev)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let qmm = |g: &mut Gguf, name: &str| -> Result<QMatMul> {
+            Ok(QMatMul::from_qtensor(g.tensor(name, dev)?)?)
+        };
+        let linear = |g: &mut Gguf, name: &str| -> Result<Linear> {
+            Ok(Linear {
+                w: qmm(g, &format!("{name}.weight"))?,
+                b: opt_f32(g, &format!("{name}.bias"))?,
+            })
+        };
+
+        let freq_factors: Option<Vec<f32>> = opt_f32(g, "rope_freqs.weight")?
+            .map(|t| t.flatten_all().and_then(|t| t.to_vec1()))
+            .transpose()?;
+        let rope_global = Arc::new(Rope::new(
+            &hp,
+            hp.rope_base,
+            hp.rope_scale_global,
+            freq_factors.as_deref(),
+            n_ctx,
+            dev,
+        )?);
+        let rope_local = match hp.sliding_window {
+            Some(_) => Arc::new(Rope::new(&hp, hp.rope_base_local, 1.0, None, n_ctx, dev)?),
+            None => rope_global.clone(),
+        };
+
+        let embed = Arc::new(g.tensor("token_embd.weight", dev)?);
+        let output = if g.has_tensor("output.weight") {
+            qmm(g, "output.weight")?
+        } else {
+            QMatMul::from_arc(embed.clone())?
+        };
+        let act = if hp.arch == Arch::Gemma3 {
+            Act::GeluTanh
+        } else {
+            Act::Silu
+        };
+
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let p = format!("blk.{i}");
+            let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
+                Qkv::Fused(linear(g, &format!("{p}.attn_qkv"))?)
+            } else {
+                Qkv::Separate {
+                    q: linear(g, &format!("{p}.attn_q"))?,
+                    k: linear(g, &format!("{p}.attn_k"))?,
+                    v: linear(g, &format!("{p}.attn_v"))?,
+                }
+            };
+            let ffn = if hp.n_expert > 1 {
+                load_moe(g, &p, &hp, act, dev)?
+            } else {
+                let gate_up = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
+                    GateUp::Separate {
+                        gate: qmm(g, &format!("{p}.ffn_gate.weight"))?,
+                        up: qmm(g, &format!("{p}.ffn_up.weight"))?,
+                    }
+                } else {
+                    let up = g.tensor(&format!("{p}.ffn_up.weight"), dev)?;
+                    let n_ff = up.shape().dims()[0] / 2;
+                    GateUp::Fused {
+                        gate_up: QMatMul::from_qtensor(up)?,
+                        n_ff,
+                    }
+                };
+                Ffn::Dense(Mlp {
+                    gate_up,
+                    down: qmm(g, &format!("{p}.ffn_down.weight"))?,
+                    act,
+                })
+            };
+            let sliding = hp.is_sliding(i);
+            layers.push(Layer {
+                attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"))?,
+                qkv,
+                q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"))?,
+                k_norm: opt_f32(g, &format!("{p}.attn_k_norm.weight"))?,
+                attn_out: qmm(g, &format!("{p}.attn_output.weight"))?,
+                post_attn_norm: opt_f32(g, &format!("{p}.post_attention_norm.weight"))?,
+                ffn_norm: vec_f32(g, &format!("{p}.ffn_norm.weight"))?,
+                ffn,
+                post_ffn_norm: opt_f32(g, &format!("{p}.post_ffw_norm.weight"))?,
+                rope: if sliding {
+                    rope_local.clone()
+                } else {
+                    rope_global.clone()
+                },
+                window: if sliding { hp.sliding_window } else { None },
+                cache: KvCache::default(),
+            });
+        }
+        let embed_scale = (hp.arch == Arch::Gemma3).then(|| (hp.n_embd as f64).sqrt());
+        Ok(Self {
+            output_norm: vec_f32(g, "output_norm.weight")?,
+            hp,
+            n_ctx,
+            embed,
+            embed_scale,
+            layers,
+            output,
+            device: dev.clone(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed.shape().dims()[0]
+    }
+
+    /// Tokens currently held in the KV cache.
+    pub fn cached_len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.cache.len)
+    }
+
+    /// Keeps the first `len` cached positions and forgets the rest.
+    pub fn truncate_cache(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.cache.len = l.cache.len.min(len);
+        }
+    }
+
+    /// Bytes the KV cache buffers occupy now.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.cache.bytes()).sum()
+    }
+
+    /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
+    /// the logits of the last one as a (vocab,) f32 tensor.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let pos = self.cached_len();
+        let seq = tokens.len();
+        if seq == 0 {
+            bail!("forward called with no tokens");
+        }
+        if pos + seq > self.n_ctx {
+            bail!(
+                "context full: {} tokens do not fit in the {}-token context",
+                pos + seq,
+                self.n_ctx
+            );
+        }
+        let vocab = self.vocab_size() as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?;
+        if let Some(s) = self.embed_scale {
+            x = (x * s)?;
+        }
+        let mut masks: [Option<Tensor>; 2] = [None, None];
+        for layer in &mut self.layers {
+            let slot = usize::from(layer.window.is_some());
+            if masks[slot].is_none() {
+                masks[slot] = attention_mask(seq, pos, layer.window, &self.device)?;
+            }
+            x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, masks[slot].as_ref())?;
+        }
+        let last = x.i((.., seq - 1, ..))?;
+        let last = norm(&last, &self.output_norm, self.hp.rms_eps)?;
+        let logits = self.output.forward(&last)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
+
+fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Result<Ffn> {
+    let router = QMatMul::from_qtensor(g.tensor(&format!("{p}.ffn_gate_inp.weight"), dev)?)?;
+    let mut experts = Vec::with_capacity(hp.n_expert);
+    if g.has_tensor(&format!("{p}.ffn_gate_exps.weight")) {
+        let gate = split_experts(g.tensor(&format!("{p}.ffn_gate_exps.weight"), dev)?, dev)?;
+        let up = split_experts(g.tensor(&format!("{p}.ffn_up_exps.weight"), dev)?, dev)?;
+        let down = split_experts(g.tensor(&format!("{p}.ffn_down_exps.weight"), dev)?, dev)?;
+        for ((gate, up), down) in gate.into_iter().zip(up).zip(down) {
+            experts.push(Mlp {
+                gate_up: GateUp::Separate { gate, up },
+                down,
+                act,
+            });
+        }
+    } else {
+        // Older Mixtral GGUFs store one tensor per expert.
+        for e in 0..hp.n_expert {
+            let t = |g: &mut Gguf, n: &str| -> Result<QMatMul> {
+                Ok(QMatMul::from_qtensor(g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?)?)
+            };
+            experts.push(Mlp {
+                gate_up: GateUp::Separate {
+                    gate: t(g, "ffn_gate")?,
+                    up: t(g, "ffn_up")?,
+                },
+                down: t(g, "ffn_down")?,
+                act,
+            });
+        }
+    }
+    if experts.len() != hp.n_expert || hp.n_expert_used == 0 {
+        bail!(
+            "{}: {} experts found, metadata says {} with {} used per token",
+            g.path.display(),
+            experts.len(),
+            hp.n_expert,
+            hp.n_expert_used
+        );
+    }
+    Ok(Ffn::Moe {
+        router,
+        experts,
+        top_k: hp.n_expert_used,
+    })
+}
+
+/// Splits a stacked (n_expert, rows, cols) quantized tensor into one matrix per expert; the
+/// blocks of each expert are contiguous, so this is a byte split.
+fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<QMatMul>> {
+    let dims = stacked.shape().dims().to_vec();
+    let [n, rows, cols] = dims[..] else {
+        bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
+    };
+    let dtype = stacked.dtype();
+    let data = stacked.data()?;
+    let per = data.len() / n;
+    (0..n)
+        .map(|e| {
+            let q = qtensor_from_ggml(dtype, &data[e * per..(e + 1) * per], vec![rows, cols], dev)?;
+            Ok(QMatMul::from_qtensor(q)?)
+        })
+        .collect()
+}
+
+/// Additive mask (seq, pos+seq): 0 where query i may see key j, -inf elsewhere.
+/// None when every key is visible (one new token and no window cutting in).
+fn attention_mask(
+    seq: usize,
+    pos: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let total = pos + seq;
+    if seq == 1 && window.is_none_or(|w| total <= w) {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; seq * total];
+    for i in 0..seq {
+        let qpos = pos + i;
+        for j in 0..total {
+            let visible = j <= qpos && window.is_none_or(|w| qpos - j < w);
+            if !visible {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (seq, total), dev)?))
+}
+
+fn layer_forward(
+    l: &mut Layer,
+    hp: &HParams,
+    n_ctx: usize,
+    x: &Tensor,
+    pos: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, seq, _) = x.dims3()?;
+    let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
+    let h = norm(x, &l.attn_norm, hp.rms_eps)?;
+    let (q, k, v) = match &l.qkv {
+        Qkv::Separate { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+        Qkv::Fused(qkv) => {
+            let all = qkv.forward(&h)?;
+            (
+                all.narrow(D::Minus1, 0, nh * hd)?,
+                all.narrow(D::Minus1, nh * hd, nkv * hd)?,
+                all.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?,
+            )
+        }
+    };
+    let mut q = q.reshape((b, seq, nh, hd))?;
+    let mut k = k.reshape((b, seq, nkv, hd))?;
+    if let Some(w) = &l.q_norm {
+        q = norm(&q.contiguous()?, w, hp.rms_eps)?;
+    }
+    if let Some(w) = &l.k_norm {
+        k = norm(&k.contiguous()?, w, hp.rms_eps)?;
+    }
+    let q = l.rope.apply(&q.transpose(1, 2)?.contiguous()?, pos)?;
+    let k = l.rope.apply(&k.transpose(1, 2)?.contiguous()?, pos)?;
+    let v = v.reshape((b, seq, nkv, hd))?.transpose(1, 2)?;
+    let (k, v) = l
+        .cache
+        .append(&k, &v, n_ctx)
+        .context("appending to the KV cache")?;
+    let total = k.dim(2)?;
+
+    // Grouped-query attention without copying K/V: the n_rep query heads that share one KV
+    // head are adjacent, so fold them into the row dimension of one matmul per KV head.
+    let n_rep = nh / nkv;
+    let q = q.reshape((b * nkv, n_rep * seq, hd))?;
+    // squeeze keeps the cache views strided instead of copying them (batch is always 1).
+    let (k, v) = if b == 1 {
+        (k.squeeze(0)?, v.squeeze(0)?)
+    } else {
+        (k.reshape((b * nkv, total, hd))?, v.reshape((b * nkv, total, hd))?)
+    };
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut att = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        att = att
+            .reshape((b * nkv, n_rep, seq, total))?
+            .broadcast_add(mask)?
+            .reshape((b * nkv, n_rep * seq, total))?;
+    }
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let out = att
+        .matmul(&v)?
+        .reshape((b, nh, seq, hd))?
+        .transpose(1, 2)?
+        .reshape((b, seq, nh * hd))?;
+    let mut out = l.attn_out.forward(&out)?;
+    if let Some(w) = &l.post_attn_norm {
+        out = norm(&out, w, hp.rms_eps)?;
+    }
+    let x = (x + out)?;
+    let h = norm(&x, &l.ffn_norm, hp.rms_eps)?;
+    let mut f = l.ffn.forward(&h)?;
+    if let Some(w) = &l.post_ffn_norm {
+        f = norm(&f, w, hp.rms_eps)?;
+    }
+    Ok((x + f)?)
+}

@@ -1,0 +1,151 @@
+//! Chat prompts from the GGUF's `tokenizer.chat_template`, rendered with minijinja the way
+//! Hugging Face's `apply_chat_template` does (trim_blocks, lstrip_blocks, Python string
+//! methods, `raise_exception`).
+
+use crate::protocol::Message;
+use anyhow::{anyhow, Result};
+use minijinja::{context, Environment, Error, ErrorKind};
+
+/// Gemma GGUFs often ship without a template; this is Gemma 3's own.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
+
+/// ChatML, the format of most other small instruct models.
+const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+    /// True when the file had no template and a built-in one is used.
+    pub is_fallback: bool,
+}
+
+impl ChatTemplate {
+    /// `source` is the file's template, if any; `arch` picks the fallback.
+    pub fn new(source: Option<&str>, arch: &str, bos: String, eos: String) -> Result<Self> {
+        let (text, is_fallback) = match source {
+            Some(t) => (t.to_string(), false),
+            None if arch.starts_with("gemma") => (GEMMA_TEMPLATE.to_string(), true),
+            None => (CHATML_TEMPLATE.to_string(), true),
+        };
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_format: String| -> String {
+            // Templates use this for "today's date" in system prompts; a fixed format is
+            // enough and avoids a date-time dependency.
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let days = secs / 86_400;
+            let (y, m, d) = civil_from_days(days as i64);
+            format!("{y:04}-{m:02}-{d:02}")
+        });
+        env.add_template_owned("chat", text)
+            .map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
+        Ok(Self {
+            env,
+            bos,
+            eos,
+            is_fallback,
+        })
+    }
+
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat")?;
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
+            .collect();
+        tmpl.render(context! {
+            messages => msgs,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.as_str(),
+            eos_token => self.eos.as_str(),
+        })
+        .map_err(|e| anyhow!("rendering the chat template failed: {e}"))
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Role;
+
+    fn msgs() -> Vec<Message> {
+        vec![
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello!"),
+            Message::new(Role::User, "Capital of France?"),
+        ]
+    }
+
+    #[test]
+    fn chatml_multi_turn_with_generation_prompt() {
+        let t = ChatTemplate::new(None, "qwen2", "".into(), "".into()).unwrap();
+        let out = t.render(&msgs(), true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let no_gen = t.render(&msgs(), false).unwrap();
+        assert!(no_gen.ends_with("Capital of France?<|im_end|>\n"));
+    }
+
+    #[test]
+    fn gemma_fallback_folds_system_into_first_user_turn() {
+        let t = ChatTemplate::new(None, "gemma3", "<bos>".into(), "<eos>".into()).unwrap();
+        assert!(t.is_fallback);
+        let out = t.render(&msgs(), true).unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn hf_style_template_with_python_methods_and_exceptions() {
+        let src = "{% for m in messages %}{% if m['role'] not in ['user','assistant','system'] %}{{ raise_exception('bad role') }}{% endif %}{{ bos_token if loop.first }}[{{ m['role'].upper() }}] {{ m['content'].strip() }}\n{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "llama", "<s>".into(), "</s>".into()).unwrap();
+        let out = t.render(&[Message::new(Role::User, "  hey  ")], false).unwrap();
+        assert_eq!(out, "<s>[USER] hey\n");
+        let raising = "{{ raise_exception('Conversation roles must alternate') }}";
+        let t = ChatTemplate::new(Some(raising), "llama", "".into(), "".into()).unwrap();
+        let err = t.render(&msgs(), true).unwrap_err().to_string();
+        assert!(err.contains("Conversation roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn broken_template_is_an_error_not_a_panic() {
+        let err = ChatTemplate::new(Some("{% for %}"), "llama", "".into(), "".into())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not parse"), "{err}");
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_416), (2025, 11, 24));
+    }
+}

@@ -1,0 +1,309 @@
+//! The tokenizer, built from the GGUF's own vocabulary (or a tokenizer.json beside the file).
+//!
+//! `tokenizer.ggml.model = gpt2` is a byte-level BPE whose split regex depends on
+//! `tokenizer.ggml.pre`; `llama`/`gemma` are SentencePiece vocabularies with scores, run as
+//! a Unigram model with byte fallback. An unknown `pre` is refused rather than guessed: a
+//! wrong split silently degrades every answer.
+
+use super::gguf::Gguf;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use std::path::Path;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::models::bpe::BpeBuilder;
+use tokenizers::models::unigram::Unigram;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+    Tokenizer,
+};
+
+// GGML token types (llama.cpp's llama_token_type).
+const TYPE_NORMAL: i64 = 1;
+const TYPE_CONTROL: i64 = 3;
+const TYPE_USER_DEFINED: i64 = 4;
+
+const SPIECE_SPACE: &str = "\u{2581}";
+
+// Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
+const GPT2_SPLIT: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Token texts that end a turn in the chat formats tokentop knows; any present in the
+/// vocabulary stops generation, like llama.cpp's EOG set.
+const END_OF_TURN_TEXTS: [&str; 8] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|return|>",
+    "</s>",
+];
+
+/// A tokenizer plus the special ids generation needs.
+pub struct ModelTokenizer {
+    pub inner: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Every id that ends an answer: EOS, EOT and known end-of-turn tokens.
+    pub stop_ids: Vec<u32>,
+    pub add_bos: bool,
+    /// Where it came from, for the model info line.
+    pub source: String,
+}
+
+impl ModelTokenizer {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos {
+            if let Some(bos) = self.bos {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("detokenizing failed: {e}"))
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
+    /// Builds the tokenizer for a model file: a `tokenizer.json` in the same folder wins.
+    pub fn for_model(g: &Gguf) -> Result<Self> {
+        let beside = g.path.with_file_name("tokenizer.json");
+        let (inner, source) = if beside.is_file() {
+            let t = Tokenizer::from_file(&beside)
+                .map_err(|e| anyhow!("cannot read {}: {e}", beside.display()))?;
+            (t, beside.display().to_string())
+        } else {
+            (from_gguf_metadata(g)?, "GGUF metadata".to_string())
+        };
+        let vocab_len = inner.get_vocab_size(true);
+        let id = |key: &str| {
+            g.get_u32(key)
+                .filter(|&i| (i as usize) < vocab_len)
+        };
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut stop_ids: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        for text in END_OF_TURN_TEXTS {
+            if let Some(i) = inner.token_to_id(text) {
+                if !stop_ids.contains(&i) {
+                    stop_ids.push(i);
+                }
+            }
+        }
+        let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
+        let add_bos = g
+            .get_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(model == "llama");
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            stop_ids,
+            add_bos,
+            source,
+        })
+    }
+
+    /// For tests and tools that have a tokenizer.json path.
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        Tokenizer::from_file(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))
+    }
+}
+
+fn string_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
+    match g.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => bail!("{key} holds a non-string entry"),
+            })
+            .collect(),
+        Some(_) => bail!("{key} is not an array"),
+        None => bail!(
+            "{} has no {key}: no tokenizer in the file and no tokenizer.json beside it",
+            g.path.display()
+        ),
+    }
+}
+
+fn number_array(g: &Gguf, key: &str) -> Option<Vec<f64>> {
+    match g.get(key)? {
+        Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x as f64),
+                Value::F64(x) => Some(*x),
+                Value::I32(x) => Some(*x as f64),
+                Value::U32(x) => Some(*x as f64),
+                Value::I8(x) => Some(*x as f64),
+                Value::U8(x) => Some(*x as f64),
+                Value::I64(x) => Some(*x as f64),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {
+    let model = g
+        .get_str("tokenizer.ggml.model")
+        .with_context(|| format!("{} has no tokenizer.ggml.model", g.path.display()))?;
+    let tokens = string_array(g, "tokenizer.ggml.tokens")?;
+    if tokens.is_empty() {
+        bail!("{}: the tokenizer vocabulary is empty", g.path.display());
+    }
+    let types: Vec<i64> = number_array(g, "tokenizer.ggml.token_type")
+        .filter(|t| t.len() == tokens.len())
+        .map(|t| t.into_iter().map(|x| x as i64).collect())
+        .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
+    let mut tokenizer = match model {
+        "gpt2" => bpe(g, &tokens)?,
+        "llama" | "gemma" => sentencepiece(g, &tokens)?,
+        other => bail!(
+            "{}: tokenizer model \"{other}\" is not supported (gpt2, llama and gemma are); put a tokenizer.json beside the file",
+            g.path.display()
+        ),
+    };
+    // Control tokens are special (matched in prompts, skipped in output); user-defined
+    // ones are ordinary text the vocabulary keeps whole (Gemma's "\n\n", runs of spaces).
+    let control: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == TYPE_CONTROL)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == TYPE_USER_DEFINED)
+        .map(|(s, _)| AddedToken::from(s.clone(), false).normalized(false))
+        .collect();
+    tokenizer.add_special_tokens(&control);
+    tokenizer.add_tokens(&user);
+    Ok(tokenizer)
+}
+
+fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
+    let pre = g.get_str("tokenizer.ggml.pre").with_context(|| {
+        format!(
+            "{}: BPE tokenizer without tokenizer.ggml.pre; refusing to guess its split rules",
+            g.path.display()
+        )
+    })?;
+    let (regexes, ignore_merges): (&[&str], bool) = match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "dbrx" | "smaug-bpe" => (&[LLAMA3_SPLIT], pre != "dbrx"),
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (&[QWEN2_SPLIT], false),
+        "gpt-2" | "gpt2" | "phi-2" | "default" | "olmo" | "mpt" => (&[GPT2_SPLIT], false),
+        "starcoder" | "smollm" | "refact" => (&[r"\p{N}", GPT2_SPLIT], false),
+        other => bail!(
+            "{}: BPE pre-tokenizer \"{other}\" is not known to tokentop; put the model's tokenizer.json beside the file",
+            g.path.display()
+        ),
+    };
+    let merges = string_array(g, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow!("malformed BPE merge {m:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let model = BpeBuilder::new()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| anyhow!("building the BPE tokenizer: {e}"))?;
+    let mut t = Tokenizer::new(model);
+    let mut pres: Vec<PreTokenizerWrapper> = regexes
+        .iter()
+        .map(|r| {
+            Split::new(SplitPattern::Regex(r.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map(PreTokenizerWrapper::Split)
+                .map_err(|e| anyhow!("split regex: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    pres.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+    t.with_pre_tokenizer(Some(PreSequence::new(pres)));
+    t.with_decoder(Some(ByteLevel::new(false, false, false)));
+    Ok(t)
+}
+
+fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
+    let scores = number_array(g, "tokenizer.ggml.scores")
+        .filter(|s| s.len() == tokens.len())
+        .with_context(|| {
+            format!(
+                "{}: SentencePiece tokenizer without one score per token",
+                g.path.display()
+            )
+        })?;
+    let unk = g.get_u32("tokenizer.ggml.unknown_token_id").unwrap_or(0) as usize;
+    let vocab: Vec<(String, f64)> = tokens.iter().cloned().zip(scores).collect();
+    let model = Unigram::from(vocab, Some(unk.min(tokens.len() - 1)), true)
+        .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
+    let mut t = Tokenizer::new(model);
+    let space_prefix = g
+        .get_bool("tokenizer.ggml.add_space_prefix")
+        .unwrap_or(true);
+    let replace = Replace::new(" ", SPIECE_SPACE).map_err(|e| anyhow!("{e}"))?;
+    let normalizer: NormalizerWrapper = if space_prefix {
+        NormalizerSequence::new(vec![
+            Prepend::new(SPIECE_SPACE.to_string()).into(),
+            replace.into(),
+        ])
+        .into()
+    } else {
+        replace.into()
+    };
+    t.with_normalizer(Some(normalizer));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        tokenizers::decoders::DecoderWrapper::Replace(
+            Replace::new(SPIECE_SPACE, " ").map_err(|e| anyhow!("{e}"))?,
+        ),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    t.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(t)
+}

@@ -1,0 +1,148 @@
+//! The engine on its own OS thread (candle blocks): commands in, events out. Cancel, Load
+//! and Generate are looked at between decode steps, so they act within one token.
+
+use super::{default_device, Engine, Flow, GenEvent};
+use crate::protocol::{EngineCmd, EngineEvent, RequestId};
+use std::collections::VecDeque;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+
+/// Owns the engine thread and the sender of its commands.
+pub struct EngineHandle {
+    tx: Sender<EngineCmd>,
+    pub events: Receiver<EngineEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    pub fn spawn() -> Self {
+        let (tx, cmd_rx) = channel();
+        let (ev_tx, events) = channel();
+        let thread = std::thread::Builder::new()
+            .name("tokentop-engine".into())
+            .spawn(move || run(cmd_rx, ev_tx))
+            .expect("spawning the engine thread");
+        Self {
+            tx,
+            events,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn send(&self, cmd: EngineCmd) {
+        // The thread only ends on Shutdown or a dropped handle; a send after that is moot.
+        let _ = self.tx.send(cmd);
+    }
+
+    /// A sender for other threads (a Ctrl-C handler, say).
+    pub fn sender(&self) -> Sender<EngineCmd> {
+        self.tx.clone()
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(EngineCmd::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
+    let device = default_device();
+    let mut engine: Option<Engine> = None;
+    let mut pending: VecDeque<EngineCmd> = VecDeque::new();
+    loop {
+        let cmd = match pending.pop_front() {
+            Some(c) => c,
+            None => match rx.recv() {
+                Ok(c) => c,
+                Err(_) => return,
+            },
+        };
+        match cmd {
+            EngineCmd::Shutdown => return,
+            EngineCmd::Cancel { .. } => {}
+            EngineCmd::Load { path, opts } => {
+                // Free the old weights before reading the new ones.
+                engine = None;
+                let _ = tx.send(EngineEvent::Loading { path: path.clone() });
+                match Engine::load(&path, &opts, &device) {
+                    Ok(e) => {
+                        let _ = tx.send(EngineEvent::Ready {
+                            info: e.info.clone(),
+                        });
+                        engine = Some(e);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(EngineEvent::LoadFailed {
+                            path,
+                            error: format!("{e:#}"),
+                        });
+                    }
+                }
+            }
+            EngineCmd::Generate {
+                req,
+                messages,
+                params,
+            } => {
+                let Some(engine) = engine.as_mut() else {
+                    let _ = tx.send(EngineEvent::Failed {
+                        req,
+                        error: "no model is loaded".into(),
+                    });
+                    continue;
+                };
+                let result = engine.generate(&messages, &params, |ev| {
+                    let _ = tx.send(match ev {
+                        GenEvent::Prefilled {
+                            prompt_tokens,
+                            cached_tokens,
+                            ttft,
+                        } => EngineEvent::Prefilled {
+                            req,
+                            prompt_tokens,
+                            cached_tokens,
+                            ttft,
+                        },
+                        GenEvent::Token(text) => EngineEvent::Token {
+                            req,
+                            text: text.to_string(),
+                        },
+                    });
+                    interrupted(&rx, &mut pending, req)
+                });
+                let _ = tx.send(match result {
+                    Ok((stats, reason)) => EngineEvent::Finished { req, stats, reason },
+                    Err(e) => EngineEvent::Failed {
+                        req,
+                        error: format!("{e:#}"),
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// Drains commands that arrived mid-answer: a Cancel of this request, or any command that
+/// needs the engine (Load, Generate, Shutdown), stops it; the latter run next.
+fn interrupted(rx: &Receiver<EngineCmd>, pending: &mut VecDeque<EngineCmd>, req: RequestId) -> Flow {
+    let mut flow = Flow::Continue;
+    loop {
+        match rx.try_recv() {
+            Ok(EngineCmd::Cancel { req: r }) => {
+                if r == req {
+                    flow = Flow::Stop;
+                }
+            }
+            Ok(other) => {
+                pending.push_back(other);
+                flow = Flow::Stop;
+            }
+            Err(TryRecvError::Empty) => return flow,
+            Err(TryRecvError::Disconnected) => return Flow::Stop,
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! tokentop: "top for tokens", a terminal chat client for local GGUF models that shows the
+//! real speed (decode tok/s, TTFT, prefill rate, memory, power) as the answer streams.
+
+pub mod catalog;
+pub mod cli;
+pub mod engine;
+pub mod protocol;
+pub mod stats;

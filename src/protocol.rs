@@ -1,0 +1,192 @@
+//! Every type that crosses a thread boundary: commands into the engine, events out of it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Identifies one generation request; the UI drops events of a request it replaced.
+pub type RequestId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Sampling and length settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    /// 1.0 disables it.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    pub seed: u64,
+    /// Keep going past end-of-turn tokens (benchmarks, tests).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 512,
+            temperature: 0.7,
+            top_k: Some(40),
+            top_p: Some(0.9),
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 42,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Context length to allocate; capped by what the model was trained for.
+    pub n_ctx: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { n_ctx: 4096 }
+    }
+}
+
+#[derive(Debug)]
+pub enum EngineCmd {
+    Load { path: PathBuf, opts: LoadOptions },
+    Generate {
+        req: RequestId,
+        messages: Vec<Message>,
+        params: GenParams,
+    },
+    Cancel { req: RequestId },
+    Shutdown,
+}
+
+/// What the UI shows about the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub name: String,
+    pub arch: String,
+    pub quant: String,
+    pub params: u64,
+    pub weight_bytes: u64,
+    pub file_bytes: u64,
+    pub n_ctx: usize,
+    pub train_ctx: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub load_time: Duration,
+    pub tokenizer_source: String,
+    pub template_is_fallback: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    MaxTokens,
+    Cancelled,
+    ContextFull,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::MaxTokens => "max tokens",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::ContextFull => "context full",
+        }
+    }
+}
+
+/// Timings of one answer. TTFT runs from the request to the first sampled token; the
+/// decode rate counts the tokens after the first, over the time after it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenStats {
+    /// Tokens in the whole rendered prompt.
+    pub prompt_tokens: usize,
+    /// Of those, how many were already in the KV cache from the previous turn.
+    pub cached_tokens: usize,
+    /// Time to evaluate the new prompt tokens.
+    pub prompt_eval: Duration,
+    pub ttft: Duration,
+    pub generated_tokens: usize,
+    /// Time from the first sampled token to the last.
+    pub decode: Duration,
+    pub total: Duration,
+}
+
+impl GenStats {
+    pub fn prompt_eval_tokens(&self) -> usize {
+        self.prompt_tokens - self.cached_tokens
+    }
+
+    pub fn prompt_rate(&self) -> f64 {
+        rate(self.prompt_eval_tokens(), self.prompt_eval)
+    }
+
+    /// Decode tokens per second, excluding the first token (which belongs to TTFT).
+    pub fn decode_rate(&self) -> f64 {
+        rate(self.generated_tokens.saturating_sub(1), self.decode)
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    if n == 0 || d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    Loading { path: PathBuf },
+    Ready { info: ModelInfo },
+    LoadFailed { path: PathBuf, error: String },
+    Prefilled {
+        req: RequestId,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        ttft: Duration,
+    },
+    Token { req: RequestId, text: String },
+    Finished {
+        req: RequestId,
+        stats: GenStats,
+        reason: FinishReason,
+    },
+    Failed { req: RequestId, error: String },
+}
