@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod model;
 pub mod tokenizer;
 pub mod template;
+pub mod synth;
 pub mod worker;
 
 use crate::protocol::{FinishReason, GenParams, GenStats, Message, ModelInfo, LoadOptions};

@@ -1,0 +1,265 @@
+//! Tiny random-weight GGUF files for every supported architecture, written with candle's
+//! GGUF writer, so tests (and anyone checking an install) can load and run each
+//! architecture in milliseconds without downloading a model.
+
+use anyhow::Result;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+/// The shape of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    /// `general.architecture`.
+    pub arch: String,
+    /// Mixture of experts (qwen3moe always is; llama with experts is Mixtral).
+    pub experts: Option<SynthExperts>,
+    /// Quantization of the big matrices.
+    pub dtype: GgmlDType,
+    pub n_layer: usize,
+    pub context_length: usize,
+    /// SentencePiece vocabulary (Gemma style) instead of byte-level BPE.
+    pub sentencepiece: bool,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SynthExperts {
+    pub count: usize,
+    pub used: usize,
+    /// One stacked tensor per projection (current GGUFs) or one per expert (old Mixtral).
+    pub stacked: bool,
+}
+
+pub const N_EMBD: usize = 64;
+pub const N_FF: usize = 128;
+pub const N_HEAD: usize = 4;
+pub const N_KV_HEAD: usize = 2;
+pub const HEAD_DIM: usize = 16;
+/// Gemma-style sliding window, small so tests cross it.
+pub const WINDOW: usize = 8;
+
+impl SynthSpec {
+    pub fn new(arch: &str) -> Self {
+        Self {
+            arch: arch.to_string(),
+            experts: (arch == "qwen3moe").then_some(SynthExperts {
+                count: 4,
+                used: 2,
+                stacked: true,
+            }),
+            dtype: GgmlDType::Q8_0,
+            n_layer: 2,
+            context_length: 512,
+            sentencepiece: arch == "gemma3",
+            seed: 7,
+        }
+    }
+
+    /// Writes the model to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix(self.seed);
+        let arch = self.arch.as_str();
+        let k = |s: &str| format!("{arch}.{s}");
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            ("general.name".into(), Value::String(format!("synthetic {arch}"))),
+            (k("block_count"), Value::U32(self.n_layer as u32)),
+            (k("context_length"), Value::U32(self.context_length as u32)),
+            (k("embedding_length"), Value::U32(N_EMBD as u32)),
+            (k("feed_forward_length"), Value::U32(N_FF as u32)),
+            (k("attention.head_count"), Value::U32(N_HEAD as u32)),
+            (k("attention.head_count_kv"), Value::U32(N_KV_HEAD as u32)),
+            (k("attention.key_length"), Value::U32(HEAD_DIM as u32)),
+            (k("attention.value_length"), Value::U32(HEAD_DIM as u32)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+            (k("rope.freq_base"), Value::F32(10_000.0)),
+            (k("rope.dimension_count"), Value::U32(HEAD_DIM as u32)),
+        ];
+        if arch == "gemma3" {
+            md.push((k("attention.sliding_window"), Value::U32(WINDOW as u32)));
+        }
+        if let Some(e) = self.experts {
+            md.push((k("expert_count"), Value::U32(e.count as u32)));
+            md.push((k("expert_used_count"), Value::U32(e.used as u32)));
+            md.push((k("expert_feed_forward_length"), Value::U32(N_FF as u32)));
+        }
+        let vocab = if self.sentencepiece {
+            sentencepiece_vocab(&mut md)
+        } else {
+            bpe_vocab(&mut md)
+        };
+
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
+            let n: usize = shape.iter().product();
+            let scale = 1.7 / (*shape.last().unwrap() as f32).sqrt();
+            let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
+            Ok(QTensor::quantize(&Tensor::from_vec(data, shape, &dev)?, dtype)?)
+        };
+        let ones = |n: usize, q: &mut dyn FnMut(&[usize], GgmlDType) -> Result<QTensor>| -> Result<QTensor> {
+            let noise = q(&[n], GgmlDType::F32)?.dequantize(&dev)?;
+            Ok(QTensor::quantize(&((noise * 0.1)? + 1.0)?, GgmlDType::F32)?)
+        };
+        let dt = self.dtype;
+        tensors.push(("token_embd.weight".into(), q(&[vocab, N_EMBD], dt)?));
+        tensors.push(("output_norm.weight".into(), ones(N_EMBD, &mut q)?));
+        // Small models tie the output to the embedding; keep one arch of each kind.
+        if !matches!(arch, "gemma3" | "qwen3") {
+            tensors.push(("output.weight".into(), q(&[vocab, N_EMBD], dt)?));
+        }
+        let (qd, kvd) = (N_HEAD * HEAD_DIM, N_KV_HEAD * HEAD_DIM);
+        for i in 0..self.n_layer {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            tensors.push((p("attn_norm.weight"), ones(N_EMBD, &mut q)?));
+            tensors.push((p("ffn_norm.weight"), ones(N_EMBD, &mut q)?));
+            tensors.push((p("attn_output.weight"), q(&[N_EMBD, qd], dt)?));
+            if arch == "phi3" {
+                tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, N_EMBD], dt)?));
+            } else {
+                tensors.push((p("attn_q.weight"), q(&[qd, N_EMBD], dt)?));
+                tensors.push((p("attn_k.weight"), q(&[kvd, N_EMBD], dt)?));
+                tensors.push((p("attn_v.weight"), q(&[kvd, N_EMBD], dt)?));
+            }
+            if arch == "qwen2" {
+                tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
+                tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
+                tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
+            }
+            if matches!(arch, "qwen3" | "qwen3moe" | "gemma3") {
+                tensors.push((p("attn_q_norm.weight"), ones(HEAD_DIM, &mut q)?));
+                tensors.push((p("attn_k_norm.weight"), ones(HEAD_DIM, &mut q)?));
+            }
+            if arch == "gemma3" {
+                tensors.push((p("post_attention_norm.weight"), ones(N_EMBD, &mut q)?));
+                tensors.push((p("post_ffw_norm.weight"), ones(N_EMBD, &mut q)?));
+            }
+            match self.experts {
+                Some(e) => {
+                    tensors.push((p("ffn_gate_inp.weight"), q(&[e.count, N_EMBD], GgmlDType::F32)?));
+                    if e.stacked {
+                        tensors.push((p("ffn_gate_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
+                        tensors.push((p("ffn_up_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
+                        tensors.push((p("ffn_down_exps.weight"), q(&[e.count, N_EMBD, N_FF], dt)?));
+                    } else {
+                        for x in 0..e.count {
+                            tensors.push((p(&format!("ffn_gate.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
+                            tensors.push((p(&format!("ffn_up.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
+                            tensors.push((p(&format!("ffn_down.{x}.weight")), q(&[N_EMBD, N_FF], dt)?));
+                        }
+                    }
+                }
+                None if arch == "phi3" => {
+                    tensors.push((p("ffn_up.weight"), q(&[2 * N_FF, N_EMBD], dt)?));
+                    tensors.push((p("ffn_down.weight"), q(&[N_EMBD, N_FF], dt)?));
+                }
+                None => {
+                    tensors.push((p("ffn_gate.weight"), q(&[N_FF, N_EMBD], dt)?));
+                    tensors.push((p("ffn_up.weight"), q(&[N_FF, N_EMBD], dt)?));
+                    tensors.push((p("ffn_down.weight"), q(&[N_EMBD, N_FF], dt)?));
+                }
+            }
+        }
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path)?;
+        gguf_file::write(&mut f, &md_refs, &t_refs)?;
+        Ok(())
+    }
+}
+
+/// A seeded generator for the weights: candle's CPU device cannot be seeded, and tests need
+/// the same model every run. SplitMix64, mapped to uniform [-1, 1).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn uniform(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+fn strings(v: &[String]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String(s.clone())).collect())
+}
+
+/// Byte-level BPE: the 256 byte symbols, a few merges, and ChatML control tokens.
+/// Returns the vocabulary size.
+fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut types = vec![3i32, 3, 3];
+    // GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to U+0100+.
+    let mut n = 0u32;
+    for b in 0..=255u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap()
+        };
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "Ġ a", "o n"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for m in &merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+    md.push(("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())));
+    md.push(("tokenizer.ggml.tokens".into(), strings(&tokens)));
+    md.push(("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())));
+    md.push(("tokenizer.ggml.merges".into(), strings(&merges)));
+    md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(1)));
+    md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(2)));
+    md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    tokens.len()
+}
+
+/// SentencePiece (Gemma style): control tokens, byte fallback pieces, and scored pieces.
+fn sentencepiece_vocab(md: &mut Vec<(String, Value)>) -> usize {
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut types = vec![3i32, 3, 3, 2, 3, 3];
+    let mut scores = vec![0f32; tokens.len()];
+    for b in 0..=255u32 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    tokens.push("\n".into());
+    types.push(4);
+    scores.push(0.0);
+    let pieces = [
+        "▁", "e", "t", "a", "o", "i", "n", "s", "r", "h", "l", "d", "u", "c", "m", "▁the", "▁a", "▁is", "▁of",
+        "er", "in", "on", "an", "user", "model", "▁Paris", "▁capital", "▁France", "?", ".", ",",
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        tokens.push(p.to_string());
+        types.push(1);
+        scores.push(-(i as f32) - if p.starts_with('▁') && p.len() > 3 { 0.0 } else { 10.0 });
+    }
+    md.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+    md.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
+    md.push(("tokenizer.ggml.tokens".into(), strings(&tokens)));
+    md.push(("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())));
+    md.push(("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())));
+    md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(2)));
+    md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(1)));
+    md.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)));
+    md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
+    md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
+    tokens.len()
+}
