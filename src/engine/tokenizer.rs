@@ -1,8 +1,8 @@
 //! The tokenizer, built from the GGUF's own vocabulary (or a tokenizer.json beside the file).
 //!
 //! `tokenizer.ggml.model = gpt2` is a byte-level BPE whose split regex depends on
-//! `tokenizer.ggml.pre`; `llama`/`gemma` are SentencePiece vocabularies with scores, run as
-//! a Unigram model with byte fallback. An unknown `pre` is refused rather than guessed: a
+//! `tokenizer.ggml.pre`; `llama`/`gemma` are SentencePiece vocabularies with scores, merged by
+//! score like llama.cpp's SPM tokenizer, with byte fallback. An unknown `pre` is refused rather than guessed: a
 //! wrong split silently degrades every answer.
 
 use super::gguf::Gguf;
@@ -15,7 +15,6 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BpeBuilder;
-use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -191,7 +190,7 @@ fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {
         .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
     let mut tokenizer = match model {
         "gpt2" => bpe(g, &tokens)?,
-        "llama" | "gemma" => sentencepiece(g, &tokens)?,
+        "llama" | "gemma" => sentencepiece(g, &tokens, &types)?,
         other => bail!(
             "{}: tokenizer model \"{other}\" is not supported (gpt2, llama and gemma are); put a tokenizer.json beside the file",
             g.path.display()
@@ -266,7 +265,12 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     Ok(t)
 }
 
-fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
+/// SentencePiece vocabularies (`llama`, `gemma`) merge adjacent pieces, highest score first,
+/// as llama.cpp's SPM tokenizer does. A Unigram model over the same scores segments badly
+/// (Gemma 3: "What" became "Wh"+"at") because the scores are merge priorities, not
+/// log-probabilities; so the scores are turned into an ordered BPE merge list instead: a
+/// pair may merge when their concatenation is a piece, ranked by that piece's score.
+fn sentencepiece(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Tokenizer> {
     let scores = number_array(g, "tokenizer.ggml.scores")
         .filter(|s| s.len() == tokens.len())
         .with_context(|| {
@@ -276,8 +280,40 @@ fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
             )
         })?;
     let unk = g.get_u32("tokenizer.ggml.unknown_token_id").unwrap_or(0) as usize;
-    let vocab: Vec<(String, f64)> = tokens.iter().cloned().zip(scores).collect();
-    let model = Unigram::from(vocab, Some(unk.min(tokens.len() - 1)), true)
+    let unk = tokens
+        .get(unk)
+        .with_context(|| format!("{}: unknown-token id out of range", g.path.display()))?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mergeable = |i: usize| matches!(types[i], TYPE_NORMAL | TYPE_USER_DEFINED);
+    let mut ranked: Vec<(f64, u32, u32)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if !mergeable(i) {
+            continue;
+        }
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                if mergeable(li as usize) && mergeable(ri as usize) {
+                    ranked.push((scores[i], li, ri));
+                }
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges = ranked
+        .into_iter()
+        .map(|(_, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect();
+    let model = BpeBuilder::new()
+        .vocab_and_merges(vocab, merges)
+        .unk_token(unk.clone())
+        .byte_fallback(true)
+        .fuse_unk(true)
+        .build()
         .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
     let mut t = Tokenizer::new(model);
     let space_prefix = g
@@ -295,9 +331,7 @@ fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     };
     t.with_normalizer(Some(normalizer));
     let mut decoders: Vec<DecoderWrapper> = vec![
-        tokenizers::decoders::DecoderWrapper::Replace(
-            Replace::new(SPIECE_SPACE, " ").map_err(|e| anyhow!("{e}"))?,
-        ),
+        DecoderWrapper::Replace(Replace::new(SPIECE_SPACE, " ").map_err(|e| anyhow!("{e}"))?),
         ByteFallback::new().into(),
         Fuse::new().into(),
     ];
