@@ -5,9 +5,18 @@ use tokentop::protocol::{GenParams, LoadOptions};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let mut e = Engine::load(std::path::Path::new(&args[1]), &LoadOptions::default(), &candle_core::Device::Cpu)?;
+    let mut e = Engine::load(
+        std::path::Path::new(&args[1]),
+        &LoadOptions::default(),
+        &candle_core::Device::Cpu,
+    )?;
     let ids = e.tokenizer.encode(&args[2])?;
-    let params = GenParams { temperature: 0.0, max_tokens: 30, repeat_penalty: 1.0, ..Default::default() };
+    let params = GenParams {
+        temperature: 0.0,
+        max_tokens: 30,
+        repeat_penalty: 1.0,
+        ..Default::default()
+    };
     e.generate_tokens(Instant::now(), &ids, &params, |ev| {
         if let GenEvent::Token(t) = ev {
             print!("{t}");

@@ -7,7 +7,12 @@ fn main() -> anyhow::Result<()> {
     let g = Gguf::open(std::path::Path::new(&args[1]))?;
     let tok = ModelTokenizer::for_model(&g)?;
     let t = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-    let tmpl = ChatTemplate::new(g.get_str("tokenizer.chat_template"), g.architecture()?, t(tok.bos), t(tok.eos))?;
+    let tmpl = ChatTemplate::new(
+        g.get_str("tokenizer.chat_template"),
+        g.architecture()?,
+        t(tok.bos),
+        t(tok.eos),
+    )?;
     let text = tmpl.render(&[Message::new(Role::User, args[2].clone())], true)?;
     let ids = tok.encode(&text)?;
     println!("{text:?}");

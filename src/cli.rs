@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "tokentop", version, about = "top for tokens: chat with local GGUF models and see the real speed")]
+#[command(
+    name = "tokentop",
+    version,
+    about = "top for tokens: chat with local GGUF models and see the real speed"
+)]
 pub struct Cli {
     /// A models.toml to use instead of the built-in catalog.
     #[arg(long, global = true, env = "TOKENTOP_CATALOG")]
@@ -122,8 +126,8 @@ pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
 
 pub fn list(catalog: &Catalog) {
     println!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {}",
-        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "LOCAL"
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  LOCAL",
+        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE"
     );
     for m in &catalog.models {
         let local = fetch::local_path(m).map_or("-".to_string(), |p| p.display().to_string());
@@ -136,7 +140,11 @@ pub fn list(catalog: &Catalog) {
             m.quant,
             m.size as f64 / 1e9,
             local,
-            if m.id == catalog.default { "  (default)" } else { "" }
+            if m.id == catalog.default {
+                "  (default)"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -202,7 +210,15 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
             messages: history.clone(),
             params: params.clone(),
         });
-        let answer = stream_answer(&engine, req, if first { info.load_time } else { Default::default() });
+        let answer = stream_answer(
+            &engine,
+            req,
+            if first {
+                info.load_time
+            } else {
+                Default::default()
+            },
+        );
         streaming.store(0, Ordering::SeqCst);
         match answer {
             Ok(text) => {
@@ -248,7 +264,11 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
 }
 
 /// Prints the tokens of `req` as they come and the stats block at the end; returns the text.
-fn stream_answer(engine: &EngineHandle, req: RequestId, load: std::time::Duration) -> Result<String> {
+fn stream_answer(
+    engine: &EngineHandle,
+    req: RequestId,
+    load: std::time::Duration,
+) -> Result<String> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
     loop {
@@ -258,7 +278,11 @@ fn stream_answer(engine: &EngineHandle, req: RequestId, load: std::time::Duratio
                 out.flush()?;
                 text.push_str(&t);
             }
-            EngineEvent::Finished { req: r, stats, reason } if r == req => {
+            EngineEvent::Finished {
+                req: r,
+                stats,
+                reason,
+            } if r == req => {
                 writeln!(out)?;
                 out.flush()?;
                 eprint!("\n{}", ollama_block(&stats, load, reason));

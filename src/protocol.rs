@@ -83,13 +83,18 @@ impl Default for LoadOptions {
 
 #[derive(Debug)]
 pub enum EngineCmd {
-    Load { path: PathBuf, opts: LoadOptions },
+    Load {
+        path: PathBuf,
+        opts: LoadOptions,
+    },
     Generate {
         req: RequestId,
         messages: Vec<Message>,
         params: GenParams,
     },
-    Cancel { req: RequestId },
+    Cancel {
+        req: RequestId,
+    },
     Shutdown,
 }
 
@@ -173,20 +178,33 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    Loading { path: PathBuf },
-    Ready { info: ModelInfo },
-    LoadFailed { path: PathBuf, error: String },
+    Loading {
+        path: PathBuf,
+    },
+    Ready {
+        info: ModelInfo,
+    },
+    LoadFailed {
+        path: PathBuf,
+        error: String,
+    },
     Prefilled {
         req: RequestId,
         prompt_tokens: usize,
         cached_tokens: usize,
         ttft: Duration,
     },
-    Token { req: RequestId, text: String },
+    Token {
+        req: RequestId,
+        text: String,
+    },
     Finished {
         req: RequestId,
         stats: GenStats,
         reason: FinishReason,
     },
-    Failed { req: RequestId, error: String },
+    Failed {
+        req: RequestId,
+        error: String,
+    },
 }

@@ -8,12 +8,18 @@ pub fn ollama_block(stats: &GenStats, load: Duration, reason: FinishReason) -> S
     let mut line = |k: &str, v: String| s.push_str(&format!("{:<22}{v}\n", format!("{k}:")));
     line("total duration", fmt_duration(stats.total + load));
     line("load duration", fmt_duration(load));
-    line("prompt eval count", format!("{} token(s)", stats.prompt_eval_tokens()));
+    line(
+        "prompt eval count",
+        format!("{} token(s)", stats.prompt_eval_tokens()),
+    );
     if stats.cached_tokens > 0 {
         line("prompt cached", format!("{} token(s)", stats.cached_tokens));
     }
     line("prompt eval duration", fmt_duration(stats.prompt_eval));
-    line("prompt eval rate", format!("{:.2} tokens/s", stats.prompt_rate()));
+    line(
+        "prompt eval rate",
+        format!("{:.2} tokens/s", stats.prompt_rate()),
+    );
     line("time to first token", fmt_duration(stats.ttft));
     line("eval count", format!("{} token(s)", stats.generated_tokens));
     line("eval duration", fmt_duration(stats.decode));

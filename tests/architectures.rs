@@ -37,7 +37,11 @@ fn every_architecture_loads_and_generates_the_requested_tokens() {
         assert_eq!(reason, FinishReason::MaxTokens, "{}", spec.arch);
         assert_eq!(stats.generated_tokens, 12, "{}", spec.arch);
         assert!(streamed >= 2, "{}: only {streamed} events", spec.arch);
-        assert!(stats.prompt_tokens > 5 && stats.decode_rate() > 0.0, "{}: {stats:?}", spec.arch);
+        assert!(
+            stats.prompt_tokens > 5 && stats.decode_rate() > 0.0,
+            "{}: {stats:?}",
+            spec.arch
+        );
         // The cache now holds the prompt and every generated token but the last.
         assert_eq!(engine.cached_tokens().len(), stats.prompt_tokens + 11);
     }
@@ -57,8 +61,19 @@ fn incremental_decoding_matches_a_single_pass() {
         for t in &tokens[25..] {
             last = Some(steps.forward(&[*t]).unwrap());
         }
-        let diff = (all - last.unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-3, "{}: cached decoding differs by {diff}", spec.arch);
+        let diff = (all - last.unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-3,
+            "{}: cached decoding differs by {diff}",
+            spec.arch
+        );
 
         // Truncating the cache and re-running a different suffix equals a fresh pass.
         steps.truncate_cache(10);
@@ -66,8 +81,19 @@ fn incremental_decoding_matches_a_single_pass() {
         let a = steps.forward(&alt[10..]).unwrap();
         let mut fresh = Model::load(&mut Gguf::open(&path).unwrap(), 512, &Device::Cpu).unwrap();
         let b = fresh.forward(&alt).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-3, "{}: truncated cache differs by {diff}", spec.arch);
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-3,
+            "{}: truncated cache differs by {diff}",
+            spec.arch
+        );
     }
 }
 
@@ -98,6 +124,9 @@ fn same_seed_same_text_and_sampling_params_matter() {
         ..Default::default()
     };
     assert_eq!(run(&hot), run(&hot));
-    let other_seed = GenParams { seed: 2, ..hot.clone() };
+    let other_seed = GenParams {
+        seed: 2,
+        ..hot.clone()
+    };
     assert_ne!(run(&hot), run(&other_seed));
 }

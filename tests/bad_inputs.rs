@@ -24,9 +24,15 @@ fn write(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::path::PathBuf 
 fn wrong_magic_empty_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let err = load_err(&write(dir.path(), "a.gguf", b"PK\x03\x04 this is a zip"));
-    assert!(err.contains("not a GGUF model") && err.contains("magic"), "{err}");
+    assert!(
+        err.contains("not a GGUF model") && err.contains("magic"),
+        "{err}"
+    );
     let err = load_err(&write(dir.path(), "empty.gguf", b""));
-    assert!(err.contains("not a GGUF model") && err.contains("0 bytes"), "{err}");
+    assert!(
+        err.contains("not a GGUF model") && err.contains("0 bytes"),
+        "{err}"
+    );
     let err = load_err(&dir.path().join("absent.gguf"));
     assert!(err.contains("cannot open"), "{err}");
 }
@@ -49,7 +55,11 @@ fn truncated_file_names_the_missing_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let good = common::synth(dir.path(), &SynthSpec::new("llama"));
     let bytes = std::fs::read(&good).unwrap();
-    let err = load_err(&write(dir.path(), "cut.gguf", &bytes[..bytes.len() * 2 / 3]));
+    let err = load_err(&write(
+        dir.path(),
+        "cut.gguf",
+        &bytes[..bytes.len() * 2 / 3],
+    ));
     assert!(err.contains("truncated") && err.contains("tensor"), "{err}");
     // Cut inside the header too.
     let err = load_err(&write(dir.path(), "cut2.gguf", &bytes[..300]));
@@ -74,13 +84,27 @@ fn prompt_longer_than_the_context() {
     let mut e = Engine::load(&path, &LoadOptions { n_ctx: 64 }, &Device::Cpu).unwrap();
     let long = "the ".repeat(200);
     let err = e
-        .generate(&[Message::new(Role::User, long)], &GenParams::default(), |_| Flow::Continue)
+        .generate(
+            &[Message::new(Role::User, long)],
+            &GenParams::default(),
+            |_| Flow::Continue,
+        )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("the prompt is") && err.contains("context holds 64"), "{err}");
+    assert!(
+        err.contains("the prompt is") && err.contains("context holds 64"),
+        "{err}"
+    );
     // The engine still answers afterwards.
     let (stats, _) = e
-        .generate(&[Message::new(Role::User, "hi")], &GenParams { max_tokens: 3, ..Default::default() }, |_| Flow::Continue)
+        .generate(
+            &[Message::new(Role::User, "hi")],
+            &GenParams {
+                max_tokens: 3,
+                ..Default::default()
+            },
+            |_| Flow::Continue,
+        )
         .unwrap();
     assert!(stats.generated_tokens >= 1);
 }
@@ -90,10 +114,18 @@ fn generation_stops_when_the_context_fills() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::synth(dir.path(), &SynthSpec::new("llama"));
     let mut e = Engine::load(&path, &LoadOptions { n_ctx: 32 }, &Device::Cpu).unwrap();
-    let params = GenParams { max_tokens: 1000, ignore_eos: true, ..Default::default() };
+    let params = GenParams {
+        max_tokens: 1000,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let (stats, reason) = e
         .generate_tokens(Instant::now(), &[5; 20], &params, |_| Flow::Continue)
         .unwrap();
     assert_eq!(reason, tokentop::protocol::FinishReason::ContextFull);
-    assert_eq!(stats.prompt_tokens + stats.generated_tokens, 33, "{stats:?}");
+    assert_eq!(
+        stats.prompt_tokens + stats.generated_tokens,
+        33,
+        "{stats:?}"
+    );
 }

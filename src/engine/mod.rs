@@ -3,12 +3,12 @@
 
 pub mod gguf;
 pub mod model;
-pub mod tokenizer;
-pub mod template;
 pub mod synth;
+pub mod template;
+pub mod tokenizer;
 pub mod worker;
 
-use crate::protocol::{FinishReason, GenParams, GenStats, Message, ModelInfo, LoadOptions};
+use crate::protocol::{FinishReason, GenParams, GenStats, LoadOptions, Message, ModelInfo};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -68,10 +68,7 @@ impl Engine {
         // Architecture and tokenizer are checked before any weight is read.
         model::Arch::from_gguf_name(&arch)?;
         let tokenizer = ModelTokenizer::for_model(&g)?;
-        let token = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.token_text(i))
-                .unwrap_or_default()
-        };
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
         let template = ChatTemplate::new(
             g.get_str("tokenizer.chat_template"),
             &arch,
@@ -270,9 +267,16 @@ impl Sampler {
             Sampling::ArgMax
         } else {
             match (p.top_k, p.top_p) {
-                (Some(k), Some(top_p)) => Sampling::TopKThenTopP { k, p: top_p, temperature: t },
+                (Some(k), Some(top_p)) => Sampling::TopKThenTopP {
+                    k,
+                    p: top_p,
+                    temperature: t,
+                },
                 (Some(k), None) => Sampling::TopK { k, temperature: t },
-                (None, Some(top_p)) => Sampling::TopP { p: top_p, temperature: t },
+                (None, Some(top_p)) => Sampling::TopP {
+                    p: top_p,
+                    temperature: t,
+                },
                 (None, None) => Sampling::All { temperature: t },
             }
         };
@@ -286,7 +290,11 @@ impl Sampler {
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         let logits = if self.penalty != 1.0 && self.last_n > 0 {
             let from = history.len().saturating_sub(self.last_n);
-            candle_transformers::utils::apply_repeat_penalty(logits, self.penalty, &history[from..])?
+            candle_transformers::utils::apply_repeat_penalty(
+                logits,
+                self.penalty,
+                &history[from..],
+            )?
         } else {
             logits.clone()
         };

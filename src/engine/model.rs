@@ -92,11 +92,19 @@ impl HParams {
         let n_head = g.require_u32(&key("attention.head_count"))? as usize;
         let n_layer = g.require_u32(&key("block_count"))? as usize;
         if n_head == 0 || n_layer == 0 || n_embd == 0 {
-            bail!("{} declares an empty model (zero heads, layers or width)", g.path.display());
+            bail!(
+                "{} declares an empty model (zero heads, layers or width)",
+                g.path.display()
+            );
         }
-        let n_kv_head = g.get_u32(&key("attention.head_count_kv")).unwrap_or(n_head as u32) as usize;
-        if n_kv_head == 0 || n_head % n_kv_head != 0 {
-            bail!("{}: {n_head} attention heads cannot share {n_kv_head} KV heads", g.path.display());
+        let n_kv_head = g
+            .get_u32(&key("attention.head_count_kv"))
+            .unwrap_or(n_head as u32) as usize;
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+            bail!(
+                "{}: {n_head} attention heads cannot share {n_kv_head} KV heads",
+                g.path.display()
+            );
         }
         let head_dim = g
             .get_u32(&key("attention.key_length"))
@@ -107,9 +115,16 @@ impl HParams {
             .map(|v| v as usize)
             .unwrap_or(head_dim)
             .min(head_dim);
-        let default_base = if arch == Arch::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+        let default_base = if arch == Arch::Gemma3 {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
         let sliding_window = (arch == Arch::Gemma3)
-            .then(|| g.get_u32(&key("attention.sliding_window")).map(|v| v as usize))
+            .then(|| {
+                g.get_u32(&key("attention.sliding_window"))
+                    .map(|v| v as usize)
+            })
             .flatten();
         let rope_scale_global = match g.get_str(&key("rope.scaling.type")) {
             Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
@@ -124,7 +139,9 @@ impl HParams {
             head_dim,
             rope_dim,
             rope_base: g.get_f32(&key("rope.freq_base")).unwrap_or(default_base),
-            rms_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6) as f64,
+            rms_eps: g
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6) as f64,
             train_ctx: g.get_u32(&key("context_length")).unwrap_or(2048) as usize,
             n_expert: g.get_u32(&key("expert_count")).unwrap_or(0) as usize,
             n_expert_used: g.get_u32(&key("expert_used_count")).unwrap_or(0) as usize,
@@ -136,7 +153,7 @@ impl HParams {
     }
 
     fn is_sliding(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && (layer + 1) % self.swa_period != 0
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.swa_period)
     }
 }
 
@@ -212,7 +229,10 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = 1.0 / base.powf(2.0 * i as f32 / hp.rope_dim as f32);
-                f / freq_factors.and_then(|ff| ff.get(i)).copied().unwrap_or(1.0)
+                f / freq_factors
+                    .and_then(|ff| ff.get(i))
+                    .copied()
+                    .unwrap_or(1.0)
             })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
@@ -274,9 +294,15 @@ enum Act {
 
 #[derive(Debug, Clone)]
 enum GateUp {
-    Separate { gate: QMatMul, up: QMatMul },
+    Separate {
+        gate: QMatMul,
+        up: QMatMul,
+    },
     /// Phi-3 stores gate and up as one matrix, gate first.
-    Fused { gate_up: QMatMul, n_ff: usize },
+    Fused {
+        gate_up: QMatMul,
+        n_ff: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -292,7 +318,10 @@ impl Mlp {
             GateUp::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
             GateUp::Fused { gate_up, n_ff } => {
                 let gu = gate_up.forward(x)?;
-                (gu.narrow(D::Minus1, 0, *n_ff)?, gu.narrow(D::Minus1, *n_ff, *n_ff)?)
+                (
+                    gu.narrow(D::Minus1, 0, *n_ff)?,
+                    gu.narrow(D::Minus1, *n_ff, *n_ff)?,
+                )
             }
         };
         let gate = match self.act {
@@ -352,7 +381,9 @@ fn moe_forward(router: &QMatMul, experts: &[Mlp], top_k: usize, x: &Tensor) -> R
         }
         let idx = Tensor::new(rows[e].as_slice(), x.device())?;
         let w = Tensor::new(weights[e].as_slice(), x.device())?.reshape(((), 1))?;
-        let y = expert.forward(&xs.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+        let y = expert
+            .forward(&xs.index_select(&idx, 0)?)?
+            .broadcast_mul(&w)?;
         out = out.index_add(&idx, &y, 0)?;
     }
     Ok(out.reshape((b, seq, d))?)
@@ -596,7 +627,9 @@ fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Resu
         // Older Mixtral GGUFs store one tensor per expert.
         for e in 0..hp.n_expert {
             let t = |g: &mut Gguf, n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?)?)
+                Ok(QMatMul::from_qtensor(
+                    g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?,
+                )?)
             };
             experts.push(Mlp {
                 gate_up: GateUp::Separate {
@@ -714,7 +747,10 @@ fn layer_forward(
     let (k, v) = if b == 1 {
         (k.squeeze(0)?, v.squeeze(0)?)
     } else {
-        (k.reshape((b * nkv, total, hd))?, v.reshape((b * nkv, total, hd))?)
+        (
+            k.reshape((b * nkv, total, hd))?,
+            v.reshape((b * nkv, total, hd))?,
+        )
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let mut att = (q.matmul(&k.t()?)? * scale)?;

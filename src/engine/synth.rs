@@ -65,7 +65,10 @@ impl SynthSpec {
         let k = |s: &str| format!("{arch}.{s}");
         let mut md: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(arch.into())),
-            ("general.name".into(), Value::String(format!("synthetic {arch}"))),
+            (
+                "general.name".into(),
+                Value::String(format!("synthetic {arch}")),
+            ),
             (k("block_count"), Value::U32(self.n_layer as u32)),
             (k("context_length"), Value::U32(self.context_length as u32)),
             (k("embedding_length"), Value::U32(N_EMBD as u32)),
@@ -97,9 +100,14 @@ impl SynthSpec {
             let n: usize = shape.iter().product();
             let scale = 1.7 / (*shape.last().unwrap() as f32).sqrt();
             let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
-            Ok(QTensor::quantize(&Tensor::from_vec(data, shape, &dev)?, dtype)?)
+            Ok(QTensor::quantize(
+                &Tensor::from_vec(data, shape, &dev)?,
+                dtype,
+            )?)
         };
-        let ones = |n: usize, q: &mut dyn FnMut(&[usize], GgmlDType) -> Result<QTensor>| -> Result<QTensor> {
+        let ones = |n: usize,
+                    q: &mut dyn FnMut(&[usize], GgmlDType) -> Result<QTensor>|
+         -> Result<QTensor> {
             let noise = q(&[n], GgmlDType::F32)?.dequantize(&dev)?;
             Ok(QTensor::quantize(&((noise * 0.1)? + 1.0)?, GgmlDType::F32)?)
         };
@@ -138,16 +146,26 @@ impl SynthSpec {
             }
             match self.experts {
                 Some(e) => {
-                    tensors.push((p("ffn_gate_inp.weight"), q(&[e.count, N_EMBD], GgmlDType::F32)?));
+                    tensors.push((
+                        p("ffn_gate_inp.weight"),
+                        q(&[e.count, N_EMBD], GgmlDType::F32)?,
+                    ));
                     if e.stacked {
                         tensors.push((p("ffn_gate_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
                         tensors.push((p("ffn_up_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
                         tensors.push((p("ffn_down_exps.weight"), q(&[e.count, N_EMBD, N_FF], dt)?));
                     } else {
                         for x in 0..e.count {
-                            tensors.push((p(&format!("ffn_gate.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
-                            tensors.push((p(&format!("ffn_up.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
-                            tensors.push((p(&format!("ffn_down.{x}.weight")), q(&[N_EMBD, N_FF], dt)?));
+                            tensors.push((
+                                p(&format!("ffn_gate.{x}.weight")),
+                                q(&[N_FF, N_EMBD], dt)?,
+                            ));
+                            tensors
+                                .push((p(&format!("ffn_up.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
+                            tensors.push((
+                                p(&format!("ffn_down.{x}.weight")),
+                                q(&[N_EMBD, N_FF], dt)?,
+                            ));
                         }
                     }
                 }
@@ -192,12 +210,17 @@ fn strings(v: &[String]) -> Value {
 /// Byte-level BPE: the 256 byte symbols, a few merges, and ChatML control tokens.
 /// Returns the vocabulary size.
 fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3i32, 3, 3];
     // GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to U+0100+.
     let mut n = 0u32;
     for b in 0..=255u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let c = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -218,7 +241,10 @@ fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
     md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
     md.push(("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())));
     md.push(("tokenizer.ggml.tokens".into(), strings(&tokens)));
-    md.push(("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())));
+    md.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
     md.push(("tokenizer.ggml.merges".into(), strings(&merges)));
     md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(1)));
     md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(2)));
@@ -228,10 +254,17 @@ fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
 
 /// SentencePiece (Gemma style): control tokens, byte fallback pieces, and scored pieces.
 fn sentencepiece_vocab(md: &mut Vec<(String, Value)>) -> usize {
-    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut tokens: Vec<String> = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut types = vec![3i32, 3, 3, 2, 3, 3];
     let mut scores = vec![0f32; tokens.len()];
     for b in 0..=255u32 {
@@ -243,19 +276,61 @@ fn sentencepiece_vocab(md: &mut Vec<(String, Value)>) -> usize {
     types.push(4);
     scores.push(0.0);
     let pieces = [
-        "▁", "e", "t", "a", "o", "i", "n", "s", "r", "h", "l", "d", "u", "c", "m", "▁the", "▁a", "▁is", "▁of",
-        "er", "in", "on", "an", "user", "model", "▁Paris", "▁capital", "▁France", "?", ".", ",",
+        "▁",
+        "e",
+        "t",
+        "a",
+        "o",
+        "i",
+        "n",
+        "s",
+        "r",
+        "h",
+        "l",
+        "d",
+        "u",
+        "c",
+        "m",
+        "▁the",
+        "▁a",
+        "▁is",
+        "▁of",
+        "er",
+        "in",
+        "on",
+        "an",
+        "user",
+        "model",
+        "▁Paris",
+        "▁capital",
+        "▁France",
+        "?",
+        ".",
+        ",",
     ];
     for (i, p) in pieces.iter().enumerate() {
         tokens.push(p.to_string());
         types.push(1);
-        scores.push(-(i as f32) - if p.starts_with('▁') && p.len() > 3 { 0.0 } else { 10.0 });
+        scores.push(
+            -(i as f32)
+                - if p.starts_with('▁') && p.len() > 3 {
+                    0.0
+                } else {
+                    10.0
+                },
+        );
     }
     md.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
     md.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
     md.push(("tokenizer.ggml.tokens".into(), strings(&tokens)));
-    md.push(("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())));
-    md.push(("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())));
+    md.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    md.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(scores.into_iter().map(Value::F32).collect()),
+    ));
     md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(2)));
     md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(1)));
     md.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)));

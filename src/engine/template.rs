@@ -126,7 +126,9 @@ mod tests {
     fn hf_style_template_with_python_methods_and_exceptions() {
         let src = "{% for m in messages %}{% if m['role'] not in ['user','assistant','system'] %}{{ raise_exception('bad role') }}{% endif %}{{ bos_token if loop.first }}[{{ m['role'].upper() }}] {{ m['content'].strip() }}\n{% endfor %}";
         let t = ChatTemplate::new(Some(src), "llama", "<s>".into(), "</s>".into()).unwrap();
-        let out = t.render(&[Message::new(Role::User, "  hey  ")], false).unwrap();
+        let out = t
+            .render(&[Message::new(Role::User, "  hey  ")], false)
+            .unwrap();
         assert_eq!(out, "<s>[USER] hey\n");
         let raising = "{{ raise_exception('Conversation roles must alternate') }}";
         let t = ChatTemplate::new(Some(raising), "llama", "".into(), "".into()).unwrap();

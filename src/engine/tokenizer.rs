@@ -31,8 +31,7 @@ const TYPE_USER_DEFINED: i64 = 4;
 const SPIECE_SPACE: &str = "\u{2581}";
 
 // Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
-const GPT2_SPLIT: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -103,10 +102,7 @@ impl ModelTokenizer {
             (from_gguf_metadata(g)?, "GGUF metadata".to_string())
         };
         let vocab_len = inner.get_vocab_size(true);
-        let id = |key: &str| {
-            g.get_u32(key)
-                .filter(|&i| (i as usize) < vocab_len)
-        };
+        let id = |key: &str| g.get_u32(key).filter(|&i| (i as usize) < vocab_len);
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         let mut stop_ids: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
@@ -254,12 +250,18 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let mut pres: Vec<PreTokenizerWrapper> = regexes
         .iter()
         .map(|r| {
-            Split::new(SplitPattern::Regex(r.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map(PreTokenizerWrapper::Split)
-                .map_err(|e| anyhow!("split regex: {e}"))
+            Split::new(
+                SplitPattern::Regex(r.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(PreTokenizerWrapper::Split)
+            .map_err(|e| anyhow!("split regex: {e}"))
         })
         .collect::<Result<_>>()?;
-    pres.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+    pres.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, false, false,
+    )));
     t.with_pre_tokenizer(Some(PreSequence::new(pres)));
     t.with_decoder(Some(ByteLevel::new(false, false, false)));
     Ok(t)

@@ -128,7 +128,11 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
 
 /// Drains commands that arrived mid-answer: a Cancel of this request, or any command that
 /// needs the engine (Load, Generate, Shutdown), stops it; the latter run next.
-fn interrupted(rx: &Receiver<EngineCmd>, pending: &mut VecDeque<EngineCmd>, req: RequestId) -> Flow {
+fn interrupted(
+    rx: &Receiver<EngineCmd>,
+    pending: &mut VecDeque<EngineCmd>,
+    req: RequestId,
+) -> Flow {
     let mut flow = Flow::Continue;
     loop {
         match rx.try_recv() {

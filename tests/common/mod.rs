@@ -42,7 +42,10 @@ pub fn synth(dir: &std::path::Path, spec: &SynthSpec) -> PathBuf {
     let name = format!(
         "{}{}.gguf",
         spec.arch,
-        spec.experts.map_or(String::new(), |e| format!("-moe{}", if e.stacked { "" } else { "-split" }))
+        spec.experts.map_or(String::new(), |e| format!(
+            "-moe{}",
+            if e.stacked { "" } else { "-split" }
+        ))
     );
     let path = dir.join(name);
     spec.write(&path).expect("writing a synthetic GGUF");
@@ -52,9 +55,17 @@ pub fn synth(dir: &std::path::Path, spec: &SynthSpec) -> PathBuf {
 /// Every architecture the engine supports, MoE flavours included.
 pub fn all_specs() -> Vec<SynthSpec> {
     let mut mixtral = SynthSpec::new("llama");
-    mixtral.experts = Some(SynthExperts { count: 4, used: 2, stacked: true });
+    mixtral.experts = Some(SynthExperts {
+        count: 4,
+        used: 2,
+        stacked: true,
+    });
     let mut old_mixtral = SynthSpec::new("llama");
-    old_mixtral.experts = Some(SynthExperts { count: 3, used: 2, stacked: false });
+    old_mixtral.experts = Some(SynthExperts {
+        count: 3,
+        used: 2,
+        stacked: false,
+    });
     vec![
         SynthSpec::new("llama"),
         mixtral,
