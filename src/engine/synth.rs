@@ -203,6 +203,41 @@ impl SplitMix {
     }
 }
 
+impl SynthSpec {
+    /// Writes the model as a llama.cpp-style split GGUF (`stem-0000i-of-0000n.gguf`), tensors
+    /// spread across the parts; returns the first part's path.
+    pub fn write_split(&self, dir: &Path, stem: &str, n: usize) -> Result<std::path::PathBuf> {
+        let whole = dir.join(format!("{stem}.whole.gguf"));
+        self.write(&whole)?;
+        let mut f = std::fs::File::open(&whole)?;
+        let content = gguf_file::Content::read(&mut f)?;
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        let count = Value::U16(n as u16);
+        let mut first = None;
+        for part in 0..n {
+            let mut md: Vec<(&str, &Value)> = vec![("split.count", &count)];
+            let no = Value::U16(part as u16);
+            md.push(("split.no", &no));
+            if part == 0 {
+                md.extend(content.metadata.iter().map(|(k, v)| (k.as_str(), v)));
+            }
+            let tensors: Vec<(&str, QTensor)> = names
+                .iter()
+                .skip(part)
+                .step_by(n)
+                .map(|name| Ok((name.as_str(), content.tensor(&mut f, name, &Device::Cpu)?)))
+                .collect::<Result<_>>()?;
+            let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+            let path = dir.join(format!("{stem}-{:05}-of-{n:05}.gguf", part + 1));
+            gguf_file::write(&mut std::fs::File::create(&path)?, &md, &refs)?;
+            first.get_or_insert(path);
+        }
+        std::fs::remove_file(&whole)?;
+        Ok(first.expect("at least one part"))
+    }
+}
+
 fn strings(v: &[String]) -> Value {
     Value::Array(v.iter().map(|s| Value::String(s.clone())).collect())
 }
