@@ -38,6 +38,24 @@ pub enum Cmd {
     },
     /// Show the catalog and which models are on this machine.
     List,
+    /// The full-screen chat with live speed, memory and power panes (the default).
+    Ui(UiArgs),
+    /// Measure this machine's memory bandwidth for the roofline line.
+    Probe,
+}
+
+#[derive(Debug, Args)]
+pub struct UiArgs {
+    /// Catalog id or path to a .gguf file (default: the catalog's default model).
+    pub model: Option<String>,
+    /// Colour theme: dark, light, high-contrast, or a theme .toml file.
+    #[arg(long, default_value = "dark")]
+    pub theme: String,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub gen: GenArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -77,6 +95,17 @@ pub struct GenArgs {
     /// Context length to allocate (capped by the model's own).
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+}
+
+impl Default for UiArgs {
+    fn default() -> Self {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            u: UiArgs,
+        }
+        W::parse_from(["tokentop"]).u
+    }
 }
 
 impl Default for GenArgs {
@@ -120,7 +149,7 @@ pub fn load_catalog(path: Option<&PathBuf>) -> Result<Catalog> {
 pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
     match catalog.resolve(arg)? {
         ModelRef::Path(p) => Ok(p),
-        ModelRef::Catalog(m) => fetch::ensure_local(m),
+        ModelRef::Catalog(m) => fetch::ensure_local(m, fetch::Report::Terminal),
     }
 }
 
@@ -292,4 +321,42 @@ fn stream_answer(
             _ => {}
         }
     }
+}
+
+/// Where `tokentop probe` keeps this machine's profile.
+pub fn local_profile_path() -> Result<PathBuf> {
+    Ok(crate::catalog::store_dir()?
+        .parent()
+        .context("model store has no parent")?
+        .join("hardware-local.toml"))
+}
+
+pub fn probe() -> Result<()> {
+    let path = local_profile_path()?;
+    eprintln!("tokentop: measuring memory bandwidth…");
+    let p = crate::roofline::probe(&path)?;
+    println!(
+        "{}: {:.1} GB/s read bandwidth, {:.1} GB memory (saved to {})",
+        p.name,
+        p.bandwidth_gbs,
+        p.memory_gb,
+        path.display()
+    );
+    Ok(())
+}
+
+pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
+    let theme = crate::theme::Theme::load(&args.theme)?;
+    // The model is fetched (with a progress bar) before the screen is taken over.
+    let model = model_path(&catalog, args.model.as_deref())?;
+    let profiles = crate::roofline::profiles(local_profile_path().ok().as_deref());
+    crate::app::run(crate::app::AppConfig {
+        model,
+        catalog,
+        theme,
+        params: args.gen.params(),
+        n_ctx: args.gen.ctx,
+        profiles,
+        system: args.system.clone(),
+    })
 }

@@ -1,8 +1,15 @@
 //! tokentop: "top for tokens", a terminal chat client for local GGUF models that shows the
 //! real speed (decode tok/s, TTFT, prefill rate, memory, power) as the answer streams.
 
+pub mod app;
 pub mod catalog;
 pub mod cli;
 pub mod engine;
 pub mod protocol;
+pub mod roofline;
+pub mod session;
+pub mod state;
 pub mod stats;
+pub mod telemetry;
+pub mod theme;
+pub mod ui;

@@ -12,8 +12,9 @@ fn main() {
 fn real_main(args: Cli) -> anyhow::Result<()> {
     let catalog = cli::load_catalog(args.catalog.as_ref())?;
     match args.command {
-        // The TUI comes with its own issue; until then no arguments means a chat.
-        None => cli::run(&catalog, &Default::default()),
+        None => cli::ui(catalog, &Default::default()),
+        Some(Cmd::Ui(args)) => cli::ui(catalog, &args),
+        Some(Cmd::Probe) => cli::probe(),
         Some(Cmd::Run(run)) => cli::run(&catalog, &run),
         Some(Cmd::Pull { model }) => {
             let path = cli::model_path(&catalog, Some(&model))?;

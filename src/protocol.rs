@@ -6,7 +6,8 @@ use std::time::Duration;
 /// Identifies one generation request; the UI drops events of a request it replaced.
 pub type RequestId = u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
     User,
@@ -99,7 +100,7 @@ pub enum EngineCmd {
 }
 
 /// What the UI shows about the loaded model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub path: PathBuf,
     pub name: String,
@@ -117,7 +118,8 @@ pub struct ModelInfo {
     pub template_is_fallback: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Eos,
     MaxTokens,
@@ -151,6 +153,8 @@ pub struct GenStats {
     /// Time from the first sampled token to the last.
     pub decode: Duration,
     pub total: Duration,
+    /// Bytes the KV cache buffers occupy at the end.
+    pub kv_bytes: usize,
 }
 
 impl GenStats {
@@ -176,7 +180,7 @@ fn rate(n: usize, d: Duration) -> f64 {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     Loading {
         path: PathBuf,
@@ -193,6 +197,7 @@ pub enum EngineEvent {
         prompt_tokens: usize,
         cached_tokens: usize,
         ttft: Duration,
+        kv_bytes: usize,
     },
     Token {
         req: RequestId,

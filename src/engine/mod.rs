@@ -41,6 +41,7 @@ pub enum GenEvent<'a> {
         prompt_tokens: usize,
         cached_tokens: usize,
         ttft: std::time::Duration,
+        kv_bytes: usize,
     },
     Token(&'a str),
 }
@@ -216,6 +217,7 @@ impl Engine {
             prompt_tokens: tokens.len(),
             cached_tokens: keep,
             ttft,
+            kv_bytes: self.model.kv_cache_bytes(),
         }) == Flow::Stop;
 
         let mut stream = TokenStream::default();
@@ -248,6 +250,7 @@ impl Engine {
             on_event(GenEvent::Token(&rest));
         }
         stats.decode = last_at - first_at;
+        stats.kv_bytes = self.model.kv_cache_bytes();
         stats.total = start.elapsed();
         Ok((stats, reason))
     }

@@ -34,6 +34,11 @@ impl EngineHandle {
         let _ = self.tx.send(cmd);
     }
 
+    /// Takes the event receiver, for a loop that polls it apart from the handle.
+    pub fn take_events(&mut self) -> Receiver<EngineEvent> {
+        std::mem::replace(&mut self.events, channel().1)
+    }
+
     /// A sender for other threads (a Ctrl-C handler, say).
     pub fn sender(&self) -> Sender<EngineCmd> {
         self.tx.clone()
@@ -101,11 +106,13 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
                             prompt_tokens,
                             cached_tokens,
                             ttft,
+                            kv_bytes,
                         } => EngineEvent::Prefilled {
                             req,
                             prompt_tokens,
                             cached_tokens,
                             ttft,
+                            kv_bytes,
                         },
                         GenEvent::Token(text) => EngineEvent::Token {
                             req,

@@ -20,7 +20,7 @@ fn real_model(id: &str, env_var: &str) -> Option<PathBuf> {
     let catalog = tokentop::catalog::Catalog::builtin();
     let model = catalog.find(id).expect("catalog model");
     Some(
-        tokentop::catalog::fetch::ensure_local(model)
+        tokentop::catalog::fetch::ensure_local(model, tokentop::catalog::fetch::Report::Terminal)
             .unwrap_or_else(|e| panic!("cannot fetch {id} for the tests: {e:#}")),
     )
 }

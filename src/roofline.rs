@@ -1,0 +1,119 @@
+//! The roofline for decode: memory bandwidth / bytes read per token is the fastest a model
+//! can generate on a machine; tokentop shows it beside the measured rate.
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+pub const BUILTIN: &str = include_str!("../hardware.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    pub bandwidth_gbs: f64,
+    pub memory_gb: f64,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct File {
+    profile: Vec<Profile>,
+}
+
+pub fn parse(text: &str) -> Result<Vec<Profile>> {
+    let f: File = toml::from_str(text).map_err(|e| anyhow!("invalid hardware profiles: {e}"))?;
+    Ok(f.profile)
+}
+
+/// The published profiles, then this machine's if `tokentop probe` measured it.
+pub fn profiles(local: Option<&Path>) -> Vec<Profile> {
+    let mut out = Vec::new();
+    if let Some(p) = local
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| parse(&t).ok())
+    {
+        out.extend(p);
+    }
+    out.extend(parse(BUILTIN).expect("built-in hardware.toml is valid"));
+    out
+}
+
+/// Highest decode rate `bytes_per_token` allows at `bandwidth_gbs`.
+pub fn ceiling(bandwidth_gbs: f64, bytes_per_token: f64) -> f64 {
+    if bytes_per_token <= 0.0 {
+        0.0
+    } else {
+        bandwidth_gbs * 1e9 / bytes_per_token
+    }
+}
+
+/// Bytes of weights read per generated token: all of them for a dense model, the active
+/// share for a mixture of experts.
+pub fn bytes_per_token(weight_bytes: u64, active_fraction: f64) -> f64 {
+    weight_bytes as f64 * active_fraction.clamp(0.0, 1.0)
+}
+
+/// Measures read bandwidth with all cores summing a buffer far larger than the caches.
+pub fn measure_bandwidth_gbs() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = 256 << 20; // 256 MiB a thread
+    let bufs: Vec<Vec<u64>> = (0..threads).map(|i| vec![i as u64 + 1; per / 8]).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let sums: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = bufs
+                .iter()
+                .map(|b| s.spawn(move || b.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        std::hint::black_box(sums);
+        let gbs = (threads * per) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        best = best.max(gbs);
+    }
+    best
+}
+
+/// `tokentop probe`: measures this machine and saves it as a profile.
+pub fn probe(save_to: &Path) -> Result<Profile> {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let profile = Profile {
+        name: "this machine".into(),
+        bandwidth_gbs: (measure_bandwidth_gbs() * 10.0).round() / 10.0,
+        memory_gb: (sys.total_memory() as f64 / 1e9 * 10.0).round() / 10.0,
+    };
+    if let Some(dir) = save_to.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = toml::to_string(&File {
+        profile: vec![profile.clone()],
+    })?;
+    std::fs::write(save_to, text).with_context(|| format!("writing {}", save_to.display()))?;
+    Ok(profile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings() {
+        // 4 GB of weights at 273 GB/s: 68 tokens/s at best.
+        assert!((ceiling(273.0, bytes_per_token(4_000_000_000, 1.0)) - 68.25).abs() < 1e-9);
+        // A MoE reading a tenth of its weights per token is ten times faster.
+        assert!((ceiling(273.0, bytes_per_token(40_000_000_000, 0.1)) - 68.25).abs() < 1e-9);
+        assert_eq!(ceiling(100.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn builtin_profiles_include_the_issue_machines() {
+        let p = profiles(None);
+        let bw = |n: &str| p.iter().find(|x| x.name == n).map(|x| x.bandwidth_gbs);
+        assert_eq!(bw("Apple M5 Max"), Some(614.0));
+        assert_eq!(bw("NVIDIA DGX Spark"), Some(273.0));
+        assert_eq!(bw("NVIDIA RTX 5090"), Some(1792.0));
+    }
+}

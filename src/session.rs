@@ -1,0 +1,163 @@
+//! Conversations saved as they happen: one JSON line per chat entry, appended and flushed, so
+//! a crash or kill -9 loses at most the answer in flight. Exported to Markdown on request.
+
+use crate::protocol::Role;
+use crate::state::ChatEntry;
+use crate::ui::footer_text;
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `$TOKENTOP_HOME/sessions`, else the platform data dir's `sessions`.
+pub fn sessions_dir() -> Result<PathBuf> {
+    Ok(crate::catalog::store_dir()?
+        .parent()
+        .context("model store has no parent")?
+        .join("sessions"))
+}
+
+/// A session file, created on the first entry.
+pub struct SessionFile {
+    dir: PathBuf,
+    path: Option<PathBuf>,
+}
+
+impl SessionFile {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, path: None }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Continue appending to an existing session.
+    pub fn reopen(&mut self, path: PathBuf) {
+        self.path = Some(path);
+    }
+
+    /// The next entry starts a new file.
+    pub fn restart(&mut self) {
+        self.path = None;
+    }
+
+    pub fn append(&mut self, entry: &ChatEntry) -> Result<()> {
+        let path = match &self.path {
+            Some(p) => p.clone(),
+            None => {
+                std::fs::create_dir_all(&self.dir)
+                    .with_context(|| format!("creating {}", self.dir.display()))?;
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let p = self.dir.join(format!("session-{secs}.jsonl"));
+                self.path = Some(p.clone());
+                p
+            }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut line = serde_json::to_string(entry)?;
+        line.push('\n');
+        f.write_all(line.as_bytes())?;
+        f.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Reads a session back. Entries are whole conversation turns; an answer saved after it
+/// finished replaces the placeholder of its turn. A torn last line (a crash mid-write) is
+/// skipped.
+pub fn load(path: &Path) -> Result<Vec<ChatEntry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<ChatEntry>(l).ok())
+        .collect())
+}
+
+/// Saved sessions, newest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.reverse();
+    v
+}
+
+pub fn to_markdown(entries: &[ChatEntry]) -> String {
+    let mut out = String::from("# tokentop conversation\n\n");
+    for e in entries {
+        match e.role {
+            Role::User => out.push_str(&format!("## You\n\n{}\n\n", e.text)),
+            _ => {
+                out.push_str(&format!("## {}\n\n{}\n\n", e.model, e.text));
+                if let Some(f) = &e.footer {
+                    out.push_str(&format!("*{}*\n\n", footer_text(f)));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::FinishReason;
+    use crate::state::Footer;
+    use std::time::Duration;
+
+    #[test]
+    fn append_reload_and_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SessionFile::new(dir.path().join("sessions"));
+        let user = ChatEntry {
+            role: Role::User,
+            text: "hi".into(),
+            model: String::new(),
+            footer: None,
+        };
+        let answer = ChatEntry {
+            role: Role::Assistant,
+            text: "hello **there**".into(),
+            model: "SmolLM2".into(),
+            footer: Some(Footer {
+                ttft: Duration::from_millis(250),
+                prefill_rate: 100.0,
+                decode_rate: 20.0,
+                tokens: 5,
+                reason: FinishReason::Eos,
+                joules: None,
+                peak_rss: 1,
+            }),
+        };
+        s.append(&user).unwrap();
+        s.append(&answer).unwrap();
+        let path = s.path().unwrap().to_owned();
+        // A torn line from a crash mid-write is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"role\":\"us")
+            .unwrap();
+        assert_eq!(load(&path).unwrap(), vec![user.clone(), answer.clone()]);
+        assert_eq!(list(&dir.path().join("sessions")), vec![path]);
+        let md = to_markdown(&[user, answer]);
+        assert!(
+            md.contains("## You\n\nhi") && md.contains("## SmolLM2\n\nhello **there**"),
+            "{md}"
+        );
+        assert!(md.contains("decode 20.0 tok/s"), "{md}");
+    }
+}

@@ -1,0 +1,780 @@
+//! The TUI's state as a pure machine: `update(&mut State, Msg) -> Vec<Effect>`. No IO here;
+//! app.rs carries out the effects (start a stream, cancel, load a model, save the session).
+
+pub mod input;
+
+use crate::protocol::{
+    EngineEvent, FinishReason, GenParams, GenStats, Message, ModelInfo, RequestId, Role,
+};
+use crate::telemetry::{Memory, Power, Snapshot};
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
+use input::Input;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How many past answers the speed sparkline shows, and telemetry samples the power one.
+pub const HISTORY: usize = 60;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Footer {
+    pub ttft: Duration,
+    pub prefill_rate: f64,
+    pub decode_rate: f64,
+    pub tokens: usize,
+    pub reason: FinishReason,
+    pub joules: Option<f64>,
+    pub peak_rss: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatEntry {
+    pub role: Role,
+    pub text: String,
+    /// The model that wrote an answer.
+    pub model: String,
+    pub footer: Option<Footer>,
+}
+
+/// One model the switcher offers: a catalog entry or a GGUF found on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchItem {
+    pub label: String,
+    /// Catalog id, when it is one.
+    pub id: Option<String>,
+    pub path: Option<PathBuf>,
+    pub size: u64,
+    pub params_b: f64,
+    pub active_params_b: f64,
+    pub moe: bool,
+    pub tags: Vec<String>,
+}
+
+impl SwitchItem {
+    pub fn is_local(&self) -> bool {
+        self.path.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Chat,
+    Help,
+    /// Choosing a model; `for_ab` picks the B side of an A/B run.
+    Switcher {
+        selected: usize,
+        for_ab: bool,
+    },
+    Sessions {
+        selected: usize,
+    },
+    /// Showing a finished A/B comparison.
+    AbResult,
+}
+
+/// The answer being streamed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stream {
+    pub req: RequestId,
+    pub started: Instant,
+    pub prefilled_at: Option<Instant>,
+    pub ttft: Option<Duration>,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    /// Token events received (text pieces, close to tokens).
+    pub pieces: usize,
+    pub energy_j: f64,
+    pub energy_known: bool,
+    pub peak_rss: u64,
+}
+
+impl Stream {
+    /// Decode rate while streaming, after the first token, so it converges on the final one.
+    pub fn live_rate(&self, now: Instant) -> Option<f64> {
+        let first = self.prefilled_at?;
+        let secs = now.duration_since(first).as_secs_f64();
+        (self.pieces > 1 && secs > 0.0).then(|| (self.pieces - 1) as f64 / secs)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbSide {
+    pub model: String,
+    pub path: PathBuf,
+    pub answer: String,
+    pub footer: Option<Footer>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AbPhase {
+    AnswerA,
+    LoadB,
+    AnswerB,
+    LoadBack,
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbRun {
+    pub prompt: String,
+    pub a: AbSide,
+    pub b: AbSide,
+    pub phase: AbPhase,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Key(KeyEvent),
+    Paste(String),
+    Mouse(MouseEventKind),
+    Engine(EngineEvent),
+    Telemetry(Snapshot),
+    /// A catalog model finished downloading (or failed to).
+    Fetched {
+        id: String,
+        result: Result<PathBuf, String>,
+    },
+    /// Saved sessions found on disk, for the list.
+    SessionList(Vec<PathBuf>),
+    /// A saved session read back.
+    SessionLoaded {
+        path: PathBuf,
+        entries: Vec<ChatEntry>,
+    },
+    Status(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Generate {
+        req: RequestId,
+        messages: Vec<Message>,
+        params: GenParams,
+    },
+    Cancel {
+        req: RequestId,
+    },
+    Load {
+        path: PathBuf,
+    },
+    Fetch {
+        id: String,
+    },
+    /// Append an entry to the session file (so a crash loses at most the answer in flight).
+    SaveEntry(ChatEntry),
+    NewSession,
+    ListSessions,
+    OpenSession(PathBuf),
+    ExportMarkdown,
+    Copy(String),
+    Quit,
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub chat: Vec<ChatEntry>,
+    pub input: Input,
+    pub stream: Option<Stream>,
+    pub model: Option<ModelInfo>,
+    /// A model being loaded (label), with when the load started.
+    pub loading: Option<(String, Instant)>,
+    pub switcher: Vec<SwitchItem>,
+    pub mode: Mode,
+    /// Lines scrolled up from the bottom of the chat; 0 follows the stream.
+    pub scroll: u16,
+    pub decode_history: VecDeque<f64>,
+    pub last: Option<Footer>,
+    pub memory: Option<Memory>,
+    pub power: Power,
+    pub watts_history: VecDeque<f64>,
+    pub kv_bytes: usize,
+    pub ab: Option<AbRun>,
+    pub sessions: Vec<PathBuf>,
+    pub next_req: RequestId,
+    pub quit_armed: bool,
+    pub status: String,
+    pub params: GenParams,
+    pub system_prompt: Option<String>,
+    last_sample: Option<Instant>,
+}
+
+impl State {
+    pub fn new(params: GenParams, switcher: Vec<SwitchItem>) -> Self {
+        Self {
+            chat: Vec::new(),
+            input: Input::default(),
+            stream: None,
+            model: None,
+            loading: None,
+            switcher,
+            mode: Mode::Chat,
+            scroll: 0,
+            decode_history: VecDeque::new(),
+            last: None,
+            memory: None,
+            power: Power::Unavailable("no reading yet".into()),
+            watts_history: VecDeque::new(),
+            kv_bytes: 0,
+            ab: None,
+            sessions: Vec::new(),
+            next_req: 1,
+            quit_armed: false,
+            status: String::new(),
+            params,
+            system_prompt: None,
+            last_sample: None,
+        }
+    }
+
+    pub fn model_label(&self) -> String {
+        self.model
+            .as_ref()
+            .map_or("no model".into(), |m| m.name.clone())
+    }
+
+    /// Messages for the engine: the system prompt and the conversation so far.
+    pub fn messages(&self) -> Vec<Message> {
+        self.system_prompt
+            .iter()
+            .map(|s| Message::new(Role::System, s.clone()))
+            .chain(
+                self.chat
+                    .iter()
+                    .map(|e| Message::new(e.role, e.text.clone())),
+            )
+            .collect()
+    }
+
+    /// Tokens of context in use after the last answer.
+    pub fn context_used(&self) -> usize {
+        self.stream
+            .as_ref()
+            .map(|s| s.prompt_tokens + s.pieces)
+            .or(self.last.as_ref().map(|f| f.tokens))
+            .unwrap_or(0)
+    }
+
+    fn start_request(&mut self, messages: Vec<Message>) -> Vec<Effect> {
+        let req = self.next_req;
+        self.next_req += 1;
+        self.stream = Some(Stream {
+            req,
+            started: Instant::now(),
+            prefilled_at: None,
+            ttft: None,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            pieces: 0,
+            energy_j: 0.0,
+            energy_known: true,
+            peak_rss: self.memory.map_or(0, |m| m.process_rss),
+        });
+        self.scroll = 0;
+        vec![Effect::Generate {
+            req,
+            messages,
+            params: self.params.clone(),
+        }]
+    }
+
+    fn cancel(&mut self) -> Vec<Effect> {
+        match &self.stream {
+            Some(s) => {
+                self.status = "answer stopped".into();
+                vec![Effect::Cancel { req: s.req }]
+            }
+            None => vec![],
+        }
+    }
+
+    fn send(&mut self) -> Vec<Effect> {
+        if self.stream.is_some() || self.loading.is_some() {
+            self.status = "wait for the current answer (Esc stops it)".into();
+            return vec![];
+        }
+        if self.model.is_none() {
+            self.status = "no model loaded: Ctrl-O opens the model switcher".into();
+            return vec![];
+        }
+        let text = self.input.take();
+        if text.trim().is_empty() {
+            return vec![];
+        }
+        let entry = ChatEntry {
+            role: Role::User,
+            text,
+            model: String::new(),
+            footer: None,
+        };
+        self.chat.push(entry.clone());
+        self.chat.push(ChatEntry {
+            role: Role::Assistant,
+            text: String::new(),
+            model: self.model_label(),
+            footer: None,
+        });
+        let mut messages = self.messages();
+        messages.pop(); // the empty answer being written
+        let mut effects = vec![Effect::SaveEntry(entry)];
+        effects.extend(self.start_request(messages));
+        effects
+    }
+
+    /// Begins an A/B run of the last prompt (or the input) against `b`.
+    fn start_ab(&mut self, b: &SwitchItem) -> Vec<Effect> {
+        let prompt = if !self.input.text.trim().is_empty() {
+            self.input.take()
+        } else if let Some(p) = self.chat.iter().rev().find(|e| e.role == Role::User) {
+            p.text.clone()
+        } else {
+            self.status = "type a prompt first, then A/B it".into();
+            return vec![];
+        };
+        let (Some(a), Some(b_path)) = (&self.model, &b.path) else {
+            self.status = "A/B needs a loaded model and a downloaded second model".into();
+            return vec![];
+        };
+        self.ab = Some(AbRun {
+            prompt: prompt.clone(),
+            a: AbSide {
+                model: a.name.clone(),
+                path: a.path.clone(),
+                answer: String::new(),
+                footer: None,
+            },
+            b: AbSide {
+                model: b.label.clone(),
+                path: b_path.clone(),
+                answer: String::new(),
+                footer: None,
+            },
+            phase: AbPhase::AnswerA,
+        });
+        self.status = format!("A/B: {} first", a.name);
+        self.start_request(vec![Message::new(Role::User, prompt)])
+    }
+
+    fn choose_model(&mut self, i: usize, for_ab: bool) -> Vec<Effect> {
+        let Some(item) = self.switcher.get(i).cloned() else {
+            return vec![];
+        };
+        self.mode = Mode::Chat;
+        if for_ab {
+            return self.start_ab(&item);
+        }
+        let mut effects = self.cancel();
+        match (&item.path, &item.id) {
+            (Some(path), _) => {
+                self.loading = Some((item.label.clone(), Instant::now()));
+                effects.push(Effect::Load { path: path.clone() });
+            }
+            (None, Some(id)) => {
+                self.loading = Some((format!("downloading {}", item.label), Instant::now()));
+                effects.push(Effect::Fetch { id: id.clone() });
+            }
+            (None, None) => {}
+        }
+        effects
+    }
+}
+
+fn ctrl(k: &KeyEvent, c: char) -> bool {
+    k.modifiers.contains(KeyModifiers::CONTROL) && k.code == KeyCode::Char(c)
+}
+
+/// The one place the state changes.
+pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
+    match msg {
+        Msg::Key(k) if k.kind != KeyEventKind::Release => on_key(st, k),
+        Msg::Key(_) => vec![],
+        Msg::Paste(text) => {
+            if st.mode == Mode::Chat {
+                st.input.insert(&text);
+            }
+            vec![]
+        }
+        Msg::Mouse(MouseEventKind::ScrollUp) => {
+            st.scroll = st.scroll.saturating_add(3);
+            vec![]
+        }
+        Msg::Mouse(MouseEventKind::ScrollDown) => {
+            st.scroll = st.scroll.saturating_sub(3);
+            vec![]
+        }
+        Msg::Mouse(_) => vec![],
+        Msg::Engine(ev) => on_engine(st, ev),
+        Msg::Telemetry(snap) => {
+            on_telemetry(st, snap);
+            vec![]
+        }
+        Msg::Fetched { id, result } => match result {
+            Ok(path) => {
+                for item in st
+                    .switcher
+                    .iter_mut()
+                    .filter(|i| i.id.as_deref() == Some(&id))
+                {
+                    item.path = Some(path.clone());
+                }
+                st.loading = Some((id, Instant::now()));
+                vec![Effect::Load { path }]
+            }
+            Err(e) => {
+                st.loading = None;
+                st.status = format!("download failed: {e}");
+                vec![]
+            }
+        },
+        Msg::SessionList(list) => {
+            st.sessions = list;
+            st.mode = Mode::Sessions { selected: 0 };
+            vec![]
+        }
+        Msg::SessionLoaded { path, entries } => {
+            st.chat = entries;
+            st.scroll = 0;
+            st.status = format!("reopened {}", path.display());
+            vec![]
+        }
+        Msg::Status(s) => {
+            st.status = s;
+            vec![]
+        }
+    }
+}
+
+fn on_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
+    // Ctrl-C: stop the answer, else arm quitting; twice in a row quits.
+    if ctrl(&k, 'c') {
+        if st.stream.is_some() {
+            st.quit_armed = false;
+            return st.cancel();
+        }
+        if st.quit_armed {
+            return vec![Effect::Quit];
+        }
+        st.quit_armed = true;
+        st.status = "press Ctrl-C again to quit".into();
+        return vec![];
+    }
+    st.quit_armed = false;
+    match st.mode.clone() {
+        Mode::Help | Mode::AbResult => {
+            if matches!(
+                k.code,
+                KeyCode::Esc
+                    | KeyCode::Enter
+                    | KeyCode::Char('q')
+                    | KeyCode::Char('?')
+                    | KeyCode::F(1)
+            ) {
+                st.mode = Mode::Chat;
+            }
+            vec![]
+        }
+        Mode::Switcher { selected, for_ab } => {
+            let n = st.switcher.len();
+            match k.code {
+                KeyCode::Esc => st.mode = Mode::Chat,
+                KeyCode::Up if n > 0 => {
+                    st.mode = Mode::Switcher {
+                        selected: (selected + n - 1) % n,
+                        for_ab,
+                    }
+                }
+                KeyCode::Down if n > 0 => {
+                    st.mode = Mode::Switcher {
+                        selected: (selected + 1) % n,
+                        for_ab,
+                    }
+                }
+                KeyCode::Enter => return st.choose_model(selected, for_ab),
+                _ => {}
+            }
+            vec![]
+        }
+        Mode::Sessions { selected } => {
+            let n = st.sessions.len();
+            match k.code {
+                KeyCode::Esc => st.mode = Mode::Chat,
+                KeyCode::Up if n > 0 => {
+                    st.mode = Mode::Sessions {
+                        selected: (selected + n - 1) % n,
+                    }
+                }
+                KeyCode::Down if n > 0 => {
+                    st.mode = Mode::Sessions {
+                        selected: (selected + 1) % n,
+                    }
+                }
+                KeyCode::Enter if n > 0 => {
+                    st.mode = Mode::Chat;
+                    let mut fx = st.cancel();
+                    fx.push(Effect::OpenSession(st.sessions[selected].clone()));
+                    return fx;
+                }
+                _ => {}
+            }
+            vec![]
+        }
+        Mode::Chat => on_chat_key(st, k),
+    }
+}
+
+fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
+    let alt = k.modifiers.contains(KeyModifiers::ALT);
+    let shift = k.modifiers.contains(KeyModifiers::SHIFT);
+    match k.code {
+        KeyCode::Esc => return st.cancel(),
+        KeyCode::Enter if alt || shift => st.input.insert("\n"),
+        KeyCode::Enter => return st.send(),
+        KeyCode::F(1) => st.mode = Mode::Help,
+        KeyCode::Char('?') if st.input.text.is_empty() => st.mode = Mode::Help,
+        KeyCode::F(2) => {
+            st.mode = Mode::Switcher {
+                selected: 0,
+                for_ab: false,
+            }
+        }
+        KeyCode::Char('o') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+            st.mode = Mode::Switcher {
+                selected: 0,
+                for_ab: false,
+            }
+        }
+        KeyCode::F(3) => {
+            st.mode = Mode::Switcher {
+                selected: 0,
+                for_ab: true,
+            }
+        }
+        KeyCode::Char('b') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+            st.mode = Mode::Switcher {
+                selected: 0,
+                for_ab: true,
+            }
+        }
+        KeyCode::F(4) => return vec![Effect::ListSessions],
+        KeyCode::Char('e') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+            return vec![Effect::ExportMarkdown]
+        }
+        KeyCode::Char('y') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+            return match st
+                .chat
+                .iter()
+                .rev()
+                .find(|e| e.role == Role::Assistant && !e.text.is_empty())
+            {
+                Some(e) => {
+                    st.status = "last answer copied".into();
+                    vec![Effect::Copy(e.text.clone())]
+                }
+                None => vec![],
+            };
+        }
+        KeyCode::Char('n') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+            let mut fx = st.cancel();
+            st.chat.clear();
+            st.status = "new conversation".into();
+            fx.push(Effect::NewSession);
+            return fx;
+        }
+        KeyCode::Char('u') if k.modifiers.contains(KeyModifiers::CONTROL) => st.input.clear(),
+        KeyCode::Char(c) if !k.modifiers.contains(KeyModifiers::CONTROL) => {
+            let mut b = [0u8; 4];
+            st.input.insert(c.encode_utf8(&mut b));
+        }
+        KeyCode::Backspace => st.input.backspace(),
+        KeyCode::Delete => st.input.delete(),
+        KeyCode::Left => st.input.left(),
+        KeyCode::Right => st.input.right(),
+        KeyCode::Home => st.input.home(),
+        KeyCode::End => st.input.end(),
+        KeyCode::Up if !st.input.is_multiline() => st.input.history_prev(),
+        KeyCode::Down if !st.input.is_multiline() => st.input.history_next(),
+        KeyCode::PageUp => st.scroll = st.scroll.saturating_add(10),
+        KeyCode::PageDown => st.scroll = st.scroll.saturating_sub(10),
+        _ => {}
+    }
+    vec![]
+}
+
+fn footer(stats: &GenStats, reason: FinishReason, stream: &Stream) -> Footer {
+    Footer {
+        ttft: stats.ttft,
+        prefill_rate: stats.prompt_rate(),
+        decode_rate: stats.decode_rate(),
+        tokens: stats.generated_tokens,
+        reason,
+        joules: stream.energy_known.then_some(stream.energy_j),
+        peak_rss: stream.peak_rss,
+    }
+}
+
+fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
+    let current = st.stream.as_ref().map(|s| s.req);
+    match ev {
+        EngineEvent::Loading { .. } => vec![],
+        EngineEvent::Ready { info } => {
+            st.loading = None;
+            st.status = format!("loaded in {:.1}s", info.load_time.as_secs_f64());
+            st.kv_bytes = 0;
+            st.model = Some(info);
+            ab_after_load(st)
+        }
+        EngineEvent::LoadFailed { error, .. } => {
+            st.loading = None;
+            st.status = format!("load failed: {error}");
+            if st.ab.is_some() {
+                st.ab = None;
+            }
+            vec![]
+        }
+        // Events of a replaced request are dropped.
+        EngineEvent::Prefilled { req, .. }
+        | EngineEvent::Token { req, .. }
+        | EngineEvent::Finished { req, .. }
+        | EngineEvent::Failed { req, .. }
+            if Some(req) != current =>
+        {
+            vec![]
+        }
+        EngineEvent::Prefilled {
+            prompt_tokens,
+            cached_tokens,
+            ttft,
+            kv_bytes,
+            ..
+        } => {
+            let s = st.stream.as_mut().expect("current request");
+            s.prefilled_at = Some(Instant::now());
+            s.ttft = Some(ttft);
+            s.prompt_tokens = prompt_tokens;
+            s.cached_tokens = cached_tokens;
+            st.kv_bytes = kv_bytes;
+            vec![]
+        }
+        EngineEvent::Token { text, .. } => {
+            let s = st.stream.as_mut().expect("current request");
+            s.pieces += 1;
+            match st.ab.as_mut() {
+                Some(ab) if ab.phase == AbPhase::AnswerA => ab.a.answer.push_str(&text),
+                Some(ab) if ab.phase == AbPhase::AnswerB => ab.b.answer.push_str(&text),
+                _ => {
+                    if let Some(e) = st.chat.last_mut() {
+                        e.text.push_str(&text);
+                    }
+                }
+            }
+            vec![]
+        }
+        EngineEvent::Finished { stats, reason, .. } => {
+            let s = st.stream.take().expect("current request");
+            let f = footer(&stats, reason, &s);
+            st.kv_bytes = stats.kv_bytes;
+            if f.tokens > 1 {
+                st.decode_history.push_back(f.decode_rate);
+                while st.decode_history.len() > HISTORY {
+                    st.decode_history.pop_front();
+                }
+            }
+            st.last = Some(Footer {
+                tokens: stats.prompt_tokens + stats.generated_tokens,
+                ..f.clone()
+            });
+            if st.ab.is_some() {
+                return ab_after_answer(st, f);
+            }
+            let mut fx = vec![];
+            if let Some(e) = st.chat.last_mut() {
+                e.footer = Some(f);
+                fx.push(Effect::SaveEntry(e.clone()));
+            }
+            fx
+        }
+        EngineEvent::Failed { error, .. } => {
+            st.stream = None;
+            st.status = format!("error: {error}");
+            if st.ab.take().is_some() {
+                return vec![];
+            }
+            // The failed turn is taken back so the prompt can be edited and resent.
+            if st
+                .chat
+                .last()
+                .is_some_and(|e| e.role == Role::Assistant && e.text.is_empty())
+            {
+                st.chat.pop();
+                if let Some(user) = st.chat.pop() {
+                    st.input.clear();
+                    st.input.insert(&user.text);
+                }
+            }
+            vec![]
+        }
+    }
+}
+
+fn ab_after_answer(st: &mut State, f: Footer) -> Vec<Effect> {
+    let ab = st.ab.as_mut().expect("A/B run");
+    match ab.phase {
+        AbPhase::AnswerA => {
+            ab.a.footer = Some(f);
+            ab.phase = AbPhase::LoadB;
+            st.loading = Some((ab.b.model.clone(), Instant::now()));
+            vec![Effect::Load {
+                path: ab.b.path.clone(),
+            }]
+        }
+        AbPhase::AnswerB => {
+            ab.b.footer = Some(f);
+            ab.phase = AbPhase::LoadBack;
+            st.loading = Some((ab.a.model.clone(), Instant::now()));
+            vec![Effect::Load {
+                path: ab.a.path.clone(),
+            }]
+        }
+        _ => vec![],
+    }
+}
+
+fn ab_after_load(st: &mut State) -> Vec<Effect> {
+    let Some(ab) = st.ab.as_mut() else {
+        return vec![];
+    };
+    match ab.phase {
+        AbPhase::LoadB => {
+            ab.phase = AbPhase::AnswerB;
+            st.status = format!("A/B: now {}", ab.b.model);
+            let prompt = ab.prompt.clone();
+            st.start_request(vec![Message::new(Role::User, prompt)])
+        }
+        AbPhase::LoadBack => {
+            ab.phase = AbPhase::Done;
+            st.mode = Mode::AbResult;
+            st.status = "A/B done (Esc closes the scorecard)".into();
+            vec![]
+        }
+        _ => vec![],
+    }
+}
+
+fn on_telemetry(st: &mut State, snap: Snapshot) {
+    let dt = st.last_sample.map(|t| snap.at.saturating_duration_since(t));
+    st.last_sample = Some(snap.at);
+    if let Some(s) = st.stream.as_mut() {
+        s.peak_rss = s.peak_rss.max(snap.memory.process_rss);
+        match (snap.power.watts(), dt) {
+            (Some(w), Some(dt)) => s.energy_j += w * dt.as_secs_f64(),
+            _ => s.energy_known = false,
+        }
+    }
+    if let Some(w) = snap.power.watts() {
+        st.watts_history.push_back(w);
+        while st.watts_history.len() > HISTORY {
+            st.watts_history.pop_front();
+        }
+    }
+    st.memory = Some(snap.memory);
+    st.power = snap.power;
+}

@@ -1,0 +1,665 @@
+//! Views: read-only render functions of the state. No IO here.
+
+pub mod markdown;
+
+use crate::protocol::Role;
+use crate::roofline::{self, Profile};
+use crate::state::{AbRun, ChatEntry, Footer, Mode, State, SwitchItem};
+use crate::telemetry::{Memory, Power};
+use crate::theme::Theme;
+use ratatui::layout::{Constraint, Layout, Position, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Block, BorderType, Clear, Paragraph, Row, Sparkline, Table, Wrap};
+use ratatui::Frame;
+use std::time::Instant;
+
+/// What the views need besides the state.
+pub struct Ctx<'a> {
+    pub theme: &'a Theme,
+    pub profiles: &'a [Profile],
+    /// "Now", passed in so snapshot tests are stable.
+    pub now: Instant,
+}
+
+/// Width of the telemetry column.
+const SIDE: u16 = 34;
+
+pub fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+fn block<'a>(title: &'a str, ctx: &Ctx) -> Block<'a> {
+    Block::bordered()
+        .border_type(BorderType::Rounded)
+        .border_style(Style::default().fg(ctx.theme.border))
+        .title(Span::styled(title, Style::default().fg(ctx.theme.accent)))
+}
+
+pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
+    let area = f.area();
+    f.render_widget(
+        Block::default().style(Style::default().bg(ctx.theme.bg).fg(ctx.theme.fg)),
+        area,
+    );
+    if area.height < 3 || area.width < 10 {
+        f.render_widget(Paragraph::new(title_line(st, ctx)), area);
+        return;
+    }
+    let input_h = (st.input.text.matches('\n').count() as u16 + 3)
+        .clamp(3, 8)
+        .min(area.height.saturating_sub(2));
+    let [title, body, input] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+        Constraint::Length(input_h),
+    ])
+    .areas(area);
+    f.render_widget(Paragraph::new(title_line(st, ctx)), title);
+    let show_side = body.width >= SIDE + 30 && body.height >= 16;
+    let chat_area = if show_side {
+        let [chat, side] =
+            Layout::horizontal([Constraint::Min(30), Constraint::Length(SIDE)]).areas(body);
+        render_side(f, side, st, ctx);
+        chat
+    } else {
+        body
+    };
+    render_chat(f, chat_area, st, ctx);
+    render_input(f, input, st, ctx);
+    match &st.mode {
+        Mode::Chat => {}
+        Mode::Help => render_help(f, area, ctx),
+        Mode::Switcher { selected, for_ab } => {
+            render_switcher(f, area, st, *selected, *for_ab, ctx)
+        }
+        Mode::Sessions { selected } => render_sessions(f, area, st, *selected, ctx),
+        Mode::AbResult => {
+            if let Some(ab) = &st.ab {
+                render_ab(f, area, ab, ctx);
+            }
+        }
+    }
+}
+
+fn title_line(st: &State, ctx: &Ctx) -> Line<'static> {
+    let t = ctx.theme;
+    let mut spans = vec![Span::styled(
+        " tokentop ",
+        Style::default()
+            .fg(t.bg)
+            .bg(t.accent)
+            .add_modifier(Modifier::BOLD),
+    )];
+    let model = match (&st.model, &st.loading) {
+        (_, Some((label, since))) => format!(
+            " loading {label}… {:.0}s",
+            ctx.now.saturating_duration_since(*since).as_secs_f64()
+        ),
+        (Some(m), None) => format!(
+            " {} · {} {} · {:.0}M",
+            m.name,
+            m.arch,
+            m.quant,
+            m.params as f64 / 1e6
+        ),
+        (None, None) => " no model".into(),
+    };
+    spans.push(Span::styled(model, Style::default().fg(t.fg)));
+    if !st.status.is_empty() {
+        spans.push(Span::styled(
+            format!("  {}", st.status),
+            Style::default().fg(t.dim),
+        ));
+    }
+    Line::from(spans)
+}
+
+pub fn footer_text(f: &Footer) -> String {
+    let energy = match f.joules {
+        Some(j) if f.tokens > 0 => format!(" · {:.2} J/tok", j / f.tokens as f64),
+        _ => String::new(),
+    };
+    format!(
+        "TTFT {:.2}s · prefill {:.0} tok/s · decode {:.1} tok/s · {} tokens · {}{energy}",
+        f.ttft.as_secs_f64(),
+        f.prefill_rate,
+        f.decode_rate,
+        f.tokens,
+        f.reason.as_str()
+    )
+}
+
+fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> {
+    let t = ctx.theme;
+    let mut out = Vec::new();
+    match e.role {
+        Role::User => {
+            out.push(Line::styled(
+                "you",
+                Style::default().fg(t.user).add_modifier(Modifier::BOLD),
+            ));
+            out.extend(
+                e.text
+                    .lines()
+                    .map(|l| Line::styled(l.to_string(), Style::default().fg(t.user))),
+            );
+        }
+        _ => {
+            out.push(Line::styled(
+                e.model.clone(),
+                Style::default().fg(t.accent).add_modifier(Modifier::BOLD),
+            ));
+            out.extend(markdown::lines(&e.text, t));
+            if streaming {
+                let caret = Span::styled("▌", Style::default().fg(t.accent));
+                if out.len() > 1 {
+                    out.last_mut().expect("non-empty").spans.push(caret);
+                } else {
+                    out.push(Line::from(caret));
+                }
+            }
+            if let Some(f) = &e.footer {
+                out.push(Line::styled(footer_text(f), Style::default().fg(t.dim)));
+            }
+        }
+    }
+    out.push(Line::default());
+    out
+}
+
+pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let n = st.chat.len();
+    let lines: Vec<Line> = st
+        .chat
+        .iter()
+        .enumerate()
+        .flat_map(|(i, e)| {
+            entry_lines(e, st.stream.is_some() && st.ab.is_none() && i + 1 == n, ctx)
+        })
+        .collect();
+    let text = if lines.is_empty() {
+        Text::from(vec![Line::styled(
+            "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
+            Style::default().fg(ctx.theme.dim),
+        )])
+    } else {
+        Text::from(lines)
+    };
+    let p = Paragraph::new(text).wrap(Wrap { trim: false });
+    let total = p.line_count(area.width) as u16;
+    let max_scroll = total.saturating_sub(area.height);
+    let y = max_scroll.saturating_sub(st.scroll.min(max_scroll));
+    f.render_widget(p.scroll((y, 0)), area);
+}
+
+pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let title = if st.stream.is_some() {
+        " answering… Esc stops "
+    } else {
+        " prompt · Enter sends · Alt-Enter newline "
+    };
+    let b = block(title, ctx);
+    let inner = b.inner(area);
+    f.render_widget(Paragraph::new(st.input.text.as_str()).block(b), area);
+    if st.mode == Mode::Chat && inner.width > 0 && inner.height > 0 {
+        let (line, col) = st.input.cursor_line_col();
+        let x = inner.x + (col as u16).min(inner.width - 1);
+        let y = inner.y + (line as u16).min(inner.height - 1);
+        f.set_cursor_position(Position::new(x, y));
+    }
+}
+
+pub fn render_side(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let [speed, memory, power, roof] = Layout::vertical([
+        Constraint::Length(8),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Min(0),
+    ])
+    .areas(area);
+    render_speed(f, speed, st, ctx);
+    render_memory(f, memory, st, ctx);
+    render_power(f, power, st, ctx);
+    render_roofline(f, roof, st, ctx);
+}
+
+/// Decode rate to show now: live while streaming, else the last answer's.
+pub fn current_rate(st: &State, now: Instant) -> Option<f64> {
+    match &st.stream {
+        Some(s) => s.live_rate(now),
+        None => st.last.as_ref().map(|f| f.decode_rate),
+    }
+}
+
+pub fn render_speed(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let t = ctx.theme;
+    let b = block(" speed ", ctx);
+    let inner = b.inner(area);
+    f.render_widget(b, area);
+    let rate = current_rate(st, ctx.now).map_or("—".into(), |r| format!("{r:.1}"));
+    let ttft = st
+        .stream
+        .as_ref()
+        .and_then(|s| s.ttft)
+        .or(st.last.as_ref().map(|l| l.ttft))
+        .map_or("—".into(), |d| format!("{:.2}s", d.as_secs_f64()));
+    let prefill = st
+        .last
+        .as_ref()
+        .map_or("—".into(), |l| format!("{:.0} tok/s", l.prefill_rate));
+    let ctx_total = st.model.as_ref().map_or(0, |m| m.n_ctx);
+    let lines = vec![
+        Line::from(vec![
+            Span::styled(
+                rate,
+                Style::default().fg(t.good).add_modifier(Modifier::BOLD),
+            ),
+            Span::styled(" tok/s decode", Style::default().fg(t.dim)),
+        ]),
+        Line::from(vec![
+            Span::styled("TTFT ", Style::default().fg(t.dim)),
+            Span::raw(ttft),
+        ]),
+        Line::from(vec![
+            Span::styled("prefill ", Style::default().fg(t.dim)),
+            Span::raw(prefill),
+        ]),
+        Line::from(vec![
+            Span::styled("context ", Style::default().fg(t.dim)),
+            Span::raw(format!("{} / {} tokens", st.context_used(), ctx_total)),
+        ]),
+    ];
+    let [text, spark] = Layout::vertical([Constraint::Length(4), Constraint::Min(0)]).areas(inner);
+    f.render_widget(Paragraph::new(lines), text);
+    let data: Vec<u64> = st
+        .decode_history
+        .iter()
+        .map(|r| (r * 10.0) as u64)
+        .collect();
+    f.render_widget(
+        Sparkline::default()
+            .data(&data)
+            .style(Style::default().fg(t.good)),
+        spark,
+    );
+}
+
+/// The memory pool split into weights, KV cache, other use of this process, other
+/// processes and free.
+pub fn pool_split(m: &Memory, weights: u64, kv: u64) -> [(&'static str, u64); 4] {
+    let ours = m.process_rss.max(weights + kv);
+    [
+        ("weights", weights.min(m.total)),
+        ("KV cache", kv),
+        ("other", ours.saturating_sub(weights + kv) + m.others()),
+        ("free", m.total.saturating_sub(m.others() + ours)),
+    ]
+}
+
+pub fn render_memory(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let t = ctx.theme;
+    let Some(m) = &st.memory else {
+        f.render_widget(
+            Paragraph::new("reading…").block(block(" memory ", ctx)),
+            area,
+        );
+        return;
+    };
+    let title = format!(" memory · {} {} ", gb(m.total), m.kind.label());
+    let b = block(&title, ctx);
+    let inner = b.inner(area);
+    f.render_widget(b, area);
+    let weights = st.model.as_ref().map_or(0, |x| x.weight_bytes);
+    let parts = pool_split(m, weights, st.kv_bytes as u64);
+    let colors = [t.weights, t.kv, t.other, t.free];
+    let width = inner.width as u64;
+    let mut bar = Vec::new();
+    let mut used = 0u64;
+    for (i, (_, bytes)) in parts.iter().enumerate() {
+        let cells = if i == parts.len() - 1 {
+            width.saturating_sub(used)
+        } else {
+            (bytes * width).checked_div(m.total).unwrap_or(0)
+        };
+        used += cells;
+        bar.push(Span::styled(
+            "█".repeat(cells as usize),
+            Style::default().fg(colors[i]),
+        ));
+    }
+    let mut lines = vec![Line::from(bar)];
+    for (i, (label, bytes)) in parts.iter().enumerate() {
+        lines.push(Line::from(vec![
+            Span::styled("■ ", Style::default().fg(colors[i])),
+            Span::styled(format!("{label:<9}"), Style::default().fg(t.dim)),
+            Span::raw(gb(*bytes)),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let t = ctx.theme;
+    let b = block(" power ", ctx);
+    let inner = b.inner(area);
+    f.render_widget(b, area);
+    match &st.power {
+        Power::Unavailable(reason) => {
+            let lines = vec![
+                Line::styled(
+                    "n/a",
+                    Style::default().fg(t.warn).add_modifier(Modifier::BOLD),
+                ),
+                Line::styled(reason.clone(), Style::default().fg(t.dim)),
+            ];
+            f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), inner);
+        }
+        Power::Watts { watts, source } => {
+            let per_token = st.last.as_ref().and_then(|l| {
+                let j = l.joules?;
+                let n = st
+                    .chat
+                    .last()
+                    .and_then(|e| e.footer.as_ref())
+                    .map_or(0, |f| f.tokens);
+                (n > 0 && j > 0.0).then(|| (j / n as f64, n as f64 / j))
+            });
+            let energy = per_token.map_or("J/token —".to_string(), |(jpt, tpj)| {
+                format!("{jpt:.2} J/tok · {tpj:.1} tok/J")
+            });
+            let lines = vec![
+                Line::from(vec![
+                    Span::styled(
+                        format!("{watts:.1} W"),
+                        Style::default().fg(t.good).add_modifier(Modifier::BOLD),
+                    ),
+                    Span::styled(format!(" {source}"), Style::default().fg(t.dim)),
+                ]),
+                Line::raw(energy),
+            ];
+            let [text, spark] =
+                Layout::vertical([Constraint::Length(2), Constraint::Min(0)]).areas(inner);
+            f.render_widget(Paragraph::new(lines), text);
+            let data: Vec<u64> = st.watts_history.iter().map(|w| (w * 10.0) as u64).collect();
+            f.render_widget(
+                Sparkline::default()
+                    .data(&data)
+                    .style(Style::default().fg(t.warn)),
+                spark,
+            );
+        }
+    }
+}
+
+/// Share of the weights read per token: the catalog's active/total for a known MoE, else
+/// experts used / experts as an estimate, else all of them.
+pub fn active_fraction(st: &State) -> f64 {
+    let Some(m) = &st.model else { return 1.0 };
+    if let Some(item) = st
+        .switcher
+        .iter()
+        .find(|i| i.path.as_deref() == Some(m.path.as_path()))
+    {
+        if item.params_b > 0.0 {
+            return item.active_params_b / item.params_b;
+        }
+    }
+    if m.n_expert > 0 {
+        m.n_expert_used as f64 / m.n_expert as f64
+    } else {
+        1.0
+    }
+}
+
+pub fn render_roofline(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    let t = ctx.theme;
+    let b = block(" roofline (decode ceiling) ", ctx);
+    let inner = b.inner(area);
+    f.render_widget(b, area);
+    let Some(m) = &st.model else { return };
+    let bytes = roofline::bytes_per_token(m.weight_bytes, active_fraction(st));
+    let measured = st.last.as_ref().map(|l| l.decode_rate);
+    let mut lines = vec![Line::styled(
+        format!("{:.0} MB read per token", bytes / 1e6),
+        Style::default().fg(t.dim),
+    )];
+    for p in ctx.profiles {
+        let ceiling = roofline::ceiling(p.bandwidth_gbs, bytes);
+        let mut spans = vec![Span::raw(format!("{:<16} {:>7.0} tok/s", p.name, ceiling))];
+        if p.name == "this machine" {
+            if let Some(r) = measured {
+                spans.push(Span::styled(
+                    format!(" ({:.0}%)", 100.0 * r / ceiling.max(1e-9)),
+                    Style::default().fg(t.good),
+                ));
+            }
+        }
+        lines.push(Line::from(spans));
+    }
+    if !ctx.profiles.iter().any(|p| p.name == "this machine") {
+        lines.push(Line::styled(
+            "tokentop probe measures this machine",
+            Style::default().fg(t.dim),
+        ));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+fn popup(area: Rect, w: u16, h: u16) -> Rect {
+    let w = w.min(area.width);
+    let h = h.min(area.height);
+    Rect::new(
+        area.x + (area.width - w) / 2,
+        area.y + (area.height - h) / 2,
+        w,
+        h,
+    )
+}
+
+pub const HELP: &[(&str, &str)] = &[
+    ("Enter", "send the prompt"),
+    ("Alt-Enter / Shift-Enter", "new line in the prompt"),
+    ("Up / Down", "prompt history"),
+    ("Esc / Ctrl-C", "stop the answer"),
+    ("Ctrl-C twice", "quit"),
+    ("Ctrl-O / F2", "switch model (the conversation stays)"),
+    ("Ctrl-B / F3", "A/B: the last prompt on another model"),
+    ("F4", "reopen a saved session"),
+    ("Ctrl-N", "new conversation"),
+    ("Ctrl-E", "export the conversation to Markdown"),
+    ("Ctrl-Y", "copy the last answer (OSC 52)"),
+    ("PgUp / PgDn / wheel", "scroll"),
+    ("? / F1", "this help"),
+];
+
+pub const METRICS: &[(&str, &str)] = &[
+    ("TTFT", "request to first sampled token, measured by the engine (prefill included)"),
+    ("prefill", "prompt tokens evaluated per second (tokens reused from the cache excluded)"),
+    ("decode", "tokens per second after the first token, which belongs to TTFT"),
+    ("context", "tokens in the conversation / context allocated"),
+    ("memory", "the pool (system RAM, cgroup limit or unified memory): model weights, KV cache, other use, free"),
+    ("power", "watts from RAPL, hwmon or battery; n/a with the reason when none is readable"),
+    ("J/tok", "energy over the answer divided by its tokens"),
+    ("roofline", "memory bandwidth / bytes read per token: the fastest decode can be"),
+];
+
+fn render_help(f: &mut Frame, area: Rect, ctx: &Ctx) {
+    let r = popup(area, 90, (HELP.len() + METRICS.len() + 5) as u16);
+    f.render_widget(Clear, r);
+    let t = ctx.theme;
+    let mut lines = Vec::new();
+    for (k, v) in HELP {
+        lines.push(Line::from(vec![
+            Span::styled(format!("{k:<24}"), Style::default().fg(t.accent)),
+            Span::raw(*v),
+        ]));
+    }
+    lines.push(Line::default());
+    for (k, v) in METRICS {
+        lines.push(Line::from(vec![
+            Span::styled(format!("{k:<10}"), Style::default().fg(t.good)),
+            Span::raw(*v),
+        ]));
+    }
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(block(" help · Esc closes ", ctx)),
+        r,
+    );
+}
+
+/// Whether a model fits: its size plus a little KV cache against free memory, counting the
+/// current model's weights as free since switching releases them.
+pub fn fits(item: &SwitchItem, st: &State) -> Option<bool> {
+    let m = st.memory?;
+    let current = st.model.as_ref().map_or(0, |x| x.weight_bytes);
+    let available = m.free() + current.min(m.process_rss);
+    Some(item.size + item.size / 20 <= available)
+}
+
+fn render_switcher(
+    f: &mut Frame,
+    area: Rect,
+    st: &State,
+    selected: usize,
+    for_ab: bool,
+    ctx: &Ctx,
+) {
+    let t = ctx.theme;
+    let r = popup(area, 100, st.switcher.len() as u16 + 4);
+    f.render_widget(Clear, r);
+    let rows = st.switcher.iter().enumerate().map(|(i, item)| {
+        let fit = match fits(item, st) {
+            Some(true) => Span::styled("fits", Style::default().fg(t.good)),
+            Some(false) => Span::styled("too big", Style::default().fg(t.bad)),
+            None => Span::raw("?"),
+        };
+        let style = if i == selected {
+            Style::default().fg(t.bg).bg(t.accent)
+        } else {
+            Style::default()
+        };
+        let params = if item.moe {
+            format!("{}B ({}B active)", item.params_b, item.active_params_b)
+        } else if item.params_b > 0.0 {
+            format!("{}B", item.params_b)
+        } else {
+            String::new()
+        };
+        Row::new(vec![
+            Line::raw(item.label.clone()),
+            Line::raw(gb(item.size)),
+            Line::raw(params),
+            Line::raw(item.tags.join(",")),
+            Line::raw(if item.is_local() { "local" } else { "download" }),
+            Line::from(fit),
+        ])
+        .style(style)
+    });
+    let title = if for_ab {
+        " A/B: answer the last prompt with… (Enter picks, Esc closes) "
+    } else {
+        " switch model (Enter loads, Esc closes) "
+    };
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Min(24),
+            Constraint::Length(9),
+            Constraint::Length(20),
+            Constraint::Length(16),
+            Constraint::Length(9),
+            Constraint::Length(8),
+        ],
+    )
+    .header(
+        Row::new(["model", "size", "params", "tags", "", "memory"])
+            .style(Style::default().fg(t.dim)),
+    )
+    .block(block(title, ctx));
+    f.render_widget(table, r);
+}
+
+fn render_sessions(f: &mut Frame, area: Rect, st: &State, selected: usize, ctx: &Ctx) {
+    let r = popup(area, 80, st.sessions.len().max(1) as u16 + 2);
+    f.render_widget(Clear, r);
+    let lines: Vec<Line> = if st.sessions.is_empty() {
+        vec![Line::raw("no saved sessions yet")]
+    } else {
+        st.sessions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let name = p
+                    .file_stem()
+                    .map_or(String::new(), |s| s.to_string_lossy().into_owned());
+                if i == selected {
+                    Line::styled(name, Style::default().fg(ctx.theme.bg).bg(ctx.theme.accent))
+                } else {
+                    Line::raw(name)
+                }
+            })
+            .collect()
+    };
+    f.render_widget(
+        Paragraph::new(lines).block(block(" sessions (Enter reopens, Esc closes) ", ctx)),
+        r,
+    );
+}
+
+fn render_ab(f: &mut Frame, area: Rect, ab: &AbRun, ctx: &Ctx) {
+    let t = ctx.theme;
+    let r = popup(
+        area,
+        area.width.saturating_sub(4),
+        area.height.saturating_sub(2),
+    );
+    f.render_widget(Clear, r);
+    let b = block(" A/B · Esc closes ", ctx);
+    let inner = b.inner(r);
+    f.render_widget(b, r);
+    let [answers, card] =
+        Layout::vertical([Constraint::Min(0), Constraint::Length(8)]).areas(inner);
+    let [left, right] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(answers);
+    for (side, rect) in [(&ab.a, left), (&ab.b, right)] {
+        let mut lines = vec![Line::styled(
+            side.model.clone(),
+            Style::default().fg(t.accent).add_modifier(Modifier::BOLD),
+        )];
+        lines.extend(markdown::lines(&side.answer, t));
+        f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), rect);
+    }
+    let cell = |side: &crate::state::AbSide, pick: &dyn Fn(&Footer) -> String| {
+        side.footer.as_ref().map_or("—".into(), pick)
+    };
+    let metric_rows: [(&str, &dyn Fn(&Footer) -> String); 5] = [
+        ("TTFT", &|f| format!("{:.2} s", f.ttft.as_secs_f64())),
+        ("prefill", &|f| format!("{:.0} tok/s", f.prefill_rate)),
+        ("decode", &|f| format!("{:.1} tok/s", f.decode_rate)),
+        ("J/token", &|f| {
+            f.joules
+                .filter(|_| f.tokens > 0)
+                .map_or("n/a".into(), |j| format!("{:.2}", j / f.tokens as f64))
+        }),
+        ("peak memory", &|f| gb(f.peak_rss)),
+    ];
+    let rows = metric_rows
+        .iter()
+        .map(|(name, pick)| Row::new(vec![name.to_string(), cell(&ab.a, pick), cell(&ab.b, pick)]));
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(12),
+            Constraint::Percentage(45),
+            Constraint::Percentage(45),
+        ],
+    )
+    .header(
+        Row::new(vec!["".to_string(), ab.a.model.clone(), ab.b.model.clone()])
+            .style(Style::default().fg(t.dim)),
+    );
+    f.render_widget(table, card);
+}
