@@ -103,7 +103,7 @@ pub fn lines(text: &str, theme: &Theme) -> Vec<Line<'static>> {
             }
             Event::End(TagEnd::Heading(_)) => {
                 b.styles.pop();
-                b.newline();
+                b.blank();
             }
             Event::Start(Tag::Paragraph) => {}
             Event::End(TagEnd::Paragraph) => b.blank(),
