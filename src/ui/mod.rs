@@ -426,11 +426,11 @@ pub fn render_roofline(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     )];
     for p in ctx.profiles {
         let ceiling = roofline::ceiling(p.bandwidth_gbs, bytes);
-        let mut spans = vec![Span::raw(format!("{:<16} {:>7.0} tok/s", p.name, ceiling))];
+        let mut spans = vec![Span::raw(format!("{:<16}{:>6.0} tok/s", p.name, ceiling))];
         if p.name == "this machine" {
             if let Some(r) = measured {
                 spans.push(Span::styled(
-                    format!(" ({:.0}%)", 100.0 * r / ceiling.max(1e-9)),
+                    format!(" {:.0}%", 100.0 * r / ceiling.max(1e-9)),
                     Style::default().fg(t.good),
                 ));
             }
