@@ -23,8 +23,11 @@ use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-/// Frame period: tokens appear within 25 ms of being sampled.
+/// Tick period: channels are drained and keys answered within 25 ms.
 const FRAME: Duration = Duration::from_millis(25);
+/// While an answer streams, redraw at most this often: on two cores every frame drawn is
+/// taken from the engine, and 12 frames a second is smooth enough for reading.
+const STREAM_FRAME: Duration = Duration::from_millis(80);
 
 pub struct AppConfig {
     pub model: PathBuf,
@@ -219,6 +222,8 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
     let mut tick = tokio::time::interval(FRAME);
     let mut dirty = true;
     let mut last_second = Instant::now();
+    let mut last_draw = Instant::now() - STREAM_FRAME;
+    let cache = ui::LineCache::default();
     loop {
         let mut msgs = Vec::new();
         tokio::select! {
@@ -254,14 +259,17 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
                 }
             }
         }
-        if dirty {
+        let throttled = st.stream.is_some() && last_draw.elapsed() < STREAM_FRAME;
+        if dirty && !throttled {
             let ctx = ui::Ctx {
                 theme: &cfg.theme,
                 profiles: &cfg.profiles,
                 now: Instant::now(),
+                cache: &cache,
             };
             terminal.draw(|f| ui::render(f, &st, &ctx))?;
             dirty = false;
+            last_draw = Instant::now();
         }
     }
 }

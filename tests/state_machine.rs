@@ -54,8 +54,14 @@ fn item(label: &str, local: bool) -> SwitchItem {
 }
 
 fn ready(name: &str) -> State {
-    let mut st = State::new(GenParams::default(), vec![item("a", true), item("b", true), item("big", false)]);
-    update(&mut st, Msg::Engine(EngineEvent::Ready { info: info(name) }));
+    let mut st = State::new(
+        GenParams::default(),
+        vec![item("a", true), item("b", true), item("big", false)],
+    );
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Ready { info: info(name) }),
+    );
     st
 }
 
@@ -89,7 +95,9 @@ fn send_stream_and_finish() {
     assert!(matches!(&fx[0], Effect::SaveEntry(e) if e.text == "hi there" && e.role == Role::User));
     let req = req_of(&fx);
     match &fx[1] {
-        Effect::Generate { messages, .. } => assert_eq!(messages, &vec![Message::new(Role::User, "hi there")]),
+        Effect::Generate { messages, .. } => {
+            assert_eq!(messages, &vec![Message::new(Role::User, "hi there")])
+        }
         e => panic!("{e:?}"),
     }
     assert!(st.input.text.is_empty());
@@ -98,16 +106,51 @@ fn send_stream_and_finish() {
     assert!(update(&mut st, key(KeyCode::Enter)).is_empty());
     assert!(st.status.contains("wait"));
 
-    update(&mut st, Msg::Engine(EngineEvent::Prefilled { req, prompt_tokens: 20, cached_tokens: 0, ttft: Duration::from_millis(120), kv_bytes: 10 }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Prefilled {
+            req,
+            prompt_tokens: 20,
+            cached_tokens: 0,
+            ttft: Duration::from_millis(120),
+            kv_bytes: 10,
+        }),
+    );
     for t in ["Hel", "lo", "!"] {
-        update(&mut st, Msg::Engine(EngineEvent::Token { req, text: t.into() }));
+        update(
+            &mut st,
+            Msg::Engine(EngineEvent::Token {
+                req,
+                text: t.into(),
+            }),
+        );
     }
     // A late token of an older request is dropped.
-    update(&mut st, Msg::Engine(EngineEvent::Token { req: req + 100, text: "zzz".into() }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Token {
+            req: req + 100,
+            text: "zzz".into(),
+        }),
+    );
     assert_eq!(st.chat.last().unwrap().text, "Hello!");
-    assert!(st.stream.as_ref().unwrap().live_rate(Instant::now() + Duration::from_secs(1)).unwrap() > 0.0);
+    assert!(
+        st.stream
+            .as_ref()
+            .unwrap()
+            .live_rate(Instant::now() + Duration::from_secs(1))
+            .unwrap()
+            > 0.0
+    );
 
-    let fx = update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(3), reason: FinishReason::Eos }));
+    let fx = update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(3),
+            reason: FinishReason::Eos,
+        }),
+    );
     let footer = st.chat.last().unwrap().footer.clone().unwrap();
     assert_eq!(footer.tokens, 3);
     assert!((footer.decode_rate - 10.0).abs() < 1e-9);
@@ -139,17 +182,33 @@ fn cancel_and_quit_keys() {
 
     typed(&mut st, "go");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
-    assert_eq!(update(&mut st, key(KeyCode::Esc)), vec![Effect::Cancel { req }]);
+    assert_eq!(
+        update(&mut st, key(KeyCode::Esc)),
+        vec![Effect::Cancel { req }]
+    );
     assert_eq!(update(&mut st, ctrl('c')), vec![Effect::Cancel { req }]);
-    update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(2), reason: FinishReason::Cancelled }));
-    assert_eq!(st.chat.last().unwrap().footer.as_ref().unwrap().reason, FinishReason::Cancelled);
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(2),
+            reason: FinishReason::Cancelled,
+        }),
+    );
+    assert_eq!(
+        st.chat.last().unwrap().footer.as_ref().unwrap().reason,
+        FinishReason::Cancelled
+    );
 }
 
 #[test]
 fn editor_keys_paste_and_scroll() {
     let mut st = ready("a");
     typed(&mut st, "ab");
-    update(&mut st, Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT)));
+    update(
+        &mut st,
+        Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT)),
+    );
     update(&mut st, Msg::Paste("line\r\ntwo".into()));
     assert_eq!(st.input.text, "ab\nline\ntwo");
     // '?' is text once something is typed; on an empty prompt it opens the help.
@@ -172,7 +231,13 @@ fn failed_answer_returns_the_prompt_to_the_editor() {
     let mut st = ready("a");
     typed(&mut st, "a very long prompt");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
-    update(&mut st, Msg::Engine(EngineEvent::Failed { req, error: "the prompt is 9000 tokens".into() }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Failed {
+            req,
+            error: "the prompt is 9000 tokens".into(),
+        }),
+    );
     assert!(st.chat.is_empty());
     assert_eq!(st.input.text, "a very long prompt");
     assert!(st.status.contains("9000 tokens"));
@@ -184,13 +249,34 @@ fn switching_models_cancels_loads_and_downloads() {
     typed(&mut st, "go");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
     update(&mut st, ctrl('o'));
-    assert!(matches!(st.mode, Mode::Switcher { selected: 0, for_ab: false }));
+    assert!(matches!(
+        st.mode,
+        Mode::Switcher {
+            selected: 0,
+            for_ab: false
+        }
+    ));
     update(&mut st, key(KeyCode::Down));
     let fx = update(&mut st, key(KeyCode::Enter));
-    assert_eq!(fx, vec![Effect::Cancel { req }, Effect::Load { path: "/models/b.gguf".into() }]);
+    assert_eq!(
+        fx,
+        vec![
+            Effect::Cancel { req },
+            Effect::Load {
+                path: "/models/b.gguf".into()
+            }
+        ]
+    );
     assert!(st.loading.is_some());
     // The engine ends the interrupted answer before it loads.
-    update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(2), reason: FinishReason::Cancelled }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(2),
+            reason: FinishReason::Cancelled,
+        }),
+    );
     update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") }));
     assert_eq!(st.model.as_ref().unwrap().name, "b");
     assert_eq!(st.chat.len(), 2, "the conversation stays");
@@ -200,10 +286,27 @@ fn switching_models_cancels_loads_and_downloads() {
     update(&mut st, key(KeyCode::Up));
     let fx = update(&mut st, key(KeyCode::Enter));
     assert_eq!(fx, vec![Effect::Fetch { id: "big".into() }]);
-    let fx = update(&mut st, Msg::Fetched { id: "big".into(), result: Ok("/store/big.gguf".into()) });
-    assert_eq!(fx, vec![Effect::Load { path: "/store/big.gguf".into() }]);
+    let fx = update(
+        &mut st,
+        Msg::Fetched {
+            id: "big".into(),
+            result: Ok("/store/big.gguf".into()),
+        },
+    );
+    assert_eq!(
+        fx,
+        vec![Effect::Load {
+            path: "/store/big.gguf".into()
+        }]
+    );
     assert!(st.switcher[2].is_local());
-    update(&mut st, Msg::Engine(EngineEvent::LoadFailed { path: "/store/big.gguf".into(), error: "unsupported architecture \"mamba\"".into() }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::LoadFailed {
+            path: "/store/big.gguf".into(),
+            error: "unsupported architecture \"mamba\"".into(),
+        }),
+    );
     assert!(st.loading.is_none() && st.status.contains("mamba"));
 }
 
@@ -212,31 +315,82 @@ fn ab_runs_both_models_then_returns_to_the_first() {
     let mut st = ready("a");
     typed(&mut st, "compare me");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
-    update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(2), reason: FinishReason::Eos }));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(2),
+            reason: FinishReason::Eos,
+        }),
+    );
 
     update(&mut st, ctrl('b'));
     update(&mut st, key(KeyCode::Down)); // "b"
     let fx = update(&mut st, key(KeyCode::Enter));
     let req_a = req_of(&fx);
     match &fx[0] {
-        Effect::Generate { messages, .. } => assert_eq!(messages, &vec![Message::new(Role::User, "compare me")]),
+        Effect::Generate { messages, .. } => {
+            assert_eq!(messages, &vec![Message::new(Role::User, "compare me")])
+        }
         e => panic!("{e:?}"),
     }
-    update(&mut st, Msg::Engine(EngineEvent::Token { req: req_a, text: "A says".into() }));
-    let fx = update(&mut st, Msg::Engine(EngineEvent::Finished { req: req_a, stats: stats(4), reason: FinishReason::Eos }));
-    assert_eq!(fx, vec![Effect::Load { path: "/models/b.gguf".into() }]);
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Token {
+            req: req_a,
+            text: "A says".into(),
+        }),
+    );
+    let fx = update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req: req_a,
+            stats: stats(4),
+            reason: FinishReason::Eos,
+        }),
+    );
+    assert_eq!(
+        fx,
+        vec![Effect::Load {
+            path: "/models/b.gguf".into()
+        }]
+    );
     let fx = update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") }));
     let req_b = req_of(&fx);
-    update(&mut st, Msg::Engine(EngineEvent::Token { req: req_b, text: "B says".into() }));
-    let fx = update(&mut st, Msg::Engine(EngineEvent::Finished { req: req_b, stats: stats(5), reason: FinishReason::MaxTokens }));
-    assert_eq!(fx, vec![Effect::Load { path: "/models/a.gguf".into() }]);
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Token {
+            req: req_b,
+            text: "B says".into(),
+        }),
+    );
+    let fx = update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req: req_b,
+            stats: stats(5),
+            reason: FinishReason::MaxTokens,
+        }),
+    );
+    assert_eq!(
+        fx,
+        vec![Effect::Load {
+            path: "/models/a.gguf".into()
+        }]
+    );
     update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("a") }));
     let ab = st.ab.as_ref().unwrap();
     assert_eq!(ab.phase, AbPhase::Done);
     assert_eq!(st.mode, Mode::AbResult);
-    assert_eq!((ab.a.answer.as_str(), ab.b.answer.as_str()), ("A says", "B says"));
+    assert_eq!(
+        (ab.a.answer.as_str(), ab.b.answer.as_str()),
+        ("A says", "B says")
+    );
     assert_eq!(ab.a.footer.as_ref().unwrap().tokens, 4);
-    assert_eq!(ab.b.footer.as_ref().unwrap().reason, FinishReason::MaxTokens);
+    assert_eq!(
+        ab.b.footer.as_ref().unwrap().reason,
+        FinishReason::MaxTokens
+    );
     // The chat itself is untouched by the A/B run.
     assert_eq!(st.chat.len(), 2);
 }
@@ -246,8 +400,16 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
     let snap = |at: Instant, watts: Option<f64>, rss: u64| {
         Msg::Telemetry(Snapshot {
             at,
-            memory: Memory { kind: PoolKind::System, total: 8 << 30, used: 4 << 30, process_rss: rss },
-            power: watts.map_or(Power::Unavailable("none".into()), |w| Power::Watts { watts: w, source: "test".into() }),
+            memory: Memory {
+                kind: PoolKind::System,
+                total: 8 << 30,
+                used: 4 << 30,
+                process_rss: rss,
+            },
+            power: watts.map_or(Power::Unavailable("none".into()), |w| Power::Watts {
+                watts: w,
+                source: "test".into(),
+            }),
         })
     };
     let t0 = Instant::now();
@@ -255,9 +417,22 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
     update(&mut st, snap(t0, Some(10.0), 100));
     typed(&mut st, "go");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
-    update(&mut st, snap(t0 + Duration::from_millis(500), Some(20.0), 300));
-    update(&mut st, snap(t0 + Duration::from_millis(1000), Some(30.0), 200));
-    update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(5), reason: FinishReason::Eos }));
+    update(
+        &mut st,
+        snap(t0 + Duration::from_millis(500), Some(20.0), 300),
+    );
+    update(
+        &mut st,
+        snap(t0 + Duration::from_millis(1000), Some(30.0), 200),
+    );
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(5),
+            reason: FinishReason::Eos,
+        }),
+    );
     let f = st.chat.last().unwrap().footer.clone().unwrap();
     assert!((f.joules.unwrap() - 25.0).abs() < 1e-9, "{f:?}");
     assert_eq!(f.peak_rss, 300);
@@ -269,6 +444,16 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
     typed(&mut st, "go");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
     update(&mut st, snap(t0 + Duration::from_millis(250), None, 100));
-    update(&mut st, Msg::Engine(EngineEvent::Finished { req, stats: stats(5), reason: FinishReason::Eos }));
-    assert_eq!(st.chat.last().unwrap().footer.as_ref().unwrap().joules, None);
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(5),
+            reason: FinishReason::Eos,
+        }),
+    );
+    assert_eq!(
+        st.chat.last().unwrap().footer.as_ref().unwrap().joules,
+        None
+    );
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokentop::protocol::*;
 use tokentop::roofline::{self, Profile};
-use tokentop::state::{update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, State, Stream, SwitchItem};
+use tokentop::state::{
+    update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, State, Stream, SwitchItem,
+};
 use tokentop::telemetry::{Memory, PoolKind, Power, Snapshot};
 use tokentop::theme::Theme;
 use tokentop::ui::{self, Ctx};
@@ -28,9 +30,36 @@ fn footer(decode: f64, tokens: usize) -> Footer {
 
 fn fixture(now: Instant) -> State {
     let items = vec![
-        SwitchItem { label: "smollm2-135m".into(), id: Some("smollm2-135m".into()), path: Some("/m/smol.gguf".into()), size: GB / 10, params_b: 0.135, active_params_b: 0.135, moe: false, tags: vec!["dense".into()] },
-        SwitchItem { label: "qwen3-30b-a3b".into(), id: Some("qwen3-30b-a3b".into()), path: None, size: 18 * GB, params_b: 30.5, active_params_b: 3.3, moe: true, tags: vec!["moe".into()] },
-        SwitchItem { label: "llama-3.1-70b".into(), id: Some("llama-3.1-70b".into()), path: None, size: 42 * GB, params_b: 70.6, active_params_b: 70.6, moe: false, tags: vec!["dense".into()] },
+        SwitchItem {
+            label: "smollm2-135m".into(),
+            id: Some("smollm2-135m".into()),
+            path: Some("/m/smol.gguf".into()),
+            size: GB / 10,
+            params_b: 0.135,
+            active_params_b: 0.135,
+            moe: false,
+            tags: vec!["dense".into()],
+        },
+        SwitchItem {
+            label: "qwen3-30b-a3b".into(),
+            id: Some("qwen3-30b-a3b".into()),
+            path: None,
+            size: 18 * GB,
+            params_b: 30.5,
+            active_params_b: 3.3,
+            moe: true,
+            tags: vec!["moe".into()],
+        },
+        SwitchItem {
+            label: "llama-3.1-70b".into(),
+            id: Some("llama-3.1-70b".into()),
+            path: None,
+            size: 42 * GB,
+            params_b: 70.6,
+            active_params_b: 70.6,
+            moe: false,
+            tags: vec!["dense".into()],
+        },
     ];
     let mut st = State::new(GenParams::default(), items);
     st.model = Some(ModelInfo {
@@ -58,25 +87,51 @@ fn fixture(now: Instant) -> State {
             footer: Some(footer(25.5, 64)),
         },
     ];
-    st.last = Some(Footer { tokens: 120, ..footer(25.5, 64) });
+    st.last = Some(Footer {
+        tokens: 120,
+        ..footer(25.5, 64)
+    });
     st.decode_history = [20.0, 22.0, 25.5, 24.0, 26.0, 25.5].into_iter().collect();
-    st.memory = Some(Memory { kind: PoolKind::System, total: 24 * GB, used: 6 * GB, process_rss: GB / 2 });
+    st.memory = Some(Memory {
+        kind: PoolKind::System,
+        total: 24 * GB,
+        used: 6 * GB,
+        process_rss: GB / 2,
+    });
     st.kv_bytes = 50_000_000;
-    st.power = Power::Unavailable("no powercap (RAPL) interface; no hwmon power sensor or battery power reading".into());
+    st.power = Power::Unavailable(
+        "no powercap (RAPL) interface; no hwmon power sensor or battery power reading".into(),
+    );
     let _ = now;
     st
 }
 
 fn profiles() -> Vec<Profile> {
-    let mut p = vec![Profile { name: "this machine".into(), bandwidth_gbs: 20.0, memory_gb: 24.0 }];
+    let mut p = vec![Profile {
+        name: "this machine".into(),
+        bandwidth_gbs: 20.0,
+        memory_gb: 24.0,
+    }];
     p.extend(roofline::profiles(None));
     p
 }
 
-fn draw(w: u16, h: u16, st: &State, now: Instant, pane: fn(&mut ratatui::Frame, Rect, &State, &Ctx)) -> String {
+fn draw(
+    w: u16,
+    h: u16,
+    st: &State,
+    now: Instant,
+    pane: fn(&mut ratatui::Frame, Rect, &State, &Ctx),
+) -> String {
     let theme = Theme::default();
     let profiles = profiles();
-    let ctx = Ctx { theme: &theme, profiles: &profiles, now };
+    let cache = ui::LineCache::default();
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &profiles,
+        now,
+        cache: &cache,
+    };
     let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
     t.draw(|f| pane(f, f.area(), st, &ctx)).unwrap();
     format!("{}", t.backend())
@@ -126,11 +181,17 @@ fn power_pane_unavailable_and_measured() {
     insta::assert_snapshot!("power_na", draw(34, 7, &st, now, ui::render_power));
     let memory = st.memory.unwrap();
     for (i, w) in [30.0, 45.0, 60.0, 52.0].into_iter().enumerate() {
-        update(&mut st, Msg::Telemetry(Snapshot {
-            at: now + Duration::from_millis(250 * i as u64),
-            memory,
-            power: Power::Watts { watts: w, source: "RAPL package".into() },
-        }));
+        update(
+            &mut st,
+            Msg::Telemetry(Snapshot {
+                at: now + Duration::from_millis(250 * i as u64),
+                memory,
+                power: Power::Watts {
+                    watts: w,
+                    source: "RAPL package".into(),
+                },
+            }),
+        );
     }
     insta::assert_snapshot!("power_watts", draw(34, 7, &st, now, ui::render_power));
 }
@@ -152,14 +213,30 @@ fn whole_screen_and_overlays() {
     let now = Instant::now();
     let mut st = fixture(now);
     insta::assert_snapshot!("screen", draw(100, 30, &st, now, full));
-    st.mode = Mode::Switcher { selected: 1, for_ab: false };
+    st.mode = Mode::Switcher {
+        selected: 1,
+        for_ab: false,
+    };
     insta::assert_snapshot!("switcher", draw(100, 30, &st, now, full));
     st.mode = Mode::Help;
     insta::assert_snapshot!("help", draw(100, 30, &st, now, full));
     st.ab = Some(AbRun {
         prompt: "hi".into(),
-        a: AbSide { model: "SmolLM2".into(), path: "/a".into(), answer: "Paris.".into(), footer: Some(footer(25.0, 3)) },
-        b: AbSide { model: "Gemma 3".into(), path: "/b".into(), answer: "It is **Paris**.".into(), footer: Some(Footer { joules: None, ..footer(12.0, 5) }) },
+        a: AbSide {
+            model: "SmolLM2".into(),
+            path: "/a".into(),
+            answer: "Paris.".into(),
+            footer: Some(footer(25.0, 3)),
+        },
+        b: AbSide {
+            model: "Gemma 3".into(),
+            path: "/b".into(),
+            answer: "It is **Paris**.".into(),
+            footer: Some(Footer {
+                joules: None,
+                ..footer(12.0, 5)
+            }),
+        },
         phase: AbPhase::Done,
     });
     st.mode = Mode::AbResult;
@@ -170,10 +247,42 @@ fn whole_screen_and_overlays() {
 fn tiny_terminals_do_not_panic() {
     let now = Instant::now();
     let mut st = fixture(now);
-    st.mode = Mode::Switcher { selected: 0, for_ab: false };
+    st.mode = Mode::Switcher {
+        selected: 0,
+        for_ab: false,
+    };
     for (w, h) in [(20, 5), (1, 1), (10, 3), (40, 10), (200, 4)] {
         draw(w, h, &st, now, full);
     }
     st.mode = Mode::Chat;
     insta::assert_snapshot!("tiny_20x5", draw(20, 5, &st, now, full));
+}
+
+#[test]
+fn line_cache_follows_replaced_conversations() {
+    let now = Instant::now();
+    let theme = Theme::default();
+    let cache = ui::LineCache::default();
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &[],
+        now,
+        cache: &cache,
+    };
+    let mut st = fixture(now);
+    let mut t = Terminal::new(TestBackend::new(40, 10)).unwrap();
+    st.chat = vec![ChatEntry {
+        role: Role::User,
+        text: "apples".into(),
+        model: String::new(),
+        footer: None,
+    }];
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    st.chat[0].text = "pears!".into();
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    let screen = format!("{}", t.backend());
+    assert!(
+        screen.contains("pears!") && !screen.contains("apples"),
+        "{screen}"
+    );
 }

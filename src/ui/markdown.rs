@@ -136,10 +136,8 @@ pub fn lines(text: &str, theme: &Theme) -> Vec<Line<'static>> {
                     Style::default().fg(theme.accent),
                 ));
             }
-            Event::End(TagEnd::Item) => {
-                if !b.current.is_empty() {
-                    b.newline();
-                }
+            Event::End(TagEnd::Item) if !b.current.is_empty() => {
+                b.newline();
             }
             Event::Start(Tag::Strong) => {
                 let s = b.style().add_modifier(Modifier::BOLD);

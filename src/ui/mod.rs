@@ -20,6 +20,25 @@ pub struct Ctx<'a> {
     pub profiles: &'a [Profile],
     /// "Now", passed in so snapshot tests are stable.
     pub now: Instant,
+    /// Rendered lines of finished chat entries, so a frame only re-renders the one streaming.
+    pub cache: &'a LineCache,
+}
+
+/// A memo of each chat entry's lines, keyed by a hash of its text and whether it has a
+/// footer.
+#[derive(Default)]
+pub struct LineCache {
+    entries: std::cell::RefCell<Vec<Option<CachedEntry>>>,
+}
+
+/// (text hash, has footer, lines)
+type CachedEntry = (u64, bool, Vec<Line<'static>>);
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// Width of the telemetry column.
@@ -170,14 +189,23 @@ fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> 
 
 pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let n = st.chat.len();
-    let lines: Vec<Line> = st
-        .chat
-        .iter()
-        .enumerate()
-        .flat_map(|(i, e)| {
-            entry_lines(e, st.stream.is_some() && st.ab.is_none() && i + 1 == n, ctx)
-        })
-        .collect();
+    let mut cache = ctx.cache.entries.borrow_mut();
+    cache.resize(n, None);
+    let mut lines: Vec<Line> = Vec::new();
+    for (i, e) in st.chat.iter().enumerate() {
+        let streaming = st.stream.is_some() && st.ab.is_none() && i + 1 == n;
+        let key = (text_hash(&e.text), e.footer.is_some());
+        match &cache[i] {
+            Some((len, foot, cached)) if !streaming && (*len, *foot) == key => {
+                lines.extend(cached.iter().cloned())
+            }
+            _ => {
+                let fresh = entry_lines(e, streaming, ctx);
+                lines.extend(fresh.iter().cloned());
+                cache[i] = (!streaming).then_some((key.0, key.1, fresh));
+            }
+        }
+    }
     let text = if lines.is_empty() {
         Text::from(vec![Line::styled(
             "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
@@ -635,7 +663,8 @@ fn render_ab(f: &mut Frame, area: Rect, ab: &AbRun, ctx: &Ctx) {
     let cell = |side: &crate::state::AbSide, pick: &dyn Fn(&Footer) -> String| {
         side.footer.as_ref().map_or("—".into(), pick)
     };
-    let metric_rows: [(&str, &dyn Fn(&Footer) -> String); 5] = [
+    type Metric<'m> = (&'m str, &'m dyn Fn(&Footer) -> String);
+    let metric_rows: [Metric; 5] = [
         ("TTFT", &|f| format!("{:.2} s", f.ttft.as_secs_f64())),
         ("prefill", &|f| format!("{:.0} tok/s", f.prefill_rate)),
         ("decode", &|f| format!("{:.1} tok/s", f.decode_rate)),

@@ -1,0 +1,155 @@
+//! The real binary in tmux, as a person uses it: type a prompt, watch it stream, read the
+//! speed off the screen, shrink the terminal to 20x5, quit with Ctrl-C twice.
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("running tmux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn screen(s: &str) -> String {
+    tmux(&["capture-pane", "-p", "-t", s])
+}
+
+fn wait_for(s: &str, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = screen(s);
+        if pred(&text) {
+            return text;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}; screen:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (TTFT s, prefill tok/s, decode tok/s) from an answer footer line.
+fn footer(screen: &str) -> Option<(f64, f64, f64)> {
+    let line = screen
+        .lines()
+        .find(|l| l.contains("TTFT ") && l.contains(" · decode "))?;
+    let num = |after: &str| -> Option<f64> {
+        let rest = &line[line.find(after)? + after.len()..];
+        rest.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((num("TTFT ")?, num("prefill ")?, num("decode ")?))
+}
+
+struct Session(String);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        tmux(&["kill-session", "-t", &self.0]);
+    }
+}
+
+#[test]
+fn chat_in_tmux_streams_and_shows_speed() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
+        eprintln!("SKIPPED: tmux is not installed");
+        return;
+    }
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let name = format!("tokentop-e2e-{}", std::process::id());
+    let cmd = format!(
+        "TOKENTOP_HOME={} {} ui {} --temperature 0 -n 48; echo TOKENTOP_EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_tokentop"),
+        model.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &name,
+        "-x",
+        "110",
+        "-y",
+        "34",
+        &cmd,
+    ]);
+    let _guard = Session(name.clone());
+    wait_for(&name, "the model to load", 60, |t| {
+        t.contains("loaded in") && t.contains("prompt ·")
+    });
+
+    tmux(&[
+        "send-keys",
+        "-t",
+        &name,
+        "What is the capital of France?",
+        "Enter",
+    ]);
+    let done = wait_for(&name, "the answer's footer", 120, |t| footer(t).is_some());
+    let (ttft, prefill, decode) = footer(&done).unwrap();
+    assert!(ttft > 0.0 && prefill > 0.0 && decode > 0.0, "{done}");
+    // The streamed answer sits between the model's name and the footer.
+    let lines: Vec<&str> = done.lines().collect();
+    let foot = lines.iter().position(|l| l.contains(" · decode ")).unwrap();
+    let head = lines
+        .iter()
+        .position(|l| l.contains("What is the capital of France?"))
+        .unwrap();
+    let answer: String = lines[head + 3..foot]
+        .iter()
+        .map(|l| l.split('│').next().unwrap_or("").trim())
+        .collect();
+    assert!(answer.len() > 10, "no streamed answer on screen:\n{done}");
+    // The speed pane agrees with the footer.
+    assert!(
+        done.contains(&format!("{decode:.1} tok/s decode")),
+        "{done}"
+    );
+    assert!(
+        done.contains("n/a") || done.contains(" W "),
+        "power pane shows a reading or n/a:\n{done}"
+    );
+
+    // A 20x5 terminal still draws, and growing back restores the panes.
+    tmux(&["resize-window", "-t", &name, "-x", "20", "-y", "5"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let tiny = screen(&name);
+    assert!(
+        tiny.contains("tokentop") && !tiny.contains("TOKENTOP_EXIT"),
+        "{tiny}"
+    );
+    tmux(&["resize-window", "-t", &name, "-x", "110", "-y", "34"]);
+    wait_for(&name, "the panes after resizing", 10, |t| {
+        t.contains("speed")
+    });
+
+    // Ctrl-C twice quits cleanly, restoring the terminal (the shell's echo shows).
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    let end = wait_for(&name, "tokentop to exit", 10, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(end.contains("TOKENTOP_EXIT=0"), "{end}");
+    assert!(
+        !end.contains("speed"),
+        "the alternate screen was left:\n{end}"
+    );
+
+    // The conversation was saved as it happened.
+    let sessions = tokentop::session::list(&home.path().join("sessions"));
+    assert_eq!(sessions.len(), 1);
+    let saved = tokentop::session::load(&sessions[0]).unwrap();
+    assert_eq!(saved.len(), 2);
+    assert!(saved[1].footer.is_some() && !saved[1].text.is_empty());
+}
