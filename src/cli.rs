@@ -42,6 +42,47 @@ pub enum Cmd {
     Ui(UiArgs),
     /// Measure this machine's memory bandwidth for the roofline line.
     Probe,
+    /// Benchmark like llama-bench: pp/tg tests, t/s as mean ± stddev, plus TTFT, peak RSS, J/token.
+    Bench(BenchCli),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCli {
+    /// Models: catalog ids or .gguf paths, comma-separated.
+    #[arg(short, long, value_delimiter = ',', default_value = "smollm2-135m")]
+    pub model: Vec<String>,
+    /// Prompt lengths to time (pp tests), comma-separated; 0 skips.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Tokens to generate (tg tests), comma-separated; 0 skips.
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Tokens already in the context before each test, comma-separated.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+    /// Threads, comma-separated (default: one per physical core).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Repetitions of each test (after one uncounted warm-up).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    #[arg(short = 'o', long, value_enum, default_value = "md")]
+    pub output: crate::bench::Output,
 }
 
 #[derive(Debug, Args)]
@@ -358,5 +399,30 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         n_ctx: args.gen.ctx,
         profiles,
         system: args.system.clone(),
+    })
+}
+
+pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
+    if b.reps == 0 {
+        bail!("-r must be at least 1");
+    }
+    let models = b
+        .model
+        .iter()
+        .map(|m| model_path(catalog, Some(m)))
+        .collect::<Result<Vec<_>>>()?;
+    let threads = if b.threads.is_empty() {
+        vec![crate::engine::thread_count()]
+    } else {
+        b.threads.clone()
+    };
+    crate::bench::run(&crate::bench::BenchArgs {
+        models,
+        n_prompt: b.n_prompt.clone(),
+        n_gen: b.n_gen.clone(),
+        depth: b.depth.clone(),
+        threads,
+        reps: b.reps,
+        output: b.output,
     })
 }

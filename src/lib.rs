@@ -2,6 +2,7 @@
 //! real speed (decode tok/s, TTFT, prefill rate, memory, power) as the answer streams.
 
 pub mod app;
+pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod engine;

@@ -15,6 +15,7 @@ fn real_main(args: Cli) -> anyhow::Result<()> {
         None => cli::ui(catalog, &Default::default()),
         Some(Cmd::Ui(args)) => cli::ui(catalog, &args),
         Some(Cmd::Probe) => cli::probe(),
+        Some(Cmd::Bench(b)) => cli::bench(&catalog, &b),
         Some(Cmd::Run(run)) => cli::run(&catalog, &run),
         Some(Cmd::Pull { model }) => {
             let path = cli::model_path(&catalog, Some(&model))?;

@@ -35,6 +35,21 @@ pub fn default_device() -> Device {
     Device::Cpu
 }
 
+/// Threads candle computes with: $CANDLE_NUM_THREADS, else $RAYON_NUM_THREADS, else one per
+/// physical core (candle's default, which suits decode: SMT siblings share the memory bus).
+pub fn thread_count() -> usize {
+    ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"]
+        .iter()
+        .find_map(|k| {
+            std::env::var(k)
+                .ok()?
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+        })
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+}
+
 /// What the generation loop reports as it goes; the callback's answer can stop it.
 pub enum GenEvent<'a> {
     Prefilled {
