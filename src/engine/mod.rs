@@ -2,6 +2,7 @@
 //! generation loop. `Engine` is synchronous and testable; `worker` puts it on its own thread.
 
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod synth;
 pub mod template;

@@ -7,6 +7,7 @@
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
 use super::gguf::Gguf;
+use super::kernels::{self, Kind};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
@@ -270,9 +271,58 @@ impl Rope {
     }
 }
 
+/// A weight matrix: tokentop's kernels for the 32-element block types on the CPU (see
+/// kernels.rs), candle's for K-quants, float weights and GPUs.
+#[derive(Debug, Clone)]
+enum Matrix {
+    Blocks {
+        q: Arc<QTensor>,
+        kind: Kind,
+        n: usize,
+        k: usize,
+    },
+    Candle(QMatMul),
+}
+
+impl Matrix {
+    fn new(q: QTensor) -> Result<Self> {
+        Self::from_arc(Arc::new(q))
+    }
+
+    fn from_arc(q: Arc<QTensor>) -> Result<Self> {
+        if let (Some(kind), &[n, k], true) = (
+            Kind::from_dtype(q.dtype()),
+            q.shape().dims(),
+            q.device().is_cpu(),
+        ) {
+            if k % kernels::QK == 0 {
+                return Ok(Self::Blocks { q, kind, n, k });
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_arc(q)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Blocks { q, kind, n, k } => {
+                let mut dims = x.dims().to_vec();
+                let m: usize = dims[..dims.len() - 1].iter().product();
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                if xs.len() != m * k {
+                    bail!("matmul: input of {} values, expected rows of {k}", xs.len());
+                }
+                let y = kernels::matmul(*kind, &q.data()?, *n, *k, &xs, m);
+                *dims.last_mut().expect("rank >= 1") = *n;
+                Ok(Tensor::from_vec(y, dims, x.device())?)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Linear {
-    w: QMatMul,
+    w: Matrix,
     b: Option<Tensor>,
 }
 
@@ -295,12 +345,12 @@ enum Act {
 #[derive(Debug, Clone)]
 enum GateUp {
     Separate {
-        gate: QMatMul,
-        up: QMatMul,
+        gate: Matrix,
+        up: Matrix,
     },
     /// Phi-3 stores gate and up as one matrix, gate first.
     Fused {
-        gate_up: QMatMul,
+        gate_up: Matrix,
         n_ff: usize,
     },
 }
@@ -308,7 +358,7 @@ enum GateUp {
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_up: GateUp,
-    down: QMatMul,
+    down: Matrix,
     act: Act,
 }
 
@@ -336,7 +386,7 @@ impl Mlp {
 enum Ffn {
     Dense(Mlp),
     Moe {
-        router: QMatMul,
+        router: Matrix,
         experts: Vec<Mlp>,
         top_k: usize,
     },
@@ -357,7 +407,7 @@ impl Ffn {
 
 /// Softmax router, top-k experts per token, weights renormalised over the chosen k
 /// (Mixtral and Qwen3-MoE both route this way).
-fn moe_forward(router: &QMatMul, experts: &[Mlp], top_k: usize, x: &Tensor) -> Result<Tensor> {
+fn moe_forward(router: &Matrix, experts: &[Mlp], top_k: usize, x: &Tensor) -> Result<Tensor> {
     let (b, seq, d) = x.dims3()?;
     let xs = x.reshape((b * seq, d))?;
     let probs = candle_nn::ops::softmax_last_dim(&router.forward(&xs)?)?;
@@ -401,7 +451,7 @@ struct Layer {
     qkv: Qkv,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    attn_out: QMatMul,
+    attn_out: Matrix,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     ffn: Ffn,
@@ -420,7 +470,7 @@ pub struct Model {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Matrix,
     device: Device,
 }
 
@@ -444,9 +494,8 @@ impl Model {
                 Ok(None)
             }
         };
-        let qmm = |g: &mut Gguf, name: &str| -> Result<QMatMul> {
-            Ok(QMatMul::from_qtensor(g.tensor(name, dev)?)?)
-        };
+        let qmm =
+            |g: &mut Gguf, name: &str| -> Result<Matrix> { Matrix::new(g.tensor(name, dev)?) };
         let linear = |g: &mut Gguf, name: &str| -> Result<Linear> {
             Ok(Linear {
                 w: qmm(g, &format!("{name}.weight"))?,
@@ -474,7 +523,7 @@ impl Model {
         let output = if g.has_tensor("output.weight") {
             qmm(g, "output.weight")?
         } else {
-            QMatMul::from_arc(embed.clone())?
+            Matrix::from_arc(embed.clone())?
         };
         let act = if hp.arch == Arch::Gemma3 {
             Act::GeluTanh
@@ -506,7 +555,7 @@ impl Model {
                     let up = g.tensor(&format!("{p}.ffn_up.weight"), dev)?;
                     let n_ff = up.shape().dims()[0] / 2;
                     GateUp::Fused {
-                        gate_up: QMatMul::from_qtensor(up)?,
+                        gate_up: Matrix::new(up)?,
                         n_ff,
                     }
                 };
@@ -610,7 +659,7 @@ impl Model {
 }
 
 fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Result<Ffn> {
-    let router = QMatMul::from_qtensor(g.tensor(&format!("{p}.ffn_gate_inp.weight"), dev)?)?;
+    let router = Matrix::new(g.tensor(&format!("{p}.ffn_gate_inp.weight"), dev)?)?;
     let mut experts = Vec::with_capacity(hp.n_expert);
     if g.has_tensor(&format!("{p}.ffn_gate_exps.weight")) {
         let gate = split_experts(g.tensor(&format!("{p}.ffn_gate_exps.weight"), dev)?, dev)?;
@@ -626,10 +675,8 @@ fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Resu
     } else {
         // Older Mixtral GGUFs store one tensor per expert.
         for e in 0..hp.n_expert {
-            let t = |g: &mut Gguf, n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(
-                    g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?,
-                )?)
+            let t = |g: &mut Gguf, n: &str| -> Result<Matrix> {
+                Matrix::new(g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?)
             };
             experts.push(Mlp {
                 gate_up: GateUp::Separate {
@@ -659,7 +706,7 @@ fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Resu
 
 /// Splits a stacked (n_expert, rows, cols) quantized tensor into one matrix per expert; the
 /// blocks of each expert are contiguous, so this is a byte split.
-fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<QMatMul>> {
+fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
     let dims = stacked.shape().dims().to_vec();
     let [n, rows, cols] = dims[..] else {
         bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
@@ -669,8 +716,12 @@ fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<QMatMul>> {
     let per = data.len() / n;
     (0..n)
         .map(|e| {
-            let q = qtensor_from_ggml(dtype, &data[e * per..(e + 1) * per], vec![rows, cols], dev)?;
-            Ok(QMatMul::from_qtensor(q)?)
+            Matrix::new(qtensor_from_ggml(
+                dtype,
+                &data[e * per..(e + 1) * per],
+                vec![rows, cols],
+                dev,
+            )?)
         })
         .collect()
 }
