@@ -115,8 +115,8 @@ pub fn dot_scalar(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
         let (d, m, qh, qs) = parts(kind, b);
         let offset = if kind == Kind::Q5_0 { 16 } else { 0 };
         let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let (mut lo, mut hi) = ((qs[j] & 0x0F) as i32, (qs[j] >> 4) as i32);
+        for (j, &q) in qs.iter().enumerate().take(QK / 2) {
+            let (mut lo, mut hi) = ((q & 0x0F) as i32, (q >> 4) as i32);
             if kind != Kind::Q4_1 {
                 lo |= (((qh >> j) & 1) << 4) as i32;
                 hi |= (((qh >> (j + 16)) & 1) << 4) as i32;

@@ -378,7 +378,7 @@ impl Mlp {
             Act::Silu => gate.silu()?,
             Act::GeluTanh => gate.gelu()?,
         };
-        Ok(self.down.forward(&(gate * up)?)?)
+        self.down.forward(&(gate * up)?)
     }
 }
 
