@@ -68,6 +68,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
+#[inline(always)]
 fn half_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
@@ -76,7 +77,7 @@ fn half_at(b: &[u8], i: usize) -> f32 {
 pub fn dot(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are in bounds.
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); slices are in bounds.
         return unsafe { avx2::dot(kind, row, act) };
     }
     dot_scalar(kind, row, act)
@@ -85,10 +86,15 @@ pub fn dot(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 /// The (d, min, high bits, nibbles) of block `b`.
+#[inline(always)]
 fn parts(kind: Kind, b: &[u8]) -> (f32, f32, u32, &[u8]) {
     let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     match kind {
@@ -134,7 +140,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let tmp = _mm_loadu_si128(p as *const __m128i);
         let bytes = _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
@@ -143,7 +149,7 @@ mod avx2 {
 
     /// 0xFF in byte j where bit j of the 32-bit little-endian word at `p` is set.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn bits(p: *const u8) -> __m256i {
         let x32 = (p as *const i32).read_unaligned();
         let shuf = _mm256_set_epi64x(
@@ -160,7 +166,7 @@ mod avx2 {
     /// Σ unsigned(ax) · signed(sy) over all 32 byte pairs, exactly (no i16 saturation: the
     /// weights are below 32 and the activations within ±127).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn us8(ax: __m256i, sy: __m256i) -> i32 {
         let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1));
         let s = _mm_add_epi32(
@@ -172,13 +178,18 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
         let bb = kind.block_bytes();
         let mut sumf = 0f32;
+        let half = |p: *const u8| {
+            let bits = (p as *const u16).read_unaligned() as i32;
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+        };
         for (b, a) in row.chunks_exact(bb).zip(act) {
-            let (d, m, _, _) = super::parts(kind, b);
             let p = b.as_ptr();
+            let d = half(p);
+            let m = if kind == Kind::Q5_0 { 0.0 } else { half(p.add(2)) };
             let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             let sumi = match kind {
                 Kind::Q4_1 => us8(nibbles(p.add(4)), qy),
@@ -200,8 +211,9 @@ mod avx2 {
     }
 }
 
-/// Weight rows each task computes; small enough to spread a 576-row matrix over the cores.
-const ROWS_PER_TASK: usize = 16;
+/// Tasks per thread: few, so waking the pool costs little, but more than one so a thread
+/// that starts late does not hold everyone up.
+const TASKS_PER_THREAD: usize = 2;
 
 /// y (m × n) = x (m × k) · Wᵀ, W being n rows of k weights in `kind` blocks. Each weight
 /// row is read once and used for every activation row while it sits in cache, which is
@@ -219,12 +231,13 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> 
     } else {
         quantize_activations(x, &mut acts);
     }
+    let rows_per_task = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(1);
     let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(ROWS_PER_TASK * m)
+    yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(task, out)| {
             for (r, col) in out.chunks_mut(m).enumerate() {
-                let j = task * ROWS_PER_TASK + r;
+                let j = task * rows_per_task + r;
                 let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
                 for (i, y) in col.iter_mut().enumerate() {
                     *y = dot(kind, wrow, &acts[i * nb..(i + 1) * nb]);
