@@ -10,7 +10,6 @@
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
-use rayon::prelude::*;
 
 pub const QK: usize = 32;
 
@@ -211,48 +210,41 @@ mod avx2 {
     }
 }
 
-/// Tasks per thread: few, so waking the pool costs little, but more than one so a thread
-/// that starts late does not hold everyone up.
-const TASKS_PER_THREAD: usize = 2;
+/// A raw pointer that may cross threads; each task writes a disjoint range through it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint rows of one buffer that outlives the parallel call.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
 
 /// y (m × n) = x (m × k) · Wᵀ, W being n rows of k weights in `kind` blocks. Each weight
 /// row is read once and used for every activation row while it sits in cache, which is
 /// what makes prefill a matrix kernel rather than m matrix-vector products.
+///
+/// Rows are spread over candle's spinning barrier pool, the one candle's own kernels use:
+/// a second pool (rayon) fought it for the same cores and most time went to the scheduler.
 pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     debug_assert_eq!(k % QK, 0);
     let nb = k / QK;
     let row_bytes = nb * kind.block_bytes();
     debug_assert_eq!(w.len(), n * row_bytes);
     let mut acts = vec![Q8Block::default(); m * nb];
-    if m > 1 {
-        acts.par_chunks_mut(nb)
-            .zip(x.par_chunks(k))
-            .for_each(|(a, xs)| quantize_activations(xs, a));
-    } else {
-        quantize_activations(x, &mut acts);
-    }
-    let rows_per_task = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(1);
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            for (r, col) in out.chunks_mut(m).enumerate() {
-                let j = task * rows_per_task + r;
-                let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
-                for (i, y) in col.iter_mut().enumerate() {
-                    *y = dot(kind, wrow, &acts[i * nb..(i + 1) * nb]);
-                }
-            }
-        });
-    if m == 1 {
-        return yt;
+    for (a, xs) in acts.chunks_mut(nb).zip(x.chunks(k)) {
+        quantize_activations(xs, a);
     }
     let mut y = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            y[i * n + j] = yt[j * m + i];
+    let out = Out(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
+        let out = out;
+        for j in rows {
+            let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
+            for i in 0..m {
+                let v = dot(kind, wrow, &acts[i * nb..(i + 1) * nb]);
+                // SAFETY: (i, j) is written by exactly this task; y has m * n elements.
+                unsafe { *out.0.add(i * n + j) = v };
+            }
         }
-    }
+    });
     y
 }
 
