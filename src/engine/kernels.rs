@@ -82,6 +82,17 @@ pub fn dot(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     dot_scalar(kind, row, act)
 }
 
+/// Four rows against the same activations: `[dot(rows[0], act), …]`, bit-identical to four
+/// `dot` calls but with the four float accumulations interleaved.
+pub fn dot4(kind: Kind, rows: [&[u8]; 4], act: &[Q8Block]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: as in `dot`.
+        return unsafe { avx2::dot4(kind, rows, act) };
+    }
+    rows.map(|r| dot_scalar(kind, r, act))
+}
+
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -177,6 +188,58 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
+    /// The 8 partial i32 sums of one block's integer dot product.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_lanes(kind: Kind, p: *const u8, qy: __m256i) -> __m256i {
+        let (x, y) = match kind {
+            Kind::Q4_1 => (nibbles(p.add(4)), qy),
+            Kind::Q5_0 => {
+                let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                let x = _mm256_or_si256(nibbles(p.add(6)), hi);
+                (_mm256_sign_epi8(x, x), _mm256_sign_epi8(qy, x))
+            }
+            Kind::Q5_1 => {
+                let hi = _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(0x10));
+                (_mm256_or_si256(nibbles(p.add(8)), hi), qy)
+            }
+        };
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4(kind: Kind, rows: [&[u8]; 4], act: &[Q8Block]) -> [f32; 4] {
+        let bb = kind.block_bytes();
+        let nb = act.len();
+        debug_assert!(rows.iter().all(|r| r.len() >= nb * bb));
+        let ptrs = rows.map(|r| r.as_ptr());
+        let mut sumf = _mm_setzero_ps();
+        let scale = |off: usize, i: usize| {
+            let h = |r: usize| (ptrs[r].add(i * bb + off) as *const u16).read_unaligned() as i16;
+            _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
+        };
+        for (i, a) in act.iter().enumerate() {
+            let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let l0 = block_lanes(kind, ptrs[0].add(i * bb), qy);
+            let l1 = block_lanes(kind, ptrs[1].add(i * bb), qy);
+            let l2 = block_lanes(kind, ptrs[2].add(i * bb), qy);
+            let l3 = block_lanes(kind, ptrs[3].add(i * bb), qy);
+            // Exact integer sums of the four blocks, one per lane.
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(l0, l1), _mm256_hadd_epi32(l2, l3));
+            let sumi = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            // The scalar expression, lane by lane: sumf + (sumi * d * d8 [+ m * s]).
+            let d = scale(0, i);
+            let mut t = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(sumi), d), _mm_set1_ps(a.d));
+            if kind != Kind::Q5_0 {
+                t = _mm_add_ps(t, _mm_mul_ps(scale(2, i), _mm_set1_ps(a.s)));
+            }
+            sumf = _mm_add_ps(sumf, t);
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), sumf);
+        out
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
         let bb = kind.block_bytes();
@@ -234,14 +297,26 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> 
     }
     let mut y = vec![0f32; m * n];
     let out = Out(y.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
+    let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
+    // Work items are groups of four rows (dot4), the last group possibly shorter.
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(4), |groups| {
         let out = out;
-        for j in rows {
-            let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
+        for g in groups {
+            let j0 = g * 4;
             for i in 0..m {
-                let v = dot(kind, wrow, &acts[i * nb..(i + 1) * nb]);
-                // SAFETY: (i, j) is written by exactly this task; y has m * n elements.
-                unsafe { *out.0.add(i * n + j) = v };
+                let act = &acts[i * nb..(i + 1) * nb];
+                // SAFETY: rows j0..j0+4 of output row i are written by this task only.
+                let put = |j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
+                if j0 + 4 <= n {
+                    let v = dot4(kind, [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)], act);
+                    for (r, v) in v.into_iter().enumerate() {
+                        put(j0 + r, v);
+                    }
+                } else {
+                    for j in j0..n {
+                        put(j, dot(kind, row(j), act));
+                    }
+                }
             }
         }
     });
@@ -271,7 +346,7 @@ mod tests {
     #[test]
     fn kernels_match_candle_reference() {
         let dev = Device::Cpu;
-        let (n, k) = (40, 256);
+        let (n, k) = (42, 256);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
             let kind = Kind::from_dtype(dtype).unwrap();
             let w = Tensor::from_vec(random(n * k, 1), (n, k), &dev).unwrap();
