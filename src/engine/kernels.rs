@@ -287,25 +287,43 @@ unsafe impl Sync for Out {}
 /// Rows are spread over candle's spinning barrier pool, the one candle's own kernels use:
 /// a second pool (rayon) fought it for the same cores and most time went to the scheduler.
 pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_many(kind, &[(w, n)], k, x, m).pop().expect("one matrix")
+}
+
+/// Several matrices of one kind applied to the same input (Q, K and V; gate and up): the
+/// activations are quantized once and all rows share one parallel region.
+pub fn matmul_many(kind: Kind, mats: &[(&[u8], usize)], k: usize, x: &[f32], m: usize) -> Vec<Vec<f32>> {
     debug_assert_eq!(k % QK, 0);
     let nb = k / QK;
     let row_bytes = nb * kind.block_bytes();
-    debug_assert_eq!(w.len(), n * row_bytes);
     let mut acts = vec![Q8Block::default(); m * nb];
     for (a, xs) in acts.chunks_mut(nb).zip(x.chunks(k)) {
         quantize_activations(xs, a);
     }
-    let mut y = vec![0f32; m * n];
-    let out = Out(y.as_mut_ptr());
-    let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
-    // Work items are groups of four rows (dot4), the last group possibly shorter.
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(4), |groups| {
-        let out = out;
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|(_, n)| vec![0f32; m * n]).collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // Work items are groups of four rows (dot4), numbered across the matrices.
+    let starts: Vec<usize> = mats
+        .iter()
+        .scan(0, |acc, (_, n)| {
+            let s = *acc;
+            *acc += n.div_ceil(4);
+            Some(s)
+        })
+        .collect();
+    let total: usize = mats.iter().map(|(_, n)| n.div_ceil(4)).sum();
+    candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
         for g in groups {
-            let j0 = g * 4;
+            let t = starts.partition_point(|&s| s <= g) - 1;
+            let (w, n) = mats[t];
+            debug_assert_eq!(w.len(), n * row_bytes);
+            let out = outs[t];
+            let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
+            let j0 = (g - starts[t]) * 4;
             for i in 0..m {
                 let act = &acts[i * nb..(i + 1) * nb];
-                // SAFETY: rows j0..j0+4 of output row i are written by this task only.
+                // SAFETY: rows j0..j0+4 of output row i of matrix t are written by this task
+                // only, and each output holds m * n values.
                 let put = |j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
                 if j0 + 4 <= n {
                     let v = dot4(kind, [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)], act);
@@ -320,7 +338,7 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> 
             }
         }
     });
-    y
+    ys
 }
 
 #[cfg(test)]

@@ -302,6 +302,44 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_arc(q)?))
     }
 
+    /// Several matrices on one input; those sharing a kernel kind run as one fused pass.
+    fn forward_many<const N: usize>(ms: [&Matrix; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let fused = ms.iter().map(|m| match m {
+            Self::Blocks { kind, k, .. } => Some((*kind, *k)),
+            Self::Candle(_) => None,
+        });
+        let first = fused.clone().next().flatten();
+        if first.is_none() || !fused.clone().all(|f| f == first) {
+            let mut out = Vec::with_capacity(N);
+            for m in ms {
+                out.push(m.forward(x)?);
+            }
+            return Ok(out.try_into().expect("N results"));
+        }
+        let (kind, k) = first.expect("checked");
+        let mut dims = x.dims().to_vec();
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        if xs.len() != m * k {
+            bail!("matmul: input of {} values, expected rows of {k}", xs.len());
+        }
+        let datas = ms
+            .iter()
+            .map(|mm| match mm {
+                Self::Blocks { q, n, .. } => Ok((q.data()?, *n)),
+                Self::Candle(_) => unreachable!("all fused"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mats: Vec<(&[u8], usize)> = datas.iter().map(|(d, n)| (d.as_ref(), *n)).collect();
+        let ys = kernels::matmul_many(kind, &mats, k, &xs, m);
+        let mut out = Vec::with_capacity(N);
+        for (y, (_, n)) in ys.into_iter().zip(&mats) {
+            *dims.last_mut().expect("rank >= 1") = *n;
+            out.push(Tensor::from_vec(y, dims.clone(), x.device())?);
+        }
+        Ok(out.try_into().expect("N results"))
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
@@ -365,7 +403,10 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
-            GateUp::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUp::Separate { gate, up } => {
+                let [g, u] = Matrix::forward_many([gate, up], x)?;
+                (g, u)
+            }
             GateUp::Fused { gate_up, n_ff } => {
                 let gu = gate_up.forward(x)?;
                 (
@@ -763,7 +804,16 @@ fn layer_forward(
     let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
     let h = norm(x, &l.attn_norm, hp.rms_eps)?;
     let (q, k, v) = match &l.qkv {
-        Qkv::Separate { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+        Qkv::Separate { q, k, v } => {
+            let [qw, kw, vw] = Matrix::forward_many([&q.w, &k.w, &v.w], &h)?;
+            let bias = |t: Tensor, l: &Linear| -> Result<Tensor> {
+                Ok(match &l.b {
+                    Some(b) => t.broadcast_add(b)?,
+                    None => t,
+                })
+            };
+            (bias(qw, q)?, bias(kw, k)?, bias(vw, v)?)
+        }
         Qkv::Fused(qkv) => {
             let all = qkv.forward(&h)?;
             (
