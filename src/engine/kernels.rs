@@ -251,7 +251,11 @@ mod avx2 {
         for (b, a) in row.chunks_exact(bb).zip(act) {
             let p = b.as_ptr();
             let d = half(p);
-            let m = if kind == Kind::Q5_0 { 0.0 } else { half(p.add(2)) };
+            let m = if kind == Kind::Q5_0 {
+                0.0
+            } else {
+                half(p.add(2))
+            };
             let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             let sumi = match kind {
                 Kind::Q4_1 => us8(nibbles(p.add(4)), qy),
@@ -287,12 +291,20 @@ unsafe impl Sync for Out {}
 /// Rows are spread over candle's spinning barrier pool, the one candle's own kernels use:
 /// a second pool (rayon) fought it for the same cores and most time went to the scheduler.
 pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    matmul_many(kind, &[(w, n)], k, x, m).pop().expect("one matrix")
+    matmul_many(kind, &[(w, n)], k, x, m)
+        .pop()
+        .expect("one matrix")
 }
 
 /// Several matrices of one kind applied to the same input (Q, K and V; gate and up): the
 /// activations are quantized once and all rows share one parallel region.
-pub fn matmul_many(kind: Kind, mats: &[(&[u8], usize)], k: usize, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+pub fn matmul_many(
+    kind: Kind,
+    mats: &[(&[u8], usize)],
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<Vec<f32>> {
     debug_assert_eq!(k % QK, 0);
     let nb = k / QK;
     let row_bytes = nb * kind.block_bytes();

@@ -302,42 +302,45 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_arc(q)?))
     }
 
-    /// Several matrices on one input; those sharing a kernel kind run as one fused pass.
+    /// Several matrices on one input; the block-kernel ones sharing the first one's kind run
+    /// as one fused pass (one activation quantization, one parallel region).
     fn forward_many<const N: usize>(ms: [&Matrix; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let fused = ms.iter().map(|m| match m {
+        let key = |m: &Matrix| match m {
             Self::Blocks { kind, k, .. } => Some((*kind, *k)),
             Self::Candle(_) => None,
-        });
-        let first = fused.clone().next().flatten();
-        if first.is_none() || !fused.clone().all(|f| f == first) {
-            let mut out = Vec::with_capacity(N);
-            for m in ms {
-                out.push(m.forward(x)?);
+        };
+        let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+        if let Some((kind, k)) = ms.iter().find_map(|m| key(m)) {
+            let group: Vec<usize> = (0..N).filter(|&i| key(ms[i]) == Some((kind, k))).collect();
+            if group.len() > 1 {
+                let mut dims = x.dims().to_vec();
+                let m: usize = dims[..dims.len() - 1].iter().product();
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                if xs.len() != m * k {
+                    bail!("matmul: input of {} values, expected rows of {k}", xs.len());
+                }
+                let datas = group
+                    .iter()
+                    .map(|&i| match ms[i] {
+                        Self::Blocks { q, n, .. } => Ok((q.data()?, *n)),
+                        Self::Candle(_) => unreachable!("grouped by kernel kind"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mats: Vec<(&[u8], usize)> =
+                    datas.iter().map(|(d, n)| (d.as_ref(), *n)).collect();
+                let ys = kernels::matmul_many(kind, &mats, k, &xs, m);
+                for ((&i, y), (_, n)) in group.iter().zip(ys).zip(&mats) {
+                    *dims.last_mut().expect("rank >= 1") = *n;
+                    out[i] = Some(Tensor::from_vec(y, dims.clone(), x.device())?);
+                }
             }
-            return Ok(out.try_into().expect("N results"));
         }
-        let (kind, k) = first.expect("checked");
-        let mut dims = x.dims().to_vec();
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        if xs.len() != m * k {
-            bail!("matmul: input of {} values, expected rows of {k}", xs.len());
+        for (i, slot) in out.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = Some(ms[i].forward(x)?);
+            }
         }
-        let datas = ms
-            .iter()
-            .map(|mm| match mm {
-                Self::Blocks { q, n, .. } => Ok((q.data()?, *n)),
-                Self::Candle(_) => unreachable!("all fused"),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mats: Vec<(&[u8], usize)> = datas.iter().map(|(d, n)| (d.as_ref(), *n)).collect();
-        let ys = kernels::matmul_many(kind, &mats, k, &xs, m);
-        let mut out = Vec::with_capacity(N);
-        for (y, (_, n)) in ys.into_iter().zip(&mats) {
-            *dims.last_mut().expect("rank >= 1") = *n;
-            out.push(Tensor::from_vec(y, dims.clone(), x.device())?);
-        }
-        Ok(out.try_into().expect("N results"))
+        Ok(out.map(|t| t.expect("every output filled")))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
