@@ -47,6 +47,8 @@ impl Kind {
 pub struct Q8Block {
     pub d: f32,
     pub s: f32,
+    /// Σ qs, exactly (prefill folds Q5_0's −16 offset into it).
+    pub isum: i32,
     pub qs: [i8; QK],
 }
 
@@ -64,6 +66,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
         }
         b.d = d16.to_f32();
         b.s = f16::from_f32(f16::from_f32(sum as f32).to_f32() * b.d).to_f32();
+        b.isum = sum;
     }
 }
 
@@ -207,6 +210,82 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
     }
 
+    /// Unpacks four weight rows into unsigned bytes (Q4_1: the nibble; Q5_x: nibble | high
+    /// bit << 4) and their scales, laid out per block as 4 × 32 bytes, 4 d, 4 m.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unpack4(
+        kind: Kind,
+        rows: [&[u8]; 4],
+        nb: usize,
+        q: &mut [u8],
+        d: &mut [f32],
+        m: &mut [f32],
+    ) {
+        let bb = kind.block_bytes();
+        for b in 0..nb {
+            for (r, row) in rows.iter().enumerate() {
+                let p = row.as_ptr().add(b * bb);
+                let x = match kind {
+                    Kind::Q4_1 => nibbles(p.add(4)),
+                    Kind::Q5_0 => _mm256_or_si256(
+                        nibbles(p.add(6)),
+                        _mm256_and_si256(bits(p.add(2)), _mm256_set1_epi8(0x10)),
+                    ),
+                    Kind::Q5_1 => _mm256_or_si256(
+                        nibbles(p.add(8)),
+                        _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(0x10)),
+                    ),
+                };
+                _mm256_storeu_si256(q.as_mut_ptr().add((b * 4 + r) * QK) as *mut __m256i, x);
+                let (dd, mm, _, _) = super::parts(kind, &row[b * bb..(b + 1) * bb]);
+                d[b * 4 + r] = dd;
+                m[b * 4 + r] = mm;
+            }
+        }
+    }
+
+    /// dot4 on an unpacked tile: the same integer sums and the same float expression per
+    /// lane, so bit-identical to `dot4`, without unpacking the weights for every row of x.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_unpacked(
+        kind: Kind,
+        q: &[u8],
+        d: &[f32],
+        m: &[f32],
+        act: &[Q8Block],
+    ) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
+        let mut sumf = _mm_setzero_ps();
+        for (b, a) in act.iter().enumerate() {
+            let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let lane = |r: usize| {
+                let x = _mm256_loadu_si256(q.as_ptr().add((b * 4 + r) * QK) as *const __m256i);
+                _mm256_madd_epi16(_mm256_maddubs_epi16(x, qy), ones)
+            };
+            let h = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(lane(0), lane(1)),
+                _mm256_hadd_epi32(lane(2), lane(3)),
+            );
+            let mut sumi = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            if kind == Kind::Q5_0 {
+                // Σ (q − 16)·y = Σ q·y − 16·Σ y, exactly.
+                sumi = _mm_sub_epi32(sumi, _mm_set1_epi32(16 * a.isum));
+            }
+            let dv = _mm_loadu_ps(d.as_ptr().add(b * 4));
+            let mut t = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(sumi), dv), _mm_set1_ps(a.d));
+            if kind != Kind::Q5_0 {
+                t = _mm_add_ps(
+                    t,
+                    _mm_mul_ps(_mm_loadu_ps(m.as_ptr().add(b * 4)), _mm_set1_ps(a.s)),
+                );
+            }
+            sumf = _mm_add_ps(sumf, t);
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), sumf);
+        out
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot4(kind: Kind, rows: [&[u8]; 4], act: &[Q8Block]) -> [f32; 4] {
         let bb = kind.block_bytes();
@@ -332,6 +411,28 @@ pub fn matmul_many(
             let out = outs[t];
             let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
             let j0 = (g - starts[t]) * 4;
+            #[cfg(target_arch = "x86_64")]
+            if m >= 8 && j0 + 4 <= n && avx2() {
+                // Prefill: unpack the four rows once, then sweep every row of x.
+                let rows = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
+                let (mut q, mut d, mut mins) = (
+                    vec![0u8; nb * 4 * QK],
+                    vec![0f32; nb * 4],
+                    vec![0f32; nb * 4],
+                );
+                // SAFETY: AVX2/FMA/F16C checked; buffers sized for nb blocks of 4 rows.
+                unsafe { avx2::unpack4(kind, rows, nb, &mut q, &mut d, &mut mins) };
+                for i in 0..m {
+                    let act = &acts[i * nb..(i + 1) * nb];
+                    // SAFETY: as below; the same AVX2 check.
+                    let v = unsafe { avx2::dot4_unpacked(kind, &q, &d, &mins, act) };
+                    for (r, v) in v.into_iter().enumerate() {
+                        // SAFETY: rows j0..j0+4 of output row i of matrix t are this task's.
+                        unsafe { *out.0.add(i * n + j0 + r) = v };
+                    }
+                }
+                continue;
+            }
             for i in 0..m {
                 let act = &acts[i * nb..(i + 1) * nb];
                 // SAFETY: rows j0..j0+4 of output row i of matrix t are written by this task
@@ -383,7 +484,7 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let bytes = q.data().unwrap().to_vec();
             let reference = QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 7] {
+            for m in [1, 7, 9] {
                 let x = random(m * k, 2 + m as u64);
                 let ours = matmul(kind, &bytes, n, k, &x, m);
                 let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
