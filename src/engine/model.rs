@@ -7,7 +7,7 @@
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
 use super::gguf::Gguf;
-use super::kernels::{self, Kind};
+use super::kernels::{self, Kind, Packed};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
@@ -271,16 +271,11 @@ impl Rope {
     }
 }
 
-/// A weight matrix: tokentop's kernels for the 32-element block types on the CPU (see
-/// kernels.rs), candle's for K-quants, float weights and GPUs.
+/// A weight matrix: tokentop's kernels for the 32-weight block types on an AVX2 CPU (see
+/// kernels.rs; weights repacked at load), candle's for K-quants, float weights and GPUs.
 #[derive(Debug, Clone)]
 enum Matrix {
-    Blocks {
-        q: Arc<QTensor>,
-        kind: Kind,
-        n: usize,
-        k: usize,
-    },
+    Blocks(Arc<Packed>),
     Candle(QMatMul),
 }
 
@@ -296,42 +291,50 @@ impl Matrix {
             q.device().is_cpu(),
         ) {
             if k % kernels::QK == 0 {
-                return Ok(Self::Blocks { q, kind, n, k });
+                return Ok(Self::Blocks(Arc::new(Packed::new(kind, &q.data()?, n, k))));
             }
         }
         Ok(Self::Candle(QMatMul::from_arc(q)?))
     }
 
-    /// Several matrices on one input; the block-kernel ones sharing the first one's kind run
-    /// as one fused pass (one activation quantization, one parallel region).
+    /// The input as m rows of k values.
+    fn rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        if xs.len() % k != 0 {
+            bail!("matmul: input of {} values, expected rows of {k}", xs.len());
+        }
+        let m = xs.len() / k;
+        Ok((xs, m))
+    }
+
+    fn output(y: Vec<f32>, x: &Tensor, n: usize) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok(Tensor::from_vec(y, dims, x.device())?)
+    }
+
+    /// Several matrices on one input; the block-kernel ones sharing the first one's kind and
+    /// width run as one fused pass (one activation quantization, one parallel region).
     fn forward_many<const N: usize>(ms: [&Matrix; N], x: &Tensor) -> Result<[Tensor; N]> {
         let key = |m: &Matrix| match m {
-            Self::Blocks { kind, k, .. } => Some((*kind, *k)),
+            Self::Blocks(p) => Some((p.kind, p.k)),
             Self::Candle(_) => None,
         };
         let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
-        if let Some((kind, k)) = ms.iter().find_map(|m| key(m)) {
-            let group: Vec<usize> = (0..N).filter(|&i| key(ms[i]) == Some((kind, k))).collect();
+        if let Some(first) = ms.iter().find_map(|m| key(m)) {
+            let group: Vec<usize> = (0..N).filter(|&i| key(ms[i]) == Some(first)).collect();
             if group.len() > 1 {
-                let mut dims = x.dims().to_vec();
-                let m: usize = dims[..dims.len() - 1].iter().product();
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                if xs.len() != m * k {
-                    bail!("matmul: input of {} values, expected rows of {k}", xs.len());
-                }
-                let datas = group
+                let packed: Vec<&Packed> = group
                     .iter()
                     .map(|&i| match ms[i] {
-                        Self::Blocks { q, n, .. } => Ok((q.data()?, *n)),
+                        Self::Blocks(p) => p.as_ref(),
                         Self::Candle(_) => unreachable!("grouped by kernel kind"),
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                let mats: Vec<(&[u8], usize)> =
-                    datas.iter().map(|(d, n)| (d.as_ref(), *n)).collect();
-                let ys = kernels::matmul_many(kind, &mats, k, &xs, m);
-                for ((&i, y), (_, n)) in group.iter().zip(ys).zip(&mats) {
-                    *dims.last_mut().expect("rank >= 1") = *n;
-                    out[i] = Some(Tensor::from_vec(y, dims.clone(), x.device())?);
+                    .collect();
+                let (xs, m) = Self::rows(x, first.1)?;
+                let ys = kernels::matmul_many(&packed, &xs, m);
+                for ((&i, y), p) in group.iter().zip(ys).zip(&packed) {
+                    out[i] = Some(Self::output(y, x, p.n)?);
                 }
             }
         }
@@ -346,16 +349,9 @@ impl Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Blocks { q, kind, n, k } => {
-                let mut dims = x.dims().to_vec();
-                let m: usize = dims[..dims.len() - 1].iter().product();
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                if xs.len() != m * k {
-                    bail!("matmul: input of {} values, expected rows of {k}", xs.len());
-                }
-                let y = kernels::matmul(*kind, &q.data()?, *n, *k, &xs, m);
-                *dims.last_mut().expect("rank >= 1") = *n;
-                Ok(Tensor::from_vec(y, dims, x.device())?)
+            Self::Blocks(p) => {
+                let (xs, m) = Self::rows(x, p.k)?;
+                Self::output(kernels::matmul(p, &xs, m), x, p.n)
             }
         }
     }
