@@ -187,6 +187,69 @@ impl Packed {
         Self { kind, n, k, data }
     }
 
+    /// Row j as floats, computed as candle's dequantization does (for embedding lookups
+    /// from a matrix tied to the output layer, so it is stored once).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let kind = self.kind;
+        let (nb, bb) = (self.k / QK, kind.block_bytes());
+        let half =
+            |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
+        // (d, m, high bits, quants) of block b of row j, wherever the layout puts them.
+        let parts = |b: usize| -> (f32, f32, u32, &[u8]) {
+            let word =
+                |s: &[u8], i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+            let qn = kind.qs_bytes();
+            if j < (self.n / 4) * 4 {
+                let (om, oh, oq) = kind.packed_offsets();
+                let g = &self.group(j / 4)[b * 4 * bb..(b + 1) * 4 * bb];
+                let r = j % 4;
+                let m = if kind.has_min() {
+                    half(g, om + 2 * r)
+                } else {
+                    0.0
+                };
+                let h = if kind.has_high_bits() {
+                    word(g, oh + 4 * r)
+                } else {
+                    0
+                };
+                (half(g, 2 * r), m, h, &g[oq + r * qn..oq + (r + 1) * qn])
+            } else {
+                let (bm, bh, bq) = kind.block_offsets();
+                let blk = &self.tail_row(j)[b * bb..(b + 1) * bb];
+                let m = if kind.has_min() { half(blk, bm) } else { 0.0 };
+                let h = if kind.has_high_bits() {
+                    word(blk, bh)
+                } else {
+                    0
+                };
+                (half(blk, 0), m, h, &blk[bq..bq + qn])
+            }
+        };
+        for (b, ys) in out.chunks_exact_mut(QK).enumerate().take(nb) {
+            let (d, m, h, q) = parts(b);
+            for (i, y) in ys.iter_mut().enumerate() {
+                let v = if kind == Kind::Q8_0 {
+                    q[i] as i8 as i32
+                } else {
+                    let nib = if i < 16 { q[i] & 0x0F } else { q[i - 16] >> 4 } as i32;
+                    let hb = ((h >> i) & 1) as i32;
+                    match kind {
+                        Kind::Q4_0 => nib - 8,
+                        Kind::Q5_0 => (nib | hb << 4) - 16,
+                        Kind::Q5_1 => nib | hb << 4,
+                        _ => nib,
+                    }
+                };
+                *y = if kind.has_min() {
+                    v as f32 * d + m
+                } else {
+                    v as f32 * d
+                };
+            }
+        }
+    }
+
     fn group(&self, g: usize) -> &[u8] {
         let gb = 4 * (self.k / QK) * self.kind.block_bytes();
         &self.data[g * gb..(g + 1) * gb]
@@ -595,6 +658,20 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 assert_eq!(ours, theirs, "{dtype:?} m={m}");
+            }
+            // Rows read back from the packed layout equal candle's dequantization.
+            let deq: Vec<f32> = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut row = vec![0f32; k];
+            for j in [0, 5, n - 1] {
+                packed.dequantize_row(j, &mut row);
+                assert_eq!(row, deq[j * k..(j + 1) * k], "{dtype:?} row {j}");
             }
         }
     }

@@ -300,7 +300,7 @@ impl Matrix {
     /// The input as m rows of k values.
     fn rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        if xs.len() % k != 0 {
+        if !xs.len().is_multiple_of(k) {
             bail!("matmul: input of {} values, expected rows of {k}", xs.len());
         }
         let m = xs.len() / k;
@@ -501,12 +501,44 @@ struct Layer {
     cache: KvCache,
 }
 
+/// Token embeddings: candle's quantized rows, or the packed output matrix they are tied to
+/// (read back row by row, so tied weights are stored once).
+enum Embedding {
+    Quant(Arc<QTensor>),
+    Tied(Arc<Packed>),
+}
+
+impl Embedding {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Quant(q) => q.shape().dims()[0],
+            Self::Tied(p) => p.n,
+        }
+    }
+
+    fn lookup(&self, tokens: &[u32], dev: &Device) -> Result<Tensor> {
+        match self {
+            Self::Quant(q) => {
+                let ids = Tensor::new(tokens, dev)?.unsqueeze(0)?;
+                Ok(q.embedding(&ids)?)
+            }
+            Self::Tied(p) => {
+                let mut out = vec![0f32; tokens.len() * p.k];
+                for (row, &t) in out.chunks_exact_mut(p.k).zip(tokens) {
+                    p.dequantize_row(t as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (1, tokens.len(), p.k), dev)?)
+            }
+        }
+    }
+}
+
 /// The loaded model: weights, rotary tables and the KV cache of one conversation.
 pub struct Model {
     pub hp: HParams,
     /// Positions the KV cache is allowed to hold (the context a user gets).
     pub n_ctx: usize,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     output_norm: Tensor,
@@ -559,11 +591,14 @@ impl Model {
             None => rope_global.clone(),
         };
 
-        let embed = Arc::new(g.tensor("token_embd.weight", dev)?);
-        let output = if g.has_tensor("output.weight") {
-            qmm(g, "output.weight")?
+        let embed_q = Arc::new(g.tensor("token_embd.weight", dev)?);
+        let (embed, output) = if g.has_tensor("output.weight") {
+            (Embedding::Quant(embed_q), qmm(g, "output.weight")?)
         } else {
-            Matrix::from_arc(embed.clone())?
+            match Matrix::from_arc(embed_q.clone())? {
+                Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
+                candle => (Embedding::Quant(embed_q), candle),
+            }
         };
         let act = if hp.arch == Arch::Gemma3 {
             Act::GeluTanh
@@ -639,7 +674,7 @@ impl Model {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.embed.shape().dims()[0]
+        self.embed.rows()
     }
 
     /// Tokens currently held in the KV cache.
@@ -678,8 +713,7 @@ impl Model {
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
