@@ -61,14 +61,7 @@ fn incremental_decoding_matches_a_single_pass() {
         for t in &tokens[25..] {
             last = Some(steps.forward(&[*t]).unwrap());
         }
-        let diff = (all - last.unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&all, &last.unwrap());
         assert!(
             diff < 1e-3,
             "{}: cached decoding differs by {diff}",
@@ -81,14 +74,7 @@ fn incremental_decoding_matches_a_single_pass() {
         let a = steps.forward(&alt[10..]).unwrap();
         let mut fresh = Model::load(&mut Gguf::open(&path).unwrap(), 512, &Device::Cpu).unwrap();
         let b = fresh.forward(&alt).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&a, &b);
         assert!(
             diff < 1e-3,
             "{}: truncated cache differs by {diff}",
@@ -151,14 +137,7 @@ fn split_gguf_loads_from_its_first_part_and_matches_the_whole() {
         .unwrap()
         .forward(&tokens)
         .unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     assert_eq!(diff, 0.0);
 
     let second = dir.path().join("model-00002-of-00003.gguf");

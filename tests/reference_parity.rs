@@ -29,14 +29,7 @@ fn llama_logits_match_candle_reference() {
         .unsqueeze(0)
         .unwrap();
     let b = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
-    let diff = (a.clone() - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     let am = a.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     let bm = b.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     assert!(diff < 1e-2, "max logit difference {diff}");
@@ -52,13 +45,6 @@ fn llama_logits_match_candle_reference() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let diff2 = (a2 - b2)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff2 = common::max_abs_diff(&a2, &b2);
     assert!(diff2 < 1e-2, "decode step max logit difference {diff2}");
 }

@@ -78,6 +78,27 @@ fn stats(n: usize) -> GenStats {
     }
 }
 
+fn token(st: &mut State, req: RequestId, text: &str) {
+    update(
+        st,
+        Msg::Engine(EngineEvent::Token {
+            req,
+            text: text.into(),
+        }),
+    );
+}
+
+fn finish(st: &mut State, req: RequestId, n: usize, reason: FinishReason) -> Vec<Effect> {
+    update(
+        st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: stats(n),
+            reason,
+        }),
+    )
+}
+
 fn req_of(fx: &[Effect]) -> RequestId {
     fx.iter()
         .find_map(|e| match e {
@@ -117,22 +138,10 @@ fn send_stream_and_finish() {
         }),
     );
     for t in ["Hel", "lo", "!"] {
-        update(
-            &mut st,
-            Msg::Engine(EngineEvent::Token {
-                req,
-                text: t.into(),
-            }),
-        );
+        token(&mut st, req, t);
     }
     // A late token of an older request is dropped.
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Token {
-            req: req + 100,
-            text: "zzz".into(),
-        }),
-    );
+    token(&mut st, req + 100, "zzz");
     assert_eq!(st.chat.last().unwrap().text, "Hello!");
     assert!(
         st.stream
@@ -143,14 +152,7 @@ fn send_stream_and_finish() {
             > 0.0
     );
 
-    let fx = update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(3),
-            reason: FinishReason::Eos,
-        }),
-    );
+    let fx = finish(&mut st, req, 3, FinishReason::Eos);
     let footer = st.chat.last().unwrap().footer.clone().unwrap();
     assert_eq!(footer.tokens, 3);
     assert!((footer.decode_rate - 10.0).abs() < 1e-9);
@@ -187,14 +189,7 @@ fn cancel_and_quit_keys() {
         vec![Effect::Cancel { req }]
     );
     assert_eq!(update(&mut st, ctrl('c')), vec![Effect::Cancel { req }]);
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(2),
-            reason: FinishReason::Cancelled,
-        }),
-    );
+    finish(&mut st, req, 2, FinishReason::Cancelled);
     assert_eq!(
         st.chat.last().unwrap().footer.as_ref().unwrap().reason,
         FinishReason::Cancelled
@@ -269,14 +264,7 @@ fn switching_models_cancels_loads_and_downloads() {
     );
     assert!(st.loading.is_some());
     // The engine ends the interrupted answer before it loads.
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(2),
-            reason: FinishReason::Cancelled,
-        }),
-    );
+    finish(&mut st, req, 2, FinishReason::Cancelled);
     update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") }));
     assert_eq!(st.model.as_ref().unwrap().name, "b");
     assert_eq!(st.chat.len(), 2, "the conversation stays");
@@ -315,14 +303,7 @@ fn ab_runs_both_models_then_returns_to_the_first() {
     let mut st = ready("a");
     typed(&mut st, "compare me");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(2),
-            reason: FinishReason::Eos,
-        }),
-    );
+    finish(&mut st, req, 2, FinishReason::Eos);
 
     update(&mut st, ctrl('b'));
     update(&mut st, key(KeyCode::Down)); // "b"
@@ -334,21 +315,8 @@ fn ab_runs_both_models_then_returns_to_the_first() {
         }
         e => panic!("{e:?}"),
     }
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Token {
-            req: req_a,
-            text: "A says".into(),
-        }),
-    );
-    let fx = update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req: req_a,
-            stats: stats(4),
-            reason: FinishReason::Eos,
-        }),
-    );
+    token(&mut st, req_a, "A says");
+    let fx = finish(&mut st, req_a, 4, FinishReason::Eos);
     assert_eq!(
         fx,
         vec![Effect::Load {
@@ -357,21 +325,8 @@ fn ab_runs_both_models_then_returns_to_the_first() {
     );
     let fx = update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") }));
     let req_b = req_of(&fx);
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Token {
-            req: req_b,
-            text: "B says".into(),
-        }),
-    );
-    let fx = update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req: req_b,
-            stats: stats(5),
-            reason: FinishReason::MaxTokens,
-        }),
-    );
+    token(&mut st, req_b, "B says");
+    let fx = finish(&mut st, req_b, 5, FinishReason::MaxTokens);
     assert_eq!(
         fx,
         vec![Effect::Load {
@@ -425,14 +380,7 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
         &mut st,
         snap(t0 + Duration::from_millis(1000), Some(30.0), 200),
     );
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(5),
-            reason: FinishReason::Eos,
-        }),
-    );
+    finish(&mut st, req, 5, FinishReason::Eos);
     let f = st.chat.last().unwrap().footer.clone().unwrap();
     assert!((f.joules.unwrap() - 25.0).abs() < 1e-9, "{f:?}");
     assert_eq!(f.peak_rss, 300);
@@ -444,14 +392,7 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
     typed(&mut st, "go");
     let req = req_of(&update(&mut st, key(KeyCode::Enter)));
     update(&mut st, snap(t0 + Duration::from_millis(250), None, 100));
-    update(
-        &mut st,
-        Msg::Engine(EngineEvent::Finished {
-            req,
-            stats: stats(5),
-            reason: FinishReason::Eos,
-        }),
-    );
+    finish(&mut st, req, 5, FinishReason::Eos);
     assert_eq!(
         st.chat.last().unwrap().footer.as_ref().unwrap().joules,
         None

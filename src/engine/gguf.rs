@@ -230,8 +230,33 @@ impl Gguf {
         self.tensor_infos().map(tensor_bytes).sum()
     }
 
-    /// The quantization most of the weight bytes use, e.g. "Q4_K".
+    /// The file's quantization as llama.cpp names it ("Q4_K_M", from `general.file_type`),
+    /// else the type most of the weight bytes use.
     pub fn dominant_quant(&self) -> String {
+        const FILE_TYPES: [(u32, &str); 17] = [
+            (0, "F32"),
+            (1, "F16"),
+            (2, "Q4_0"),
+            (3, "Q4_1"),
+            (7, "Q8_0"),
+            (8, "Q5_0"),
+            (9, "Q5_1"),
+            (10, "Q2_K"),
+            (11, "Q3_K_S"),
+            (12, "Q3_K_M"),
+            (13, "Q3_K_L"),
+            (14, "Q4_K_S"),
+            (15, "Q4_K_M"),
+            (16, "Q5_K_S"),
+            (17, "Q5_K_M"),
+            (18, "Q6_K"),
+            (32, "BF16"),
+        ];
+        if let Some(ft) = self.get_u32("general.file_type") {
+            if let Some((_, name)) = FILE_TYPES.iter().find(|(t, _)| *t == ft) {
+                return name.to_string();
+            }
+        }
         let mut by_type: HashMap<String, u64> = HashMap::new();
         for t in self.tensor_infos() {
             *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += tensor_bytes(t);
