@@ -51,6 +51,35 @@ pub fn thread_count() -> usize {
         .unwrap_or_else(candle_core::utils::get_num_threads)
 }
 
+/// Memory this process can still take: the system's available memory, or what a cgroup
+/// limit leaves.
+fn available_memory() -> u64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let mut free = sys.available_memory();
+    if let Some(cg) = sys.cgroup_limits() {
+        if cg.total_memory > 0 {
+            free = free.min(cg.free_memory);
+        }
+    }
+    free
+}
+
+/// Refuses to load weights that cannot fit: the kernel would kill the process part way,
+/// or the machine would swap for minutes, instead of a clear answer.
+pub fn check_fits(weight_bytes: u64, available: u64) -> Result<()> {
+    // Weights plus room for the KV cache, activations and the tokenizer.
+    let needed = weight_bytes + weight_bytes / 20 + (256 << 20);
+    if needed > available {
+        bail!(
+            "the model needs about {:.1} GB of memory but only {:.1} GB is available; close other programs or pick a smaller model or quantization",
+            needed as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
 /// What the generation loop reports as it goes; the callback's answer can stop it.
 pub enum GenEvent<'a> {
     Prefilled {
@@ -92,6 +121,9 @@ impl Engine {
             token(tokenizer.bos),
             token(tokenizer.eos),
         )?;
+        if device.is_cpu() {
+            check_fits(g.weight_bytes(), available_memory())?;
+        }
         let model = Model::load(&mut g, opts.n_ctx, device)?;
         let name = g
             .get_str("general.name")
@@ -364,5 +396,19 @@ impl TokenStream {
             .get(before.len()..)
             .filter(|t| !t.is_empty())
             .map(str::to_string))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn too_big_models_are_refused_with_sizes() {
+        let gb = 1_000_000_000;
+        assert!(super::check_fits(4 * gb, 24 * gb).is_ok());
+        let err = super::check_fits(42 * gb, 20 * gb).unwrap_err().to_string();
+        assert!(
+            err.contains("44.4 GB") && err.contains("20.0 GB is available"),
+            "{err}"
+        );
     }
 }
