@@ -366,10 +366,7 @@ fn stream_answer(
 
 /// Where `tokentop probe` keeps this machine's profile.
 pub fn local_profile_path() -> Result<PathBuf> {
-    Ok(crate::catalog::store_dir()?
-        .parent()
-        .context("model store has no parent")?
-        .join("hardware-local.toml"))
+    Ok(crate::catalog::data_dir()?.join("hardware-local.toml"))
 }
 
 pub fn probe() -> Result<()> {

@@ -10,10 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// `$TOKENTOP_HOME/sessions`, else the platform data dir's `sessions`.
 pub fn sessions_dir() -> Result<PathBuf> {
-    Ok(crate::catalog::store_dir()?
-        .parent()
-        .context("model store has no parent")?
-        .join("sessions"))
+    Ok(crate::catalog::data_dir()?.join("sessions"))
 }
 
 /// A session file, created on the first entry.

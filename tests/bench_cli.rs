@@ -11,26 +11,23 @@ fn bench_matrix_in_llama_bench_fields() {
         dir.path(),
         &tokentop::engine::synth::SynthSpec::new("qwen3"),
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args([
-            "bench",
-            "-m",
-            path.to_str().unwrap(),
-            "-p",
-            "16",
-            "-n",
-            "4",
-            "-d",
-            "0,8",
-            "-r",
-            "2",
-            "-t",
-            "1,2",
-            "-o",
-            "jsonl",
-        ])
-        .output()
-        .unwrap();
+    let out = common::tokentop(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-d",
+        "0,8",
+        "-r",
+        "2",
+        "-t",
+        "1,2",
+        "-o",
+        "jsonl",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -54,20 +51,17 @@ fn bench_matrix_in_llama_bench_fields() {
         );
         assert_eq!(r.backends, "CPU");
     }
-    let md = std::process::Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args([
-            "bench",
-            "-m",
-            path.to_str().unwrap(),
-            "-p",
-            "8",
-            "-n",
-            "0",
-            "-r",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let md = common::tokentop(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "0",
+        "-r",
+        "1",
+    ]);
     let md = String::from_utf8_lossy(&md.stdout);
     assert!(
         md.starts_with("| model") && md.contains("|             pp8 |"),

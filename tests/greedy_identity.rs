@@ -3,19 +3,17 @@
 //! before it, must not change.
 mod common;
 
-use std::process::Command;
-
 fn greedy(model: &std::path::Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args([
-            "run",
-            model.to_str().unwrap(),
-            "--prompt",
-            "Write a short poem about the sea.",
-        ])
-        .args(["--temperature", "0", "-n", "48"])
-        .output()
-        .unwrap();
+    let out = common::tokentop(&[
+        "run",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Write a short poem about the sea.",
+        "--temperature",
+        "0",
+        "-n",
+        "48",
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -3,17 +3,6 @@ mod common;
 
 use std::process::Command;
 
-fn tokentop(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args(args)
-        .env(
-            "TOKENTOP_HOME",
-            std::env::temp_dir().join("tokentop-test-home-unused"),
-        )
-        .output()
-        .expect("running tokentop")
-}
-
 fn rate(stderr: &str, key: &str) -> f64 {
     let line = stderr
         .lines()
@@ -31,7 +20,7 @@ fn smollm2_knows_the_capital_of_france() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let out = tokentop(&[
+    let out = common::tokentop(&[
         "run",
         path.to_str().unwrap(),
         "--prompt",
@@ -109,7 +98,7 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    let out = tokentop(&["run", bad.to_str().unwrap(), "--prompt", "hi"]);
+    let out = common::tokentop(&["run", bad.to_str().unwrap(), "--prompt", "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -120,7 +109,7 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
 
     let toml = dir.path().join("models.toml");
     std::fs::write(&toml, "default = \"a\"\n[[model]]\nid = \"a\"\n").unwrap();
-    let out = tokentop(&["--catalog", toml.to_str().unwrap(), "list"]);
+    let out = common::tokentop(&["--catalog", toml.to_str().unwrap(), "list"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -128,7 +117,7 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
         "{stderr}"
     );
 
-    let out = tokentop(&["run", "no-such-model", "--prompt", "hi"]);
+    let out = common::tokentop(&["run", "no-such-model", "--prompt", "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("unknown model \"no-such-model\""),

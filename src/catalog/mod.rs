@@ -151,11 +151,17 @@ impl CatalogModel {
 /// Where tokentop keeps downloaded models: `$TOKENTOP_HOME/models`, else the platform's
 /// data directory.
 pub fn store_dir() -> Result<PathBuf> {
+    Ok(data_dir()?.join("models"))
+}
+
+/// tokentop's data folder (models, sessions, this machine's hardware profile):
+/// `$TOKENTOP_HOME`, else the platform's data dir.
+pub fn data_dir() -> Result<PathBuf> {
     if let Some(home) = std::env::var_os("TOKENTOP_HOME") {
-        return Ok(PathBuf::from(home).join("models"));
+        return Ok(PathBuf::from(home));
     }
     directories::ProjectDirs::from("", "", "tokentop")
-        .map(|d| d.data_dir().join("models"))
+        .map(|d| d.data_dir().to_owned())
         .context("no home directory to keep models in; set TOKENTOP_HOME")
 }
 

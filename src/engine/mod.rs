@@ -51,20 +51,6 @@ pub fn thread_count() -> usize {
         .unwrap_or_else(candle_core::utils::get_num_threads)
 }
 
-/// Memory this process can still take: the system's available memory, or what a cgroup
-/// limit leaves.
-fn available_memory() -> u64 {
-    let mut sys = sysinfo::System::new();
-    sys.refresh_memory();
-    let mut free = sys.available_memory();
-    if let Some(cg) = sys.cgroup_limits() {
-        if cg.total_memory > 0 {
-            free = free.min(cg.free_memory);
-        }
-    }
-    free
-}
-
 /// Refuses to load weights that cannot fit: the kernel would kill the process part way,
 /// or the machine would swap for minutes, instead of a clear answer.
 pub fn check_fits(weight_bytes: u64, available: u64) -> Result<()> {
@@ -122,7 +108,7 @@ impl Engine {
             token(tokenizer.eos),
         )?;
         if device.is_cpu() {
-            check_fits(g.weight_bytes(), available_memory())?;
+            check_fits(g.weight_bytes(), crate::telemetry::available_memory())?;
         }
         let model = Model::load(&mut g, opts.n_ctx, device)?;
         let name = g

@@ -530,35 +530,21 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
         KeyCode::Enter => return st.send(),
         KeyCode::F(1) => st.mode = Mode::Help,
         KeyCode::Char('?') if st.input.text.is_empty() => st.mode = Mode::Help,
-        KeyCode::F(2) => {
+        KeyCode::F(2) | KeyCode::Char('o') if k.code == KeyCode::F(2) || ctrl(&k, 'o') => {
             st.mode = Mode::Switcher {
                 selected: 0,
                 for_ab: false,
             }
         }
-        KeyCode::Char('o') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-            st.mode = Mode::Switcher {
-                selected: 0,
-                for_ab: false,
-            }
-        }
-        KeyCode::F(3) => {
-            st.mode = Mode::Switcher {
-                selected: 0,
-                for_ab: true,
-            }
-        }
-        KeyCode::Char('b') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+        KeyCode::F(3) | KeyCode::Char('b') if k.code == KeyCode::F(3) || ctrl(&k, 'b') => {
             st.mode = Mode::Switcher {
                 selected: 0,
                 for_ab: true,
             }
         }
         KeyCode::F(4) => return vec![Effect::ListSessions],
-        KeyCode::Char('e') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-            return vec![Effect::ExportMarkdown]
-        }
-        KeyCode::Char('y') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+        KeyCode::Char('e') if ctrl(&k, 'e') => return vec![Effect::ExportMarkdown],
+        KeyCode::Char('y') if ctrl(&k, 'y') => {
             return match st
                 .chat
                 .iter()
@@ -572,14 +558,14 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
                 None => vec![],
             };
         }
-        KeyCode::Char('n') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+        KeyCode::Char('n') if ctrl(&k, 'n') => {
             let mut fx = st.cancel();
             st.chat.clear();
             st.status = "new conversation".into();
             fx.push(Effect::NewSession);
             return fx;
         }
-        KeyCode::Char('u') if k.modifiers.contains(KeyModifiers::CONTROL) => st.input.clear(),
+        KeyCode::Char('u') if ctrl(&k, 'u') => st.input.clear(),
         KeyCode::Char(c) if !k.modifiers.contains(KeyModifiers::CONTROL) => {
             let mut b = [0u8; 4];
             st.input.insert(c.encode_utf8(&mut b));

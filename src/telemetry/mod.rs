@@ -123,38 +123,53 @@ impl Sampler {
     }
 
     pub fn sample(&mut self) -> Snapshot {
-        self.sys.refresh_memory();
-        self.sys.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[self.pid]),
-            false,
-            ProcessRefreshKind::nothing().with_memory(),
-        );
-        let process_rss = self.sys.process(self.pid).map_or(0, |p| p.memory());
-        let (mut kind, mut total, mut used) = (
-            if cfg!(target_os = "macos") {
-                PoolKind::Unified
-            } else {
-                PoolKind::System
-            },
-            self.sys.total_memory(),
-            self.sys.used_memory(),
-        );
-        if let Some(cg) = self.sys.cgroup_limits() {
-            if cg.total_memory > 0 && cg.total_memory < total {
-                kind = PoolKind::Cgroup;
-                total = cg.total_memory;
-                used = cg.total_memory.saturating_sub(cg.free_memory);
-            }
-        }
         Snapshot {
             at: Instant::now(),
-            memory: Memory {
-                kind,
-                total,
-                used: used.max(process_rss),
-                process_rss,
-            },
+            memory: read_memory(&mut self.sys, self.pid),
             power: self.power.read(Instant::now()),
         }
     }
+}
+
+/// The memory pool now, as the memory pane shows it and the loader checks it: system
+/// memory, or a cgroup limit below it; a cgroup nearly full counts even when its limit is
+/// not below the machine's memory.
+pub fn read_memory(sys: &mut System, pid: Pid) -> Memory {
+    sys.refresh_memory();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        false,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    let process_rss = sys.process(pid).map_or(0, |p| p.memory());
+    let (mut kind, mut total, mut used) = (
+        if cfg!(target_os = "macos") {
+            PoolKind::Unified
+        } else {
+            PoolKind::System
+        },
+        sys.total_memory(),
+        sys.used_memory(),
+    );
+    if let Some(cg) = sys.cgroup_limits() {
+        if cg.total_memory > 0 && cg.total_memory < total {
+            kind = PoolKind::Cgroup;
+            total = cg.total_memory;
+            used = cg.total_memory.saturating_sub(cg.free_memory);
+        } else if cg.total_memory > 0 {
+            used = used.max(total.saturating_sub(cg.free_memory));
+        }
+    }
+    Memory {
+        kind,
+        total,
+        used: used.max(process_rss),
+        process_rss,
+    }
+}
+
+/// Memory this process can still take.
+pub fn available_memory() -> u64 {
+    let mut sys = System::new_with_specifics(RefreshKind::nothing());
+    read_memory(&mut sys, Pid::from_u32(std::process::id())).free()
 }

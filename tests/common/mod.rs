@@ -87,3 +87,16 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .expect("comparable tensors")
 }
+
+/// Runs the built binary with `args`, its model store pointed at an unused folder so a
+/// test never touches the user's.
+pub fn tokentop(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tokentop"))
+        .args(args)
+        .env(
+            "TOKENTOP_HOME",
+            std::env::temp_dir().join("tokentop-test-home-unused"),
+        )
+        .output()
+        .expect("running tokentop")
+}
