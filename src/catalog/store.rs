@@ -82,7 +82,7 @@ pub fn check(store: &Path, model: &CatalogModel, path: &Path, report: Report) ->
             "has sha256 {got}, the catalog expects {want}"
         )));
     }
-    let _ = fs::write(&record, format!("{want} {key}\n"));
+    write_record(store, &record, &format!("{want} {key}\n"));
     Ok(Check::Good)
 }
 
@@ -90,10 +90,20 @@ pub fn check(store: &Path, model: &CatalogModel, path: &Path, report: Report) ->
 pub fn record_verified(store: &Path, model: &CatalogModel, path: &Path) {
     if let (Some(want), Ok(meta)) = (&model.sha256, fs::metadata(path)) {
         let (size, mtime) = stamp(&meta);
-        let _ = fs::write(
-            sidecar(store, model),
-            format!("{want} {size} {mtime} {}\n", path.display()),
+        write_record(
+            store,
+            &sidecar(store, model),
+            &format!("{want} {size} {mtime} {}\n", path.display()),
         );
+    }
+}
+
+/// Writes a verification record, unless the store folder is read-only (by its permission
+/// bits: root could write anyway, but a store made read-only is left as it is). A record
+/// that cannot be written only means hashing again next time.
+fn write_record(store: &Path, record: &Path, text: &str) {
+    if fs::metadata(store).is_ok_and(|m| !m.permissions().readonly()) {
+        let _ = fs::write(record, text);
     }
 }
 
