@@ -213,6 +213,9 @@ fn run_offline_answers_with_a_local_model_in_a_namespace_without_network() {
     assert!(!marker.exists(), "python was started");
 }
 
+/// Extra environment and arguments.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn a_catalog_model_not_on_disk_is_refused_at_once_offline() {
     let Some(prefix) = no_network() else { return };
@@ -220,7 +223,7 @@ fn a_catalog_model_not_on_disk_is_refused_at_once_offline() {
     let (bin, marker) = fake_python(home.path());
     let want = "tokentop: error: smollm2-135m needs download, offline";
     // The flag, tokentop's variable and Hugging Face's all mean offline.
-    let cases: [(&[(&str, &str)], &[&str]); 3] = [
+    let cases: [Case; 3] = [
         (&[], &["run", "--offline", "smollm2-135m", "-p", "hi"]),
         (
             &[("TOKENTOP_OFFLINE", "1")],
