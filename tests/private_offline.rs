@@ -393,3 +393,29 @@ fn a_template_error_that_quotes_the_prompt_does_not_show_it() {
     assert!(!shown.contains("4111"), "{shown}");
     assert!(shown.contains("cannot answer: [your text]"), "{shown}");
 }
+
+/// The hook main() installs: run in a child copy of this test binary, which panics with a
+/// message quoting "the conversation"; the parent checks what reached stderr.
+#[test]
+fn a_panic_says_where_but_not_what() {
+    if std::env::var_os("TOKENTOP_TEST_PANIC_CHILD").is_some() {
+        tokentop::private::hide_panic_messages();
+        let answer = String::from("the secret answer é");
+        let n = answer.len() - 1; // inside 'é': slicing there panics and quotes the string
+        let _ = &answer[..n];
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_panic_says_where_but_not_what", "--nocapture"])
+        .env("TOKENTOP_TEST_PANIC_CHILD", "1")
+        .env_remove("TOKENTOP_SHOW_PANICS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("panicked at tests/private_offline.rs:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
