@@ -143,16 +143,10 @@ impl Io {
                 })
             }
             Effect::ExportMarkdown => {
-                let md = session::to_markdown(&st.chat);
-                let path = match self.session.path() {
-                    Some(p) => p.with_extension("md"),
-                    None => self.sessions_dir.join("conversation.md"),
-                };
-                let result = std::fs::create_dir_all(&self.sessions_dir)
-                    .and_then(|_| std::fs::write(&path, md));
+                let result = session::export(&st.chat, self.session.path(), &self.sessions_dir);
                 return Some(Msg::Status(match result {
-                    Ok(()) => format!("exported to {}", path.display()),
-                    Err(e) => format!("export failed: {e}"),
+                    Ok(path) => format!("exported to {}", path.display()),
+                    Err(e) => format!("export failed: {e:#}"),
                 }));
             }
             Effect::Copy(text) => {
@@ -197,6 +191,10 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
         switch_items(&cfg.catalog, std::slice::from_ref(&cfg.model)),
     );
     st.system_prompt = cfg.system.clone();
+    st.offline = crate::offline::is_offline();
+    if let Err(e) = session::make_private(&sessions_dir) {
+        st.status = format!("{e:#}");
+    }
     let mut io = Io {
         engine,
         catalog: cfg.catalog,

@@ -23,6 +23,10 @@ pub struct Cli {
     /// A models.toml to use instead of the built-in catalog.
     #[arg(long, global = true, env = "TOKENTOP_CATALOG")]
     pub catalog: Option<PathBuf>,
+    /// Open no network connection: models not on disk are not downloaded (also
+    /// TOKENTOP_OFFLINE=1 or HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    pub offline: bool,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }

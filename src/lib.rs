@@ -6,6 +6,8 @@ pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod engine;
+pub mod offline;
+pub mod private;
 pub mod protocol;
 pub mod roofline;
 pub mod session;

@@ -2,7 +2,11 @@ use clap::Parser;
 use tokentop::cli::{self, Cli, Cmd};
 
 fn main() {
+    tokentop::private::hide_panic_messages();
     let args = Cli::parse();
+    if args.offline {
+        tokentop::offline::force();
+    }
     if let Err(e) = real_main(args) {
         eprintln!("tokentop: error: {e:#}");
         std::process::exit(1);

@@ -86,7 +86,8 @@ pub fn probe(save_to: &Path) -> Result<Profile> {
         memory_gb: (sys.total_memory() as f64 / 1e9 * 10.0).round() / 10.0,
     };
     if let Some(dir) = save_to.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let text = toml::to_string(&File {
         profile: vec![profile.clone()],

@@ -42,7 +42,7 @@ impl SessionFile {
         let path = match &self.path {
             Some(p) => p.clone(),
             None => {
-                std::fs::create_dir_all(&self.dir)
+                crate::private::create_dir_all(&self.dir)
                     .with_context(|| format!("creating {}", self.dir.display()))?;
                 let secs = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -52,15 +52,13 @@ impl SessionFile {
                 p
             }
         };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let mut f = crate::private::append_file(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         let mut line = serde_json::to_string(entry)?;
         line.push('\n');
-        f.write_all(line.as_bytes())?;
-        f.sync_data()?;
+        f.write_all(line.as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }
@@ -75,6 +73,31 @@ pub fn load(path: &Path) -> Result<Vec<ChatEntry>> {
         .lines()
         .filter_map(|l| serde_json::from_str::<ChatEntry>(l).ok())
         .collect())
+}
+
+/// At start: the data dir (`dir`'s parent), `dir` and every file in it lose their group and
+/// other permissions, so conversations saved by an older tokentop (or copied in) are private
+/// too.
+pub fn make_private(dir: &Path) -> Result<()> {
+    if let Some(data) = dir.parent() {
+        crate::private::tighten(data)
+            .with_context(|| format!("cannot make {} private", data.display()))?;
+    }
+    crate::private::tighten_tree(dir)
+        .with_context(|| format!("cannot make {} private", dir.display()))
+}
+
+/// Writes the conversation as Markdown beside its session file (or as `conversation.md` in
+/// `dir` before anything was saved), user-only; returns where.
+pub fn export(entries: &[ChatEntry], session: Option<&Path>, dir: &Path) -> Result<PathBuf> {
+    let path = match session {
+        Some(p) => p.with_extension("md"),
+        None => dir.join("conversation.md"),
+    };
+    crate::private::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::private::write(&path, to_markdown(entries))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Saved sessions, newest first.

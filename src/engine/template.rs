@@ -68,7 +68,11 @@ impl ChatTemplate {
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
         })
-        .map_err(|e| anyhow!("rendering the chat template failed: {e}"))
+        .map_err(|e| {
+            let contents = messages.iter().map(|m| m.content.as_str());
+            let e = crate::private::redact(&e.to_string(), contents);
+            anyhow!("rendering the chat template failed: {e}")
+        })
     }
 }
 

@@ -62,10 +62,12 @@ pub struct ModelTokenizer {
 
 impl ModelTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        let enc = self.inner.encode(text, false).map_err(|e| {
+            anyhow!(
+                "tokenizing failed: {}",
+                crate::private::redact(&e.to_string(), [text])
+            )
+        })?;
         let mut ids = enc.get_ids().to_vec();
         if self.add_bos {
             if let Some(bos) = self.bos {

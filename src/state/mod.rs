@@ -195,6 +195,8 @@ pub struct State {
     pub status: String,
     pub params: GenParams,
     pub system_prompt: Option<String>,
+    /// No network: models not on disk cannot be fetched (`--offline`).
+    pub offline: bool,
     last_sample: Option<Instant>,
 }
 
@@ -222,6 +224,7 @@ impl State {
             status: String::new(),
             params,
             system_prompt: None,
+            offline: false,
             last_sample: None,
         }
     }
@@ -367,6 +370,9 @@ impl State {
             (Some(path), _) => {
                 self.loading = Some((item.label.clone(), Instant::now()));
                 effects.push(Effect::Load { path: path.clone() });
+            }
+            (None, Some(_)) if self.offline => {
+                self.status = format!("{} needs download, offline", item.label);
             }
             (None, Some(id)) => {
                 self.loading = Some((format!("downloading {}", item.label), Instant::now()));

@@ -125,6 +125,13 @@ fn title_line(st: &State, ctx: &Ctx) -> Line<'static> {
         (None, None) => " no model".into(),
     };
     spans.push(Span::styled(model, Style::default().fg(t.fg)));
+    if st.offline {
+        spans.push(Span::raw(" "));
+        spans.push(Span::styled(
+            " offline ",
+            Style::default().fg(t.bg).bg(t.warn),
+        ));
+    }
     if !st.status.is_empty() {
         spans.push(Span::styled(
             format!("  {}", st.status),
@@ -581,7 +588,11 @@ fn render_switcher(
             Line::raw(gb(item.size)),
             Line::raw(params),
             Line::raw(item.tags.join(",")),
-            Line::raw(if item.is_local() { "local" } else { "download" }),
+            Line::raw(match (item.is_local(), st.offline) {
+                (true, _) => "local",
+                (false, false) => "download",
+                (false, true) => "needs download",
+            }),
             Line::from(fit),
         ])
         .style(style)
@@ -598,7 +609,7 @@ fn render_switcher(
             Constraint::Length(9),
             Constraint::Length(20),
             Constraint::Length(16),
-            Constraint::Length(9),
+            Constraint::Length(if st.offline { 15 } else { 9 }),
             Constraint::Length(8),
         ],
     )
