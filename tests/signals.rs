@@ -17,7 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tokentop");
 
 /// A prompt SmolLM2 answers at length, so that the answer is still streaming when the test
 /// interrupts it.
-const LONG: &str = "Count from 1 to 1000, one number per line.";
+const LONG: &str = "Write the numbers from 1 to 300, separated by commas.";
 
 /// Waits for the child to exit by itself; kills it and fails after `secs`.
 fn wait_exit(child: &mut Child, secs: u64, what: &str) -> ExitStatus {
@@ -119,7 +119,7 @@ fn sigint_during_run_prompt_stops_the_answer_and_exits_130() {
     // The answer stopped at once (the model would have counted on for thousands of tokens),
     // and what was generated was printed, followed by the stats block.
     let text = String::from_utf8_lossy(&seen);
-    assert!(text.contains('1') && text.ends_with('\n'), "{text}");
+    assert!(text.trim().len() >= 20 && text.ends_with('\n'), "{text}");
     assert!(
         stderr.contains("finish reason:        cancelled"),
         "{stderr}"

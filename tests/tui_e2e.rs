@@ -230,7 +230,7 @@ fn signals_while_streaming_restore_the_terminal() {
             "send-keys",
             "-t",
             &name,
-            "Count from 1 to 1000, one number per line.",
+            "Write the numbers from 1 to 300, separated by commas.",
             "Enter",
         ]);
         wait_for(&name, "the answer to stream", 60, |t| {
@@ -261,7 +261,7 @@ fn signals_while_streaming_restore_the_terminal() {
         let saved = tokentop::session::load(&sessions[0]).unwrap();
         assert_eq!(saved.len(), 2, "{saved:?}");
         assert!(
-            saved[1].footer.is_none() && saved[1].text.contains('1'),
+            saved[1].footer.is_none() && !saved[1].text.is_empty(),
             "the partial answer is kept: {saved:?}"
         );
     }
