@@ -233,8 +233,14 @@ fn signals_while_streaming_restore_the_terminal() {
             "Write the numbers from 1 to 300, separated by commas.",
             "Enter",
         ]);
+        // Some text before the caret: tokens have arrived, not only the prefill started.
         wait_for(&name, "the answer to stream", 60, |t| {
-            t.contains("answering…") && t.contains("▌")
+            t.contains("answering…")
+                && t.lines().any(|l| {
+                    l.split_once('▌').is_some_and(|(before, _)| {
+                        before.trim_start_matches(['│', ' ']).trim().len() > 1
+                    })
+                })
         });
         let pid = tokentop_pid(&name);
         assert!(Command::new("kill")
