@@ -349,14 +349,28 @@ fn run_child(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
             "-o",
             "jsonl",
         ])
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .output()
         .context("starting the benchmark process")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!(
-            "the benchmark with {threads} threads failed ({})",
-            out.status
-        );
+        // The child's one-line error becomes ours, so that the user sees it once.
+        match stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("tokentop: error: "))
+        {
+            Some(error) => bail!("{error}"),
+            None => bail!(
+                "the benchmark with {threads} threads failed ({}): {}",
+                out.status,
+                stderr.trim()
+            ),
+        }
+    }
+    {
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(stderr.as_bytes());
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
