@@ -182,7 +182,7 @@ pub fn run(cfg: AppConfig) -> Result<Option<i32>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let hook = PanicHook::install();
+    let hook = PanicHook::install(true);
     let result = enter_terminal().and_then(|mut terminal| {
         let r = rt.block_on(event_loop(&mut terminal, cfg));
         restore_terminal();
@@ -238,8 +238,8 @@ fn take_background_panics() -> Vec<String> {
         .collect()
 }
 
-/// The last panic message of the engine thread, if it panicked.
-fn engine_panic() -> Option<String> {
+/// The last panic message of the engine thread, if it panicked while a [`PanicHook`] was in.
+pub fn engine_panic() -> Option<String> {
     let v = BACKGROUND_PANICS.lock().unwrap_or_else(|e| e.into_inner());
     v.iter()
         .rev()
@@ -249,23 +249,28 @@ fn engine_panic() -> Option<String> {
 
 type Hook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
 
-/// While the TUI runs: a panic of the UI thread restores the terminal, then prints as usual
-/// (what ratatui's hook does); a panic of another thread (engine, downloads) leaves the screen
-/// alone, which is still in use, and is recorded instead: the UI says the engine stopped, and
-/// `run` prints the message after the terminal is back. Dropping it puts the old hook back.
-struct PanicHook {
+/// While the TUI runs: a panic of the UI thread restores the terminal (with `restore`), then
+/// prints as usual (what ratatui's hook does); a panic of another thread (engine, downloads)
+/// leaves the screen alone, which is still in use, and is recorded instead: the UI says the
+/// engine stopped, and `run` prints the message after the terminal is back. `tokentop run`
+/// uses it too (without `restore`), to report an engine panic as one line. Dropping it puts
+/// the old hook back.
+pub struct PanicHook {
     previous: Arc<Hook>,
 }
 
 impl PanicHook {
-    fn install() -> Self {
+    /// Installs it; the calling thread is the one whose panics are printed.
+    pub fn install(restore: bool) -> Self {
         let previous: Arc<Hook> = Arc::new(std::panic::take_hook());
         let ui = std::thread::current().id();
         let prev = previous.clone();
         std::panic::set_hook(Box::new(move |info| {
             let me = std::thread::current();
             if me.id() == ui {
-                restore_terminal();
+                if restore {
+                    restore_terminal();
+                }
                 prev(info);
                 return;
             }
@@ -458,7 +463,7 @@ mod tests {
     /// the panic's message is kept (not printed over the screen) for the UI to show.
     #[test]
     fn a_panicking_engine_thread_is_noticed_with_its_message() {
-        let hook = PanicHook::install();
+        let hook = PanicHook::install(false);
         let (tx, rx) = channel();
         let t = std::thread::Builder::new()
             .name(ENGINE_THREAD.into())

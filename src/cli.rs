@@ -384,7 +384,9 @@ pub fn list(catalog: &Catalog) -> Result<()> {
 }
 
 /// The engine thread is gone (it ended or panicked) while we waited for its answer.
-const ENGINE_GONE: &str = "the engine stopped: its thread ended unexpectedly";
+#[derive(Debug, thiserror::Error)]
+#[error("the engine stopped: {}", crate::app::engine_panic().unwrap_or_else(|| "its thread ended".into()))]
+struct EngineGone;
 
 /// Loads a model on the engine thread, waiting for the handshake.
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
@@ -393,11 +395,7 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
         opts: LoadOptions { n_ctx: ctx },
     });
     loop {
-        match engine
-            .events
-            .recv()
-            .map_err(|_| anyhow::anyhow!(ENGINE_GONE))?
-        {
+        match engine.events.recv().map_err(|_| EngineGone)? {
             EngineEvent::Loading { path } => note!("tokentop: loading {}", path.display()),
             EngineEvent::Ready { info } => return Ok(info),
             EngineEvent::LoadFailed { error, .. } => bail!("{error}"),
@@ -408,6 +406,8 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
 
 pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     let path = model_path(catalog, args.model.as_deref())?;
+    // An engine panic is reported as one error line rather than a panic message.
+    let _hook = crate::app::PanicHook::install(false);
     let engine = EngineHandle::spawn();
     let info = load(&engine, path, args.gen.ctx)?;
     note!(
@@ -507,7 +507,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
         }
         if let Err(e) = ask(&mut history, line, first) {
             // A closed stdout or a dead engine ends the chat; other errors end one answer.
-            if e.is::<QuietExit>() || format!("{e}") == ENGINE_GONE {
+            if e.is::<QuietExit>() || e.is::<EngineGone>() {
                 return Err(e);
             }
             note!("tokentop: {e:#}");
@@ -531,11 +531,7 @@ fn stream_answer(
         stdout_error(e)
     };
     loop {
-        match engine
-            .events
-            .recv()
-            .map_err(|_| anyhow::anyhow!(ENGINE_GONE))?
-        {
+        match engine.events.recv().map_err(|_| EngineGone)? {
             EngineEvent::Token { req: r, text: t } if r == req => {
                 out.write_all(t.as_bytes())
                     .and_then(|_| out.flush())

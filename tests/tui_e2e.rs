@@ -1,6 +1,6 @@
 //! The real binary in tmux, as a person uses it: type a prompt, watch it stream, read the
 //! speed off the screen, shrink the terminal to 20x5, quit with Ctrl-C twice; end it with
-//! SIGTERM and SIGHUP mid-answer; start it with stdin not a terminal.
+//! SIGTERM, SIGHUP, SIGINT and SIGQUIT mid-answer; start it with stdin not a terminal.
 mod common;
 
 use std::process::Command;
@@ -198,9 +198,9 @@ fn tokentop_pid(s: &str) -> String {
         .to_string()
 }
 
-/// SIGTERM and SIGHUP while an answer streams: the terminal is restored (alternate screen
-/// left, raw mode off, cursor shown), the exit status is 128 + the signal, and the part of
-/// the answer that streamed is saved in the session.
+/// SIGTERM, SIGHUP, SIGINT and SIGQUIT sent while an answer streams: the terminal is
+/// restored (alternate screen left, raw mode off, cursor shown), the exit status is 128 + the
+/// signal, and the part of the answer that streamed is saved in the session.
 #[test]
 fn signals_while_streaming_restore_the_terminal() {
     if !have_tmux() {
@@ -209,7 +209,7 @@ fn signals_while_streaming_restore_the_terminal() {
     let Some(model) = common::smollm2() else {
         return;
     };
-    for (signal, code) in [("TERM", 143), ("HUP", 129)] {
+    for (signal, code) in [("TERM", 143), ("HUP", 129), ("INT", 130), ("QUIT", 131)] {
         let home = tempfile::tempdir().unwrap();
         let name = format!("tokentop-sig{signal}-{}", std::process::id());
         // After tokentop, the shell prints its status and the terminal's line discipline.
