@@ -298,3 +298,55 @@ fn the_tui_with_stdin_not_a_terminal_fails_at_once() {
     );
     assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
 }
+
+/// A GGUF with `general.alignment = 0`, on which candle's reader divides by zero (issue 8,
+/// class 1): the engine thread may die on it. Either way the UI keeps the screen (it is not
+/// restored under the running app), says what happened instead of "loading" forever, and
+/// still quits normally.
+#[test]
+fn a_failing_engine_is_reported_in_the_title() {
+    if !have_tmux() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = common::synth(
+        dir.path(),
+        &tokentop::engine::synth::SynthSpec::new("llama"),
+    );
+    let mut bytes = std::fs::read(&good).unwrap();
+    // Same-length key rename: llama.block_count (a u32) becomes general.alignment = 0.
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at..at + key.len()].copy_from_slice(b"general.alignment");
+    let value = at + key.len() + 4;
+    bytes[value..value + 4].copy_from_slice(&0u32.to_le_bytes());
+    let bad = dir.path().join("align0.gguf");
+    std::fs::write(&bad, bytes).unwrap();
+
+    let name = format!("tokentop-engine-{}", std::process::id());
+    let cmd = format!(
+        "TOKENTOP_HOME={} {} ui {}; echo TOKENTOP_EXIT=$?; sleep 60",
+        dir.path().display(),
+        env!("CARGO_BIN_EXE_tokentop"),
+        bad.display()
+    );
+    let _guard = start(&name, &cmd);
+    let shown = wait_for(&name, "the failure in the title", 30, |t| {
+        let title = t.lines().next().unwrap_or("");
+        title.contains("the engine stopped: ") || title.contains("load failed: ")
+    });
+    assert!(
+        !shown.lines().next().unwrap().contains("loading"),
+        "{shown}"
+    );
+    assert_eq!(pane_format(&name, "#{alternate_on}"), "1", "{shown}");
+    assert!(!shown.contains("panicked"), "{shown}");
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    let end = wait_for(&name, "tokentop to exit", 10, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(end.contains("TOKENTOP_EXIT=0"), "{end}");
+    assert_eq!(pane_format(&name, "#{alternate_on}"), "0");
+}
