@@ -105,8 +105,9 @@ fn sigint_during_run_prompt_stops_the_answer_and_exits_130() {
             Err(e) => panic!("no answer streamed ({e}): {}", stderr_of(&mut child)),
         }
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's kill builtin: no procps needed.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
         .status()
         .unwrap();
     assert!(kill.success());

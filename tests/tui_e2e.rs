@@ -243,8 +243,8 @@ fn signals_while_streaming_restore_the_terminal() {
                 })
         });
         let pid = tokentop_pid(&name);
-        assert!(Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
+        assert!(Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {pid}")])
             .status()
             .unwrap()
             .success());
