@@ -4,7 +4,7 @@
 
 use crate::catalog::{fetch, Catalog};
 use crate::engine::worker::EngineHandle;
-use crate::protocol::{EngineCmd, GenParams, LoadOptions};
+use crate::protocol::{EngineCmd, EngineEvent, GenParams, LoadOptions, Role};
 use crate::roofline::Profile;
 use crate::session::{self, SessionFile};
 use crate::state::{self, Effect, Msg, State, SwitchItem};
@@ -17,10 +17,12 @@ use crossterm::event::{
     DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture, Event,
     EventStream,
 };
+use crossterm::terminal::{EnterAlternateScreen, LeaveAlternateScreen};
 use futures::StreamExt;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Tick period: channels are drained and keys answered within 25 ms.
@@ -117,8 +119,13 @@ impl Io {
                 let tx = self.tx.clone();
                 std::thread::spawn(move || {
                     let result = match model {
-                        Some(m) => fetch::ensure_local(&m, fetch::Report::Quiet)
-                            .map_err(|e| format!("{e:#}")),
+                        Some(m) => std::panic::catch_unwind(|| {
+                            fetch::ensure_local(&m, fetch::Report::Quiet)
+                                .map_err(|e| format!("{e:#}"))
+                        })
+                        .unwrap_or_else(|_| {
+                            Err("the download stopped on an internal error".into())
+                        }),
                         None => Err(format!("{id} is not in the catalog")),
                     };
                     let _ = tx.send(Msg::Fetched { id, result });
@@ -162,27 +169,183 @@ impl Io {
     }
 }
 
-/// Runs the TUI until the user quits. The terminal is restored on every exit path, panics
-/// included (ratatui's init installs a panic hook that restores it first).
-pub fn run(cfg: AppConfig) -> Result<()> {
+/// Runs the TUI until the user quits or a signal ends it; returns that signal's number.
+/// The terminal is restored on every exit path: quitting, an error, SIGTERM, SIGHUP, SIGINT
+/// and SIGQUIT (see [`Signals`]), and a panic of the UI thread (see [`PanicHook`]).
+pub fn run(cfg: AppConfig) -> Result<Option<i32>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut terminal = ratatui::init();
-    crossterm::execute!(std::io::stdout(), EnableMouseCapture, EnableBracketedPaste)?;
-    let result = rt.block_on(event_loop(&mut terminal, cfg));
-    let _ = crossterm::execute!(
-        std::io::stdout(),
-        DisableMouseCapture,
-        DisableBracketedPaste
-    );
-    ratatui::restore();
+    let hook = PanicHook::install(true);
+    let result = enter_terminal().and_then(|mut terminal| {
+        let r = rt.block_on(event_loop(&mut terminal, cfg));
+        restore_terminal();
+        r
+    });
+    drop(hook);
+    // Panics of background threads are kept off the screen while it is in use; they are
+    // reported here, after the terminal is back.
+    for p in take_background_panics() {
+        let _ = writeln!(std::io::stderr(), "tokentop: {p}");
+    }
     result
 }
 
-async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> Result<()> {
+/// Raw mode, the alternate screen, mouse and bracketed paste; undone by `restore_terminal`.
+fn enter_terminal() -> Result<ratatui::DefaultTerminal> {
+    let setup = || -> std::io::Result<ratatui::DefaultTerminal> {
+        crossterm::terminal::enable_raw_mode()?;
+        crossterm::execute!(
+            std::io::stdout(),
+            EnterAlternateScreen,
+            EnableMouseCapture,
+            EnableBracketedPaste
+        )?;
+        ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout()))
+    };
+    setup().map_err(|e| {
+        restore_terminal();
+        anyhow::anyhow!("cannot set up the terminal: {e}")
+    })
+}
+
+/// Leaves the alternate screen, turns raw mode off and shows the cursor. Each step is tried
+/// on its own and errors are ignored: after a hangup the terminal may be gone, and this also
+/// runs inside the panic hook.
+fn restore_terminal() {
+    let mut out = std::io::stdout();
+    let _ = crossterm::execute!(out, DisableMouseCapture, DisableBracketedPaste);
+    let _ = crossterm::terminal::disable_raw_mode();
+    let _ = crossterm::execute!(out, LeaveAlternateScreen, crossterm::cursor::Show);
+}
+
+/// The name of the engine's thread, to tell its panics from others.
+const ENGINE_THREAD: &str = "tokentop-engine";
+
+/// Panics of threads other than the UI's, as "thread NAME stopped: MESSAGE (at FILE:LINE)".
+static BACKGROUND_PANICS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn take_background_panics() -> Vec<String> {
+    let mut v = BACKGROUND_PANICS.lock().unwrap_or_else(|e| e.into_inner());
+    v.drain(..)
+        .map(|(thread, msg)| format!("thread {thread} stopped: {msg}"))
+        .collect()
+}
+
+/// The last panic message of the engine thread, if it panicked while a [`PanicHook`] was in.
+pub fn engine_panic() -> Option<String> {
+    let v = BACKGROUND_PANICS.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter()
+        .rev()
+        .find(|(t, _)| t == ENGINE_THREAD)
+        .map(|(_, m)| m.clone())
+}
+
+type Hook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
+
+/// While the TUI runs: a panic of the UI thread restores the terminal (with `restore`), then
+/// prints as usual (what ratatui's hook does); a panic of another thread (engine, downloads)
+/// leaves the screen alone, which is still in use, and is recorded instead: the UI says the
+/// engine stopped, and `run` prints the message after the terminal is back. `tokentop run`
+/// uses it too (without `restore`), to report an engine panic as one line. Dropping it puts
+/// the old hook back.
+pub struct PanicHook {
+    previous: Arc<Hook>,
+}
+
+impl PanicHook {
+    /// Installs it; the calling thread is the one whose panics are printed.
+    pub fn install(restore: bool) -> Self {
+        let previous: Arc<Hook> = Arc::new(std::panic::take_hook());
+        let ui = std::thread::current().id();
+        let prev = previous.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            let me = std::thread::current();
+            if me.id() == ui {
+                if restore {
+                    restore_terminal();
+                }
+                prev(info);
+                return;
+            }
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            let at = info
+                .location()
+                .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+                .unwrap_or_default();
+            BACKGROUND_PANICS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((me.name().unwrap_or("unnamed").to_string(), msg + &at));
+        }));
+        Self { previous }
+    }
+}
+
+impl Drop for PanicHook {
+    fn drop(&mut self) {
+        let previous = self.previous.clone();
+        let _ = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| previous(info)));
+    }
+}
+
+/// Signals that end the TUI: SIGTERM (`kill`), SIGHUP (the terminal closed), SIGINT and
+/// SIGQUIT sent from outside (in raw mode Ctrl-C and Ctrl-\ arrive as keys instead).
+/// tokio's signal streams, awaited in the event loop's select!.
+struct Signals(Vec<(i32, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        [
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::interrupt(),
+            SignalKind::quit(),
+        ]
+        .into_iter()
+        .map(|k| Ok((k.as_raw_value(), signal(k)?)))
+        .collect::<Result<Vec<_>>>()
+        .map(Self)
+    }
+
+    /// The number of the next signal received.
+    async fn recv(&mut self) -> i32 {
+        let waits = self.0.iter_mut().map(|(n, s)| {
+            let n = *n;
+            Box::pin(async move {
+                s.recv().await;
+                n
+            })
+        });
+        futures::future::select_all(waits).await.0
+    }
+}
+
+/// Moves what the engine sent into `msgs`; false once its channel is disconnected (the
+/// engine thread ended: it panicked, or its loop returned).
+fn drain_engine(events: &Receiver<EngineEvent>, msgs: &mut Vec<Msg>) -> bool {
+    loop {
+        match events.try_recv() {
+            Ok(ev) => msgs.push(Msg::Engine(ev)),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+async fn event_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    cfg: AppConfig,
+) -> Result<Option<i32>> {
     let mut engine = EngineHandle::spawn();
-    let engine_events = engine.take_events();
+    let mut engine_events = engine.take_events();
     let telemetry = TelemetryHandle::spawn(PathBuf::from("/sys"));
     let (tx, background): (Sender<Msg>, Receiver<Msg>) = channel();
     let sessions_dir = session::sessions_dir()?;
@@ -215,6 +378,7 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
         },
         &st,
     );
+    let mut signals = Signals::new()?;
 
     let mut events = EventStream::new();
     let mut tick = tokio::time::interval(FRAME);
@@ -232,10 +396,27 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
                 Some(Ok(Event::Resize(..))) => dirty = true,
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
-                None => return Ok(()),
+                None => return Ok(None),
             },
+            signal = signals.recv() => {
+                // Keep the part of an answer that streamed, as a finished one would be.
+                if st.stream.is_some() {
+                    if let Some(e) = st.chat.last().filter(|e| e.role == Role::Assistant) {
+                        io.run(Effect::SaveEntry(e.clone()), &st);
+                    }
+                }
+                // Exit now: dropping the engine would wait for a load in progress.
+                std::mem::forget(io.engine);
+                return Ok(Some(signal));
+            }
             _ = tick.tick() => {
-                msgs.extend(engine_events.try_iter().map(Msg::Engine));
+                if !drain_engine(&engine_events, &mut msgs) {
+                    let why = engine_panic().unwrap_or_else(|| "its thread ended".into());
+                    msgs.push(Msg::EngineStopped(why));
+                    // A fresh engine, so that a model can be loaded again.
+                    io.engine = EngineHandle::spawn();
+                    engine_events = io.engine.take_events();
+                }
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
                 // Clocks in the view (load timer, live rate) move once a second at least.
@@ -250,7 +431,7 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
             dirty = true;
             for effect in state::update(&mut st, msg) {
                 if effect == Effect::Quit {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if let Some(m) = io.run(effect, &st) {
                     queue.push_back(m);
@@ -269,5 +450,61 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, cfg: AppConfig) -> 
             dirty = false;
             last_draw = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine thread that panics: its events arrive, then the disconnect is noticed, and
+    /// the panic's message is kept (not printed over the screen) for the UI to show.
+    #[test]
+    fn a_panicking_engine_thread_is_noticed_with_its_message() {
+        let hook = PanicHook::install(false);
+        let (tx, rx) = channel();
+        let t = std::thread::Builder::new()
+            .name(ENGINE_THREAD.into())
+            .spawn(move || {
+                tx.send(EngineEvent::Loading {
+                    path: PathBuf::from("m.gguf"),
+                })
+                .unwrap();
+                let shape: Vec<usize> = Vec::new();
+                // A real index panic, like a bad tensor shape would cause.
+                std::hint::black_box(&shape)[std::hint::black_box(3)]
+            })
+            .unwrap();
+        assert!(t.join().is_err());
+        drop(hook);
+        let mut msgs = Vec::new();
+        assert!(!drain_engine(&rx, &mut msgs), "the disconnect is seen");
+        assert_eq!(msgs.len(), 1, "events sent before the panic still arrive");
+        let why = engine_panic().expect("the engine's panic was recorded");
+        assert!(
+            why.contains("index out of bounds") && why.contains("src/app.rs"),
+            "{why}"
+        );
+        let printed = take_background_panics();
+        assert!(
+            printed
+                .iter()
+                .any(|p| p.starts_with("thread tokentop-engine stopped: index out of bounds")),
+            "{printed:?}"
+        );
+    }
+
+    #[test]
+    fn a_live_engine_channel_is_not_a_stop() {
+        let (tx, rx) = channel();
+        tx.send(EngineEvent::Loading {
+            path: PathBuf::from("m.gguf"),
+        })
+        .unwrap();
+        let mut msgs = Vec::new();
+        assert!(drain_engine(&rx, &mut msgs));
+        assert_eq!(msgs.len(), 1);
+        assert!(drain_engine(&rx, &mut msgs));
+        assert_eq!(msgs.len(), 1);
     }
 }

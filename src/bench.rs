@@ -184,8 +184,15 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
             .max()
             .copied()
             .unwrap_or(0);
-        let mut model = Model::load(&mut g, max_depth + longest + 1, &device)?;
-        if model.n_ctx < max_depth + longest + 1 {
+        // The command line bounds each count, but a bad sum must be an error, not a wrap.
+        let needed = max_depth
+            .checked_add(longest)
+            .and_then(|n| n.checked_add(1))
+            .with_context(|| {
+                format!("depth {max_depth} + {longest} tokens exceed any model's context")
+            })?;
+        let mut model = Model::load(&mut g, needed, &device)?;
+        if model.n_ctx < needed {
             bail!(
                 "{}: depth {max_depth} + {longest} tokens exceed the model's context of {}",
                 path.display(),
@@ -291,8 +298,8 @@ fn now_rfc3339() -> String {
     )
 }
 
-/// Runs the whole matrix and prints it in the chosen format.
-pub fn run(args: &BenchArgs) -> Result<()> {
+/// Runs the whole matrix and returns it in the chosen format, for the caller to print.
+pub fn run(args: &BenchArgs) -> Result<String> {
     let rows = if std::env::var_os(CHILD).is_some() {
         let threads = crate::engine::thread_count();
         run_here(args, threads)?
@@ -303,8 +310,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         rows
     };
-    print!("{}", format(&rows, args.output)?);
-    Ok(())
+    format(&rows, args.output)
 }
 
 fn run_child(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
@@ -343,14 +349,28 @@ fn run_child(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
             "-o",
             "jsonl",
         ])
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .output()
         .context("starting the benchmark process")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!(
-            "the benchmark with {threads} threads failed ({})",
-            out.status
-        );
+        // The child's one-line error becomes ours, so that the user sees it once.
+        match stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("tokentop: error: "))
+        {
+            Some(error) => bail!("{error}"),
+            None => bail!(
+                "the benchmark with {threads} threads failed ({}): {}",
+                out.status,
+                stderr.trim()
+            ),
+        }
+    }
+    {
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(stderr.as_bytes());
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()

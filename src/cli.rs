@@ -8,9 +8,9 @@ use crate::protocol::{
 use crate::stats::ollama_block;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
@@ -60,7 +60,9 @@ pub struct BenchCli {
         short = 'p',
         long = "n-prompt",
         value_delimiter = ',',
-        default_value = "512"
+        default_value = "512",
+        allow_negative_numbers = true,
+        value_parser = count("prompt length", 0, MAX_TOKENS_ARG)
     )]
     pub n_prompt: Vec<usize>,
     /// Tokens to generate (tg tests), comma-separated; 0 skips.
@@ -68,7 +70,9 @@ pub struct BenchCli {
         short = 'n',
         long = "n-gen",
         value_delimiter = ',',
-        default_value = "128"
+        default_value = "128",
+        allow_negative_numbers = true,
+        value_parser = count("tokens to generate", 0, MAX_TOKENS_ARG)
     )]
     pub n_gen: Vec<usize>,
     /// Tokens already in the context before each test, comma-separated.
@@ -76,14 +80,18 @@ pub struct BenchCli {
         short = 'd',
         long = "n-depth",
         value_delimiter = ',',
-        default_value = "0"
+        default_value = "0",
+        allow_negative_numbers = true,
+        value_parser = count("depth", 0, MAX_TOKENS_ARG)
     )]
     pub depth: Vec<usize>,
-    /// Threads, comma-separated (default: one per physical core).
-    #[arg(short = 't', long, value_delimiter = ',')]
+    /// Threads, comma-separated, 1 to 1024 (default: one per physical core).
+    #[arg(short = 't', long, value_delimiter = ',', allow_negative_numbers = true,
+          value_parser = count("threads", 1, MAX_THREADS))]
     pub threads: Vec<usize>,
-    /// Repetitions of each test (after one uncounted warm-up).
-    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    /// Repetitions of each test (after one uncounted warm-up), 1 to 10000.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, allow_negative_numbers = true,
+          value_parser = count("repetitions", 1, MAX_REPS))]
     pub reps: usize,
     #[arg(short = 'o', long, value_enum, default_value = "md")]
     pub output: crate::bench::Output,
@@ -119,27 +127,182 @@ pub struct RunArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct GenArgs {
-    /// Most tokens to generate.
-    #[arg(short = 'n', long, default_value_t = 512)]
+    /// Most tokens to generate (at least 1).
+    #[arg(short = 'n', long, default_value_t = 512, allow_negative_numbers = true,
+          value_parser = count("max tokens", 1, MAX_TOKENS_ARG))]
     pub max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
+    /// 0 = greedy; otherwise from 0.001 to 100.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true, value_parser = temperature)]
     pub temperature: f64,
-    /// 0 disables top-k.
-    #[arg(long, default_value_t = 40)]
+    /// Sample only from the K most likely tokens; 0 = all tokens (top-k off).
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true,
+          value_parser = count("top-k", 0, usize::MAX))]
     pub top_k: usize,
-    /// 1.0 disables top-p.
-    #[arg(long, default_value_t = 0.9)]
+    /// Sample from the smallest set of tokens whose probabilities add up to P, in (0, 1];
+    /// 1 = top-p off.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true, value_parser = top_p)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 1.1)]
+    /// Penalty for repeating recent tokens, from 0.01 to 100; 1 = off.
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true, value_parser = repeat_penalty)]
     pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 64)]
+    /// How many recent tokens the repeat penalty looks at; 0 = off.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = count("repeat-last-n", 0, usize::MAX))]
     pub repeat_last_n: usize,
-    #[arg(long, default_value_t = 42)]
+    /// Seed of the sampler's random numbers, 0 to 18446744073709551615.
+    #[arg(long, default_value_t = 42, allow_negative_numbers = true, value_parser = seed)]
     pub seed: u64,
-    /// Context length to allocate (capped by the model's own).
-    #[arg(long, default_value_t = 4096)]
+    /// Context length to allocate, 1 to 16777216 (capped by the model's own).
+    #[arg(long, default_value_t = 4096, allow_negative_numbers = true,
+          value_parser = count("context length", 1, MAX_TOKENS_ARG))]
     pub ctx: usize,
+}
+
+/// The largest token count any option takes (2^24 = 16,777,216): more than any model's
+/// context, and small enough that sums of counts never overflow.
+pub const MAX_TOKENS_ARG: usize = 1 << 24;
+/// Most benchmark threads.
+pub const MAX_THREADS: usize = 1024;
+/// Most benchmark repetitions.
+pub const MAX_REPS: usize = 10_000;
+
+/// A clap value parser for a whole number from `min` to `max`, whose errors name `what`.
+fn count(
+    what: &'static str,
+    min: usize,
+    max: usize,
+) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let n: usize = match s.trim().parse() {
+            Ok(n) => n,
+            Err(_) if s.trim().starts_with('-') => return Err(at_least(what, min)),
+            Err(_) if !s.trim().is_empty() && s.trim().bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(format!("{what} must be at most {max}"))
+            }
+            Err(_) => return Err(format!("{what} must be a whole number")),
+        };
+        if n < min {
+            Err(at_least(what, min))
+        } else if n > max {
+            Err(format!("{what} must be at most {max}"))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
+fn at_least(what: &str, min: usize) -> String {
+    if min == 0 {
+        format!("{what} must be 0 or more")
+    } else {
+        format!("{what} must be at least {min}")
+    }
+}
+
+/// A finite number (NaN and infinities are refused here, once, for every float option).
+fn finite(s: &str, what: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        _ => Err(format!("{what} must be a finite number")),
+    }
+}
+
+/// Below 0.001 the logits divided by the temperature overflow f32 and sampling breaks down,
+/// and 0 already means greedy; above 100 every token is as likely as any other.
+fn temperature(s: &str) -> std::result::Result<f64, String> {
+    let t = finite(s, "temperature")?;
+    if t == 0.0 || (0.001..=100.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err("temperature must be 0 (greedy) or from 0.001 to 100".into())
+    }
+}
+
+fn seed(s: &str) -> std::result::Result<u64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("seed must be a whole number from 0 to {}", u64::MAX))
+}
+
+fn top_p(s: &str) -> std::result::Result<f64, String> {
+    let p = finite(s, "top-p")?;
+    if p > 0.0 && p <= 1.0 {
+        Ok(p)
+    } else {
+        Err("top-p must be above 0 and at most 1 (1 turns it off)".into())
+    }
+}
+
+fn repeat_penalty(s: &str) -> std::result::Result<f32, String> {
+    let r = finite(s, "repeat penalty")?;
+    if (0.01..=100.0).contains(&r) {
+        Ok(r as f32)
+    } else {
+        Err("repeat penalty must be from 0.01 to 100 (1 turns it off)".into())
+    }
+}
+
+/// Exit without a message: a signal ended tokentop (status 128 + its number) or stdout was
+/// closed under it (141, as if SIGPIPE had ended it, so pipelines read as with `cat`).
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct QuietExit(pub i32);
+
+pub const SIGINT: i32 = 2;
+pub const SIGPIPE: i32 = 13;
+
+/// A write to stdout failed: a closed reader (EPIPE) becomes a quiet exit.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        QuietExit(128 + SIGPIPE).into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Prints to stdout, turning a closed reader into a quiet exit (`print!` would panic).
+pub fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(stdout_error)
+}
+
+/// `eprintln!` that never panics: a closed or hung-up stderr loses the line, nothing else.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// One line for a command-line error from clap, without its usage block: "invalid value
+/// '0' for '--max-tokens <MAX_TOKENS>': max tokens must be at least 1".
+pub fn clap_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut parts: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        parts.push(line.strip_prefix("tip: ").unwrap_or(line).to_string());
+    }
+    let mut line = String::new();
+    for part in parts {
+        if !line.is_empty() {
+            let glue = line.ends_with(':') || part.starts_with("[possible values");
+            line.push_str(if glue { " " } else { "; " });
+        }
+        line.push_str(&part);
+    }
+    if line.is_empty() {
+        line = "bad command line (see `tokentop --help`)".into();
+    }
+    line
 }
 
 impl Default for UiArgs {
@@ -198,15 +361,15 @@ pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
     }
 }
 
-pub fn list(catalog: &Catalog) {
-    println!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  LOCAL",
+pub fn list(catalog: &Catalog) -> Result<()> {
+    let mut out = format!(
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  LOCAL\n",
         "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE"
     );
     for m in &catalog.models {
         let local = fetch::local_path(m).map_or("-".to_string(), |p| p.display().to_string());
-        println!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {}{}",
+        out.push_str(&format!(
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
@@ -219,9 +382,15 @@ pub fn list(catalog: &Catalog) {
             } else {
                 ""
             }
-        );
+        ));
     }
+    print_out(&out)
 }
+
+/// The engine thread is gone (it ended or panicked) while we waited for its answer.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine stopped: {}", crate::app::engine_panic().unwrap_or_else(|| "its thread ended".into()))]
+struct EngineGone;
 
 /// Loads a model on the engine thread, waiting for the handshake.
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
@@ -230,8 +399,8 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
         opts: LoadOptions { n_ctx: ctx },
     });
     loop {
-        match engine.events.recv().context("the engine thread stopped")? {
-            EngineEvent::Loading { path } => eprintln!("tokentop: loading {}", path.display()),
+        match engine.events.recv().map_err(|_| EngineGone)? {
+            EngineEvent::Loading { path } => note!("tokentop: loading {}", path.display()),
             EngineEvent::Ready { info } => return Ok(info),
             EngineEvent::LoadFailed { error, .. } => bail!("{error}"),
             _ => {}
@@ -241,9 +410,11 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
 
 pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     let path = model_path(catalog, args.model.as_deref())?;
+    // An engine panic is reported as one error line rather than a panic message.
+    let _hook = crate::app::PanicHook::install(false);
     let engine = EngineHandle::spawn();
     let info = load(&engine, path, args.gen.ctx)?;
-    eprintln!(
+    note!(
         "tokentop: {} ({}, {}, {:.0}M params, {}-token context) loaded in {:.2}s",
         info.name,
         info.arch,
@@ -253,13 +424,17 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
         info.load_time.as_secs_f64()
     );
 
-    // Ctrl-C stops the answer being streamed; at the chat prompt it quits.
+    // Ctrl-C stops the answer being streamed (a second one, before it has stopped, quits);
+    // at the chat prompt it quits. Quitting on Ctrl-C exits with 130 (128 + SIGINT).
     let streaming = Arc::new(AtomicU64::new(0));
+    let interrupted = Arc::new(AtomicBool::new(false));
     {
         let streaming = streaming.clone();
+        let interrupted = interrupted.clone();
         let tx = engine.sender();
         ctrlc::set_handler(move || match streaming.load(Ordering::SeqCst) {
-            0 => std::process::exit(130),
+            0 => std::process::exit(128 + SIGINT),
+            _ if interrupted.swap(true, Ordering::SeqCst) => std::process::exit(128 + SIGINT),
             req => {
                 let _ = tx.send(EngineCmd::Cancel { req });
             }
@@ -278,6 +453,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
         history.push(Message::new(Role::User, text));
         let req = next_req;
         next_req += 1;
+        interrupted.store(false, Ordering::SeqCst);
         streaming.store(req, Ordering::SeqCst);
         engine.send(EngineCmd::Generate {
             req,
@@ -307,13 +483,17 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     };
 
     if let Some(prompt) = &args.prompt {
-        return ask(&mut history, prompt.clone(), true);
+        ask(&mut history, prompt.clone(), true)?;
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(QuietExit(128 + SIGINT).into());
+        }
+        return Ok(());
     }
-    eprintln!("tokentop: chat with {} — /reset forgets the conversation, /bye or Ctrl-D quits, Ctrl-C stops an answer", info.name);
+    note!("tokentop: chat with {} — /reset forgets the conversation, /bye or Ctrl-D quits, Ctrl-C stops an answer", info.name);
     let stdin = std::io::stdin();
     let mut first = true;
     loop {
-        eprint!(">>> ");
+        let _ = write!(std::io::stderr(), ">>> ");
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
             break;
@@ -324,13 +504,17 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
             "/bye" | "/exit" | "/quit" => break,
             "/reset" => {
                 history.retain(|m| m.role == Role::System);
-                eprintln!("tokentop: conversation cleared");
+                note!("tokentop: conversation cleared");
                 continue;
             }
             _ => {}
         }
         if let Err(e) = ask(&mut history, line, first) {
-            eprintln!("tokentop: {e:#}");
+            // A closed stdout or a dead engine ends the chat; other errors end one answer.
+            if e.is::<QuietExit>() || e.is::<EngineGone>() {
+                return Err(e);
+            }
+            note!("tokentop: {e:#}");
         }
         first = false;
     }
@@ -338,6 +522,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
 }
 
 /// Prints the tokens of `req` as they come and the stats block at the end; returns the text.
+/// When stdout is closed under it, the answer is cancelled and the error is a quiet exit.
 fn stream_answer(
     engine: &EngineHandle,
     req: RequestId,
@@ -345,11 +530,16 @@ fn stream_answer(
 ) -> Result<String> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
+    let stop = |e: std::io::Error| {
+        engine.send(EngineCmd::Cancel { req });
+        stdout_error(e)
+    };
     loop {
-        match engine.events.recv().context("the engine thread stopped")? {
+        match engine.events.recv().map_err(|_| EngineGone)? {
             EngineEvent::Token { req: r, text: t } if r == req => {
-                out.write_all(t.as_bytes())?;
-                out.flush()?;
+                out.write_all(t.as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(stop)?;
                 text.push_str(&t);
             }
             EngineEvent::Finished {
@@ -357,9 +547,12 @@ fn stream_answer(
                 stats,
                 reason,
             } if r == req => {
-                writeln!(out)?;
-                out.flush()?;
-                eprint!("\n{}", ollama_block(&stats, load, reason));
+                writeln!(out).and_then(|_| out.flush()).map_err(stop)?;
+                let _ = write!(
+                    std::io::stderr(),
+                    "\n{}",
+                    ollama_block(&stats, load, reason)
+                );
                 return Ok(text);
             }
             EngineEvent::Failed { req: r, error } if r == req => bail!("{error}"),
@@ -375,24 +568,30 @@ pub fn local_profile_path() -> Result<PathBuf> {
 
 pub fn probe() -> Result<()> {
     let path = local_profile_path()?;
-    eprintln!("tokentop: measuring memory bandwidth…");
+    note!("tokentop: measuring memory bandwidth…");
     let p = crate::roofline::probe(&path)?;
-    println!(
-        "{}: {:.1} GB/s read bandwidth, {:.1} GB memory (saved to {})",
+    print_out(&format!(
+        "{}: {:.1} GB/s read bandwidth, {:.1} GB memory (saved to {})\n",
         p.name,
         p.bandwidth_gbs,
         p.memory_gb,
         path.display()
-    );
-    Ok(())
+    ))
 }
 
+/// The message when the TUI is started without a terminal.
+pub const NO_TERMINAL: &str = "the TUI needs a terminal; use `tokentop run --prompt …` for scripts";
+
 pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
+    // Checked before anything is fetched or loaded.
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        bail!(NO_TERMINAL);
+    }
     let theme = crate::theme::Theme::load(&args.theme)?;
     // The model is fetched (with a progress bar) before the screen is taken over.
     let model = model_path(&catalog, args.model.as_deref())?;
     let profiles = crate::roofline::profiles(local_profile_path().ok().as_deref());
-    crate::app::run(crate::app::AppConfig {
+    let ended_by = crate::app::run(crate::app::AppConfig {
         model,
         catalog,
         theme,
@@ -400,12 +599,17 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         n_ctx: args.gen.ctx,
         profiles,
         system: args.system.clone(),
-    })
+    })?;
+    match ended_by {
+        Some(signal) => Err(QuietExit(128 + signal).into()),
+        None => Ok(()),
+    }
 }
 
 pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
-    if b.reps == 0 {
-        bail!("-r must be at least 1");
+    // Checked before any model is fetched.
+    if !b.n_prompt.iter().chain(&b.n_gen).any(|&n| n > 0) {
+        bail!("nothing to measure: every -p and -n is 0");
     }
     let models = b
         .model
@@ -417,7 +621,7 @@ pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
     } else {
         b.threads.clone()
     };
-    crate::bench::run(&crate::bench::BenchArgs {
+    let table = crate::bench::run(&crate::bench::BenchArgs {
         models,
         n_prompt: b.n_prompt.clone(),
         n_gen: b.n_gen.clone(),
@@ -425,5 +629,6 @@ pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
         threads,
         reps: b.reps,
         output: b.output,
-    })
+    })?;
+    print_out(&table)
 }

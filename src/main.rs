@@ -1,16 +1,41 @@
+use clap::error::ErrorKind;
 use clap::Parser;
-use tokentop::cli::{self, Cli, Cmd};
+use std::io::Write;
+use tokentop::cli::{self, Cli, Cmd, QuietExit};
 
+/// Every error is one line on stderr, `tokentop: error: …`, with exit status 1: bad values
+/// and usage errors from clap too (not clap's usage block and status 2). A signal or a
+/// closed stdout ends tokentop quietly with 128 + the signal's number.
 fn main() {
     tokentop::private::hide_panic_messages();
-    let args = Cli::parse();
+    let args = match Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => fail(&cli::clap_error_line(&e)),
+        },
+    };
     if args.offline {
         tokentop::offline::force();
     }
     if let Err(e) = real_main(args) {
-        eprintln!("tokentop: error: {e:#}");
-        std::process::exit(1);
+        if let Some(QuietExit(code)) = e.downcast_ref::<QuietExit>() {
+            std::process::exit(*code);
+        }
+        fail(&format!("{e:#}"));
     }
+}
+
+fn fail(message: &str) -> ! {
+    // writeln! rather than eprintln!, which panics when stderr is closed.
+    let _ = writeln!(
+        std::io::stderr(),
+        "tokentop: error: {}",
+        message.replace('\n', " ")
+    );
+    std::process::exit(1);
 }
 
 fn real_main(args: Cli) -> anyhow::Result<()> {
@@ -23,12 +48,8 @@ fn real_main(args: Cli) -> anyhow::Result<()> {
         Some(Cmd::Run(run)) => cli::run(&catalog, &run),
         Some(Cmd::Pull { model }) => {
             let path = cli::model_path(&catalog, Some(&model))?;
-            println!("{}", path.display());
-            Ok(())
+            cli::print_out(&format!("{}\n", path.display()))
         }
-        Some(Cmd::List) => {
-            cli::list(&catalog);
-            Ok(())
-        }
+        Some(Cmd::List) => cli::list(&catalog),
     }
 }

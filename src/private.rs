@@ -5,7 +5,7 @@
 //! Off Unix the permission calls do nothing beyond the plain file operation.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::path::Path;
 
 /// Creates `dir` and any missing parents, user-only. Existing folders are left as they are
@@ -141,7 +141,10 @@ pub fn hide_panic_messages() {
             .name()
             .unwrap_or("unnamed")
             .to_string();
-        eprintln!(
+        // writeln! rather than eprintln!, which panics (inside the hook: aborts) when
+        // stderr is closed.
+        let _ = writeln!(
+            std::io::stderr(),
             "tokentop: thread '{thread}' panicked at {at} (a bug; the message is withheld as it may quote your conversation, TOKENTOP_SHOW_PANICS=1 shows it)"
         );
     }));

@@ -68,3 +68,29 @@ fn bench_matrix_in_llama_bench_fields() {
         "{md}"
     );
 }
+
+/// Depths and lengths beyond the model's context (512 tokens here) are an error naming the
+/// file, not a panic; the largest depth the command line takes cannot overflow the sums.
+#[test]
+fn bench_beyond_the_context_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::synth(
+        dir.path(),
+        &tokentop::engine::synth::SynthSpec::new("llama"),
+    );
+    let p = path.to_str().unwrap();
+    for depth in ["600", "16777216"] {
+        let out = common::tokentop(&[
+            "bench", "-m", p, "-p", "0", "-n", "16777216", "-d", depth, "-r", "1", "-t", "1",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "tokentop: error: {p}: depth {depth} + 16777216 tokens exceed the model's context of 512\n"
+            )
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! The real binary in tmux, as a person uses it: type a prompt, watch it stream, read the
-//! speed off the screen, shrink the terminal to 20x5, quit with Ctrl-C twice.
+//! speed off the screen, shrink the terminal to 20x5, quit with Ctrl-C twice; end it with
+//! SIGTERM, SIGHUP, SIGINT and SIGQUIT mid-answer; start it with stdin not a terminal.
 mod common;
 
 use std::process::Command;
@@ -152,4 +153,200 @@ fn chat_in_tmux_streams_and_shows_speed() {
     let saved = tokentop::session::load(&sessions[0]).unwrap();
     assert_eq!(saved.len(), 2);
     assert!(saved[1].footer.is_some() && !saved[1].text.is_empty());
+}
+
+fn have_tmux() -> bool {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
+        eprintln!("SKIPPED: tmux is not installed");
+        return false;
+    }
+    true
+}
+
+/// Starts `cmd` in a new detached tmux session of 110x34.
+fn start(name: &str, cmd: &str) -> Session {
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        name,
+        "-x",
+        "110",
+        "-y",
+        "34",
+        cmd,
+    ]);
+    Session(name.to_string())
+}
+
+/// One of tmux's pane formats, such as `#{alternate_on}`.
+fn pane_format(s: &str, format: &str) -> String {
+    tmux(&["display-message", "-p", "-t", s, format])
+        .trim()
+        .to_string()
+}
+
+/// tokentop's process id: the child of the pane's shell.
+fn tokentop_pid(s: &str) -> String {
+    let shell = pane_format(s, "#{pane_pid}");
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("tokentop runs under the pane's shell")
+        .to_string()
+}
+
+/// SIGTERM, SIGHUP, SIGINT and SIGQUIT sent while an answer streams: the terminal is
+/// restored (alternate screen left, raw mode off, cursor shown), the exit status is 128 + the
+/// signal, and the part of the answer that streamed is saved in the session.
+#[test]
+fn signals_while_streaming_restore_the_terminal() {
+    if !have_tmux() {
+        return;
+    }
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    for (signal, code) in [("TERM", 143), ("HUP", 129), ("INT", 130), ("QUIT", 131)] {
+        let home = tempfile::tempdir().unwrap();
+        let name = format!("tokentop-sig{signal}-{}", std::process::id());
+        // After tokentop, the shell prints its status and the terminal's line discipline.
+        let cmd = format!(
+            "TOKENTOP_HOME={} {} ui {} --temperature 0 -n 4000; echo TOKENTOP_EXIT=$?; \
+             echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); \
+             sleep 60",
+            home.path().display(),
+            env!("CARGO_BIN_EXE_tokentop"),
+            model.display()
+        );
+        let _guard = start(&name, &cmd);
+        wait_for(&name, "the model to load", 60, |t| {
+            t.contains("loaded in") && t.contains("prompt ·")
+        });
+        assert_eq!(pane_format(&name, "#{alternate_on}"), "1");
+        tmux(&[
+            "send-keys",
+            "-t",
+            &name,
+            "Write the numbers from 1 to 300, separated by commas.",
+            "Enter",
+        ]);
+        // Some text before the caret: tokens have arrived, not only the prefill started.
+        wait_for(&name, "the answer to stream", 60, |t| {
+            t.contains("answering…")
+                && t.lines().any(|l| {
+                    l.split_once('▌').is_some_and(|(before, _)| {
+                        before.trim_start_matches(['│', ' ']).trim().len() > 1
+                    })
+                })
+        });
+        let pid = tokentop_pid(&name);
+        assert!(Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {pid}")])
+            .status()
+            .unwrap()
+            .success());
+        let end = wait_for(&name, "tokentop to exit", 20, |t| t.contains("TTY="));
+        assert!(
+            end.contains(&format!("TOKENTOP_EXIT={code}")),
+            "SIG{signal}:\n{end}"
+        );
+        assert!(end.contains("TTY=icanon echo"), "raw mode is off:\n{end}");
+        assert!(
+            !end.contains("speed"),
+            "the alternate screen was left:\n{end}"
+        );
+        assert!(!end.contains("panicked"), "{end}");
+        assert_eq!(pane_format(&name, "#{alternate_on}"), "0");
+        assert_eq!(pane_format(&name, "#{cursor_flag}"), "1", "cursor shown");
+
+        let sessions = tokentop::session::list(&home.path().join("sessions"));
+        assert_eq!(sessions.len(), 1);
+        let saved = tokentop::session::load(&sessions[0]).unwrap();
+        assert_eq!(saved.len(), 2, "{saved:?}");
+        assert!(
+            saved[1].footer.is_none() && !saved[1].text.is_empty(),
+            "the partial answer is kept: {saved:?}"
+        );
+    }
+}
+
+/// `tokentop ui </dev/null` on a terminal: stdin is not one, so it stops before fetching.
+#[test]
+fn the_tui_with_stdin_not_a_terminal_fails_at_once() {
+    if !have_tmux() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let name = format!("tokentop-notty-{}", std::process::id());
+    let cmd = format!(
+        "TOKENTOP_HOME={} {} ui </dev/null; echo TOKENTOP_EXIT=$?; sleep 60",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_tokentop"),
+    );
+    let _guard = start(&name, &cmd);
+    let end = wait_for(&name, "tokentop to exit", 20, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(
+        end.contains(
+            "tokentop: error: the TUI needs a terminal; use `tokentop run --prompt …` for scripts"
+        ) && end.contains("TOKENTOP_EXIT=1"),
+        "{end}"
+    );
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
+}
+
+/// A GGUF with `general.alignment = 0`, on which candle's reader divides by zero (issue 8,
+/// class 1): the engine thread may die on it. Either way the UI keeps the screen (it is not
+/// restored under the running app), says what happened instead of "loading" forever, and
+/// still quits normally.
+#[test]
+fn a_failing_engine_is_reported_in_the_title() {
+    if !have_tmux() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = common::synth(
+        dir.path(),
+        &tokentop::engine::synth::SynthSpec::new("llama"),
+    );
+    let mut bytes = std::fs::read(&good).unwrap();
+    // Same-length key rename: llama.block_count (a u32) becomes general.alignment = 0.
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at..at + key.len()].copy_from_slice(b"general.alignment");
+    let value = at + key.len() + 4;
+    bytes[value..value + 4].copy_from_slice(&0u32.to_le_bytes());
+    let bad = dir.path().join("align0.gguf");
+    std::fs::write(&bad, bytes).unwrap();
+
+    let name = format!("tokentop-engine-{}", std::process::id());
+    let cmd = format!(
+        "TOKENTOP_HOME={} {} ui {}; echo TOKENTOP_EXIT=$?; sleep 60",
+        dir.path().display(),
+        env!("CARGO_BIN_EXE_tokentop"),
+        bad.display()
+    );
+    let _guard = start(&name, &cmd);
+    let shown = wait_for(&name, "the failure in the title", 30, |t| {
+        let title = t.lines().next().unwrap_or("");
+        title.contains("the engine stopped: ") || title.contains("load failed: ")
+    });
+    assert!(
+        !shown.lines().next().unwrap().contains("loading"),
+        "{shown}"
+    );
+    assert_eq!(pane_format(&name, "#{alternate_on}"), "1", "{shown}");
+    assert!(!shown.contains("panicked"), "{shown}");
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    let end = wait_for(&name, "tokentop to exit", 10, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(end.contains("TOKENTOP_EXIT=0"), "{end}");
+    assert_eq!(pane_format(&name, "#{alternate_on}"), "0");
 }

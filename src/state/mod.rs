@@ -142,6 +142,8 @@ pub enum Msg {
         entries: Vec<ChatEntry>,
     },
     Status(String),
+    /// The engine thread ended (a panic, say); the reason. The app starts a fresh engine.
+    EngineStopped(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -445,6 +447,33 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
         Msg::Status(s) => {
             st.status = s;
             vec![]
+        }
+        Msg::EngineStopped(why) => {
+            let mut fx = vec![];
+            if let Some(req) = st.stream.as_ref().map(|s| s.req) {
+                // Like a failed request: a partial answer is kept (and saved), an empty one
+                // is taken back with its prompt returned to the input line.
+                if let Some(e) = st
+                    .chat
+                    .last()
+                    .filter(|e| st.ab.is_none() && e.role == Role::Assistant && !e.text.is_empty())
+                {
+                    fx.push(Effect::SaveEntry(e.clone()));
+                }
+                on_engine(
+                    st,
+                    EngineEvent::Failed {
+                        req,
+                        error: String::new(),
+                    },
+                );
+            }
+            st.ab = None;
+            st.loading = None;
+            st.model = None;
+            st.kv_bytes = 0;
+            st.status = format!("the engine stopped: {why}; Ctrl-O loads a model again");
+            fx
         }
     }
 }
