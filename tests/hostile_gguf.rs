@@ -27,7 +27,11 @@ fn rewrite(dir: &Path, arch: &str, name: &str, edit: impl FnOnce(&mut Md, &mut T
     let base = common::synth(dir, &SynthSpec::new(arch));
     let mut f = std::fs::File::open(&base).unwrap();
     let c = gguf_file::Content::read(&mut f).unwrap();
-    let mut md: Md = c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut md: Md = c
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     md.sort_by(|a, b| a.0.cmp(&b.0));
     let mut names: Vec<&String> = c.tensor_infos.keys().collect();
     names.sort();

@@ -185,7 +185,9 @@ pub fn load_and_answer(path: &Path) -> Outcome {
         ignore_eos: true,
         ..Default::default()
     };
-    match e.generate(&[Message::new(Role::User, "hi")], &params, |_| Flow::Continue) {
+    match e.generate(&[Message::new(Role::User, "hi")], &params, |_| {
+        Flow::Continue
+    }) {
         Ok(_) => Outcome::Answered,
         Err(e) => Outcome::Error(format!("{e:#}")),
     }
