@@ -196,3 +196,25 @@ fn interrupted(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_one_line_crash_error() {
+        let err = guarded(|| -> anyhow::Result<()> { panic!("index out of bounds\nsecond line") })
+            .unwrap_err();
+        assert!(err.is::<Crash>());
+        assert_eq!(
+            err.to_string(),
+            "the engine crashed (index out of bounds); load the model again (this is a tokentop bug, please report it)"
+        );
+        let owned = guarded(|| -> anyhow::Result<()> { panic!("{}", 7) }).unwrap_err();
+        assert!(
+            owned.to_string().starts_with("the engine crashed (7)"),
+            "{owned}"
+        );
+        assert_eq!(guarded(|| Ok(5)).unwrap(), 5);
+    }
+}
