@@ -113,8 +113,12 @@ impl Part {
         }
         reader.rewind()?;
         // candle's reader trusts what it divides by and multiplies; check those first.
-        scan_header(&mut reader, file_size)
-            .map_err(|e| anyhow::anyhow!("{} is a corrupt GGUF file: {e}", path.display()))?;
+        scan_header(&mut reader, file_size).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is a corrupt or truncated GGUF file: {e}",
+                path.display()
+            )
+        })?;
         reader.rewind()?;
         let content = Content::read(&mut reader).map_err(|e| {
             anyhow::anyhow!(
