@@ -58,7 +58,10 @@ fn specs() -> Vec<SynthSpec> {
     vec![llama, moe, gemma, phi]
 }
 
-fn bases_in(dir: &Path) -> Vec<(Vec<u8>, Vec<(usize, Field)>)> {
+/// A base file's bytes and where its header fields lie.
+type Base = (Vec<u8>, Vec<(usize, Field)>);
+
+fn bases_in(dir: &Path) -> Vec<Base> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -130,7 +133,7 @@ fn put(b: &mut [u8], at: usize, size: usize, v: u64) {
 }
 
 /// Mutation `i`: the bytes and a description of what changed.
-fn mutate(bases: &[(Vec<u8>, Vec<(usize, Field)>)], i: usize) -> (Vec<u8>, String) {
+fn mutate(bases: &[Base], i: usize) -> (Vec<u8>, String) {
     let mut r = Rng(SEED ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let (base, fields) = &bases[i % bases.len()];
     let mut b = base.clone();

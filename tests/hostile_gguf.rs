@@ -218,7 +218,7 @@ fn hostile_chat_templates_stop_with_a_clear_error() {
         "{% for i in range(50) %}{{ 'x' * 100000000 }}{% endfor %}".into(),
     );
     let big = with_template("big_source", "x".repeat(50 << 20));
-    let cases = vec![
+    let cases = [
         (
             spin.clone(),
             format!(

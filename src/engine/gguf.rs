@@ -417,7 +417,7 @@ fn scan_header<R: Read + Seek>(r: &mut R, file_size: u64) -> Result<()> {
         for _ in 0..n_dims {
             let d = len(r)?;
             dims.push(d);
-            elems = elems.checked_mul(d).unwrap_or(u64::MAX);
+            elems = elems.saturating_mul(d);
         }
         if elems == u64::MAX || usize::try_from(elems).is_err() {
             dims.reverse();
@@ -489,7 +489,7 @@ fn skip_value<R: Read + Seek>(
     let fixed = |ty: u32| match ty {
         0 | 1 | 7 => Some(1u64),
         2 | 3 => Some(2),
-        4 | 5 | 6 => Some(4),
+        4..=6 => Some(4),
         10..=12 => Some(8),
         _ => None,
     };

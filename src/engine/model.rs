@@ -225,7 +225,7 @@ impl HParams {
                 want_q.1
             );
         }
-        if self.rope_dim < 2 || self.rope_dim % 2 != 0 {
+        if self.rope_dim < 2 || !self.rope_dim.is_multiple_of(2) {
             bail!(
                 "{file}: {p}.rope.dimension_count is {}; it must be even and at least 2",
                 self.rope_dim
