@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
     let t = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
     let tmpl = ChatTemplate::new(
         g.get_str("tokenizer.chat_template"),
+        &args[1],
         g.architecture()?,
         t(tok.bos),
         t(tok.eos),

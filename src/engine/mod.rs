@@ -53,13 +53,25 @@ pub fn thread_count() -> usize {
 
 /// Refuses to load weights that cannot fit: the kernel would kill the process part way,
 /// or the machine would swap for minutes, instead of a clear answer.
-pub fn check_fits(weight_bytes: u64, available: u64) -> Result<()> {
-    // Weights plus room for the KV cache, activations and the tokenizer.
-    let needed = weight_bytes + weight_bytes / 20 + (256 << 20);
+/// `context_bytes` is what the context adds (KV cache when full, rotary tables, attention
+/// scratch; `HParams::context_bytes`).
+pub fn check_fits(
+    weight_bytes: u64,
+    context_bytes: u64,
+    n_ctx: usize,
+    available: u64,
+) -> Result<()> {
+    // Weights and context, plus room for activations and the tokenizer.
+    let needed = weight_bytes
+        .saturating_add(weight_bytes / 20)
+        .saturating_add(context_bytes)
+        .saturating_add(256 << 20);
     if needed > available {
         bail!(
-            "the model needs about {:.1} GB of memory but only {:.1} GB is available; close other programs or pick a smaller model or quantization",
+            "the model needs about {:.1} GB of memory ({:.1} GB of weights, {:.1} GB for a {n_ctx}-token context) but only {:.1} GB is available; close other programs, lower --ctx or pick a smaller model or quantization",
             needed as f64 / 1e9,
+            weight_bytes as f64 / 1e9,
+            context_bytes as f64 / 1e9,
             available as f64 / 1e9
         );
     }
@@ -103,12 +115,20 @@ impl Engine {
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
         let template = ChatTemplate::new(
             g.get_str("tokenizer.chat_template"),
+            &path.display().to_string(),
             &arch,
             token(tokenizer.bos),
             token(tokenizer.eos),
         )?;
         if device.is_cpu() {
-            check_fits(g.weight_bytes(), crate::telemetry::available_memory())?;
+            let hp = model::HParams::from_gguf(&g)?;
+            let n_ctx = hp.context_len(opts.n_ctx);
+            check_fits(
+                g.weight_bytes(),
+                hp.context_bytes(n_ctx, PREFILL_CHUNK),
+                n_ctx,
+                crate::telemetry::available_memory(),
+            )?;
         }
         let model = Model::load(&mut g, opts.n_ctx, device)?;
         let name = g
@@ -232,7 +252,10 @@ impl Engine {
             self.cached.extend_from_slice(chunk);
         }
         let prompt_eval = prefill_start.elapsed();
-        let mut logits = logits.expect("at least one prompt token is evaluated");
+        let Some(mut logits) = logits else {
+            bail!("no prompt token was evaluated");
+        };
+        self.check_logits(&logits)?;
 
         let mut sampler = Sampler::new(params);
         let mut history: Vec<u32> = tokens.to_vec();
@@ -277,6 +300,7 @@ impl Engine {
                 break FinishReason::ContextFull;
             }
             logits = self.model.forward(&[next])?;
+            self.check_logits(&logits)?;
             self.cached.push(next);
             next = sampler.sample(&logits, &history)?;
         };
@@ -287,6 +311,21 @@ impl Engine {
         stats.kv_bytes = self.model.kv_cache_bytes();
         stats.total = start.elapsed();
         Ok((stats, reason))
+    }
+}
+
+impl Engine {
+    /// NaN or infinite logits come from corrupt weights (a NaN scale in a quantized block);
+    /// say so, rather than let the sampler report "a weight is not a valid number".
+    fn check_logits(&self, logits: &Tensor) -> Result<()> {
+        let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            bail!(
+                "the model produced NaN logits: its weights are corrupt ({})",
+                self.info.path.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -390,11 +429,19 @@ mod tests {
     #[test]
     fn too_big_models_are_refused_with_sizes() {
         let gb = 1_000_000_000;
-        assert!(super::check_fits(4 * gb, 24 * gb).is_ok());
-        let err = super::check_fits(42 * gb, 20 * gb).unwrap_err().to_string();
+        assert!(super::check_fits(4 * gb, 0, 4096, 24 * gb).is_ok());
+        let err = super::check_fits(42 * gb, 0, 4096, 20 * gb)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("44.4 GB") && err.contains("20.0 GB is available"),
             "{err}"
         );
+        // The context counts: 4 GB of weights fit in 8 GB, not with a 6 GB KV cache.
+        assert!(super::check_fits(4 * gb, 0, 4096, 8 * gb).is_ok());
+        let err = super::check_fits(4 * gb, 6 * gb, 131_072, 8 * gb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("6.0 GB for a 131072-token context"), "{err}");
     }
 }

@@ -131,7 +131,7 @@ impl HParams {
             Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
             _ => 1.0,
         };
-        Ok(Self {
+        let hp = Self {
             arch,
             n_layer,
             n_embd,
@@ -150,7 +150,153 @@ impl HParams {
             swa_period: 6,
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
-        })
+        };
+        hp.check(g)?;
+        Ok(hp)
+    }
+
+    /// Bounds every hyper-parameter by what the tensors provide, before anything derived
+    /// from one (layers, rotary tables, KV cache) is allocated: a corrupt count is an error
+    /// naming the key, never a terabyte allocation.
+    fn check(&self, g: &Gguf) -> Result<()> {
+        let p = self.arch.as_str();
+        let file = g.path.display();
+        let blocks = g
+            .tensor_names()
+            .filter_map(|n| {
+                n.strip_prefix("blk.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        if self.n_layer > blocks {
+            bail!(
+                "{file}: {p}.block_count is {} but the file has tensors for {blocks} blocks",
+                self.n_layer
+            );
+        }
+        let embd = g.tensor_dims("token_embd.weight").with_context(|| {
+            format!("{file} lacks the tensor token_embd.weight its architecture needs")
+        })?;
+        if embd.len() != 2 || embd[1] != self.n_embd || embd[0] == 0 {
+            bail!(
+                "{file}: tensor token_embd.weight has shape {embd:?} but {p}.embedding_length is {} (expected [vocabulary, {}])",
+                self.n_embd,
+                self.n_embd
+            );
+        }
+        let q_rows = self.n_head.checked_mul(self.head_dim);
+        let kv_rows = self.n_kv_head.checked_mul(self.head_dim);
+        let (Some(q_rows), Some(kv_rows)) = (q_rows, kv_rows) else {
+            bail!(
+                "{file}: {p}.attention.head_count {} × key_length {} overflows",
+                self.n_head,
+                self.head_dim
+            );
+        };
+        if self.head_dim == 0 {
+            bail!("{file}: {p}.attention.key_length is 0");
+        }
+        let shape = |name: &str| g.tensor_dims(name).map(<[usize]>::to_vec);
+        let want_q = if let Some(d) = shape("blk.0.attn_qkv.weight") {
+            let rows = q_rows.checked_add(kv_rows.saturating_mul(2));
+            (
+                d,
+                vec![rows.unwrap_or(usize::MAX), self.n_embd],
+                "blk.0.attn_qkv.weight",
+            )
+        } else if let Some(d) = shape("blk.0.attn_q.weight") {
+            (d, vec![q_rows, self.n_embd], "blk.0.attn_q.weight")
+        } else {
+            bail!("{file} lacks the tensor blk.0.attn_q.weight its architecture needs");
+        };
+        if want_q.0 != want_q.1 {
+            bail!(
+                "{file}: tensor {} has shape {:?} but head_count {}, head_count_kv {} and key_length {} need {:?}",
+                want_q.2,
+                want_q.0,
+                self.n_head,
+                self.n_kv_head,
+                self.head_dim,
+                want_q.1
+            );
+        }
+        if self.rope_dim < 2 || !self.rope_dim.is_multiple_of(2) {
+            bail!(
+                "{file}: {p}.rope.dimension_count is {}; it must be even and at least 2",
+                self.rope_dim
+            );
+        }
+        for (k, v, min) in [
+            ("rope.freq_base", self.rope_base, f32::MIN_POSITIVE),
+            (
+                "rope.local_freq_base",
+                self.rope_base_local,
+                f32::MIN_POSITIVE,
+            ),
+            (
+                "rope.scaling.factor",
+                self.rope_scale_global,
+                f32::MIN_POSITIVE,
+            ),
+            ("attention.layer_norm_rms_epsilon", self.rms_eps as f32, 0.0),
+        ] {
+            if !v.is_finite() || v < min {
+                bail!("{file}: {p}.{k} is {v}, not a valid positive number");
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("{file}: {p}.attention.sliding_window is 0");
+        }
+        if self.n_expert > 1 {
+            let router = shape("blk.0.ffn_gate_inp.weight");
+            if router.as_deref() != Some(&[self.n_expert, self.n_embd][..]) {
+                bail!(
+                    "{file}: tensor blk.0.ffn_gate_inp.weight has shape {} but {p}.expert_count is {} (expected [{}, {}])",
+                    router.map_or("(missing)".to_string(), |d| format!("{d:?}")),
+                    self.n_expert,
+                    self.n_expert,
+                    self.n_embd
+                );
+            }
+            if self.n_expert_used == 0 || self.n_expert_used > self.n_expert {
+                bail!(
+                    "{file}: {p}.expert_used_count is {} but it must be between 1 and expert_count {}",
+                    self.n_expert_used,
+                    self.n_expert
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The context a user gets: what they asked for, at most what the model was trained for.
+    pub fn context_len(&self, requested: usize) -> usize {
+        requested.min(self.train_ctx).max(1)
+    }
+
+    /// Bytes the model needs beyond its weights at an `n_ctx`-token context: the KV cache
+    /// when full, the rotary tables and the attention scratch of one prefill chunk.
+    pub fn context_bytes(&self, n_ctx: usize, chunk: usize) -> u64 {
+        let f = 4u64; // f32
+        let (ctx, chunk) = (n_ctx as u64, chunk.min(n_ctx) as u64);
+        let kv = (self.n_layer as u64)
+            .saturating_mul(2 * self.n_kv_head as u64 * self.head_dim as u64)
+            .saturating_mul(ctx)
+            .saturating_mul(f);
+        let tables = 2u64
+            .saturating_mul(3 * ctx)
+            .saturating_mul(self.rope_dim as u64 / 2)
+            .saturating_mul(f);
+        let scratch = (self.n_head as u64 + 1)
+            .saturating_mul(chunk)
+            .saturating_mul(ctx)
+            .saturating_mul(f);
+        kv.saturating_add(tables).saturating_add(scratch)
     }
 
     fn is_sliding(&self, layer: usize) -> bool {
@@ -298,7 +444,7 @@ impl Matrix {
     }
 
     /// The input as m rows of k values.
-    fn rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
+    fn input_rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         if !xs.len().is_multiple_of(k) {
             bail!("matmul: input of {} values, expected rows of {k}", xs.len());
@@ -331,7 +477,7 @@ impl Matrix {
                         Self::Candle(_) => unreachable!("grouped by kernel kind"),
                     })
                     .collect();
-                let (xs, m) = Self::rows(x, first.1)?;
+                let (xs, m) = Self::input_rows(x, first.1)?;
                 let ys = kernels::matmul_many(&packed, &xs, m);
                 for ((&i, y), p) in group.iter().zip(ys).zip(&packed) {
                     out[i] = Some(Self::output(y, x, p.n)?);
@@ -350,7 +496,7 @@ impl Matrix {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
             Self::Blocks(p) => {
-                let (xs, m) = Self::rows(x, p.k)?;
+                let (xs, m) = Self::input_rows(x, p.k)?;
                 Self::output(kernels::matmul(p, &xs, m), x, p.n)
             }
         }
@@ -552,30 +698,35 @@ fn norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 impl Model {
     /// Loads the weights. `n_ctx` caps the context (and so the KV cache and rotary tables).
+    /// Every tensor's shape is checked against the hyper-parameters before it is read.
     pub fn load(g: &mut Gguf, n_ctx: usize, device: &Device) -> Result<Self> {
         let hp = HParams::from_gguf(g)?;
-        let n_ctx = n_ctx.min(hp.train_ctx).max(1);
+        let n_ctx = hp.context_len(n_ctx);
         let dev = device;
-        let vec_f32 = |g: &mut Gguf, name: &str| -> Result<Tensor> {
-            Ok(g.tensor(name, dev)?.dequantize(dev)?)
+        let e = hp.n_embd;
+        let vec_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Tensor> {
+            let t = fetch(g, name, &[len], dev)?.dequantize(dev)?;
+            check_finite(g, name, &t)?;
+            Ok(t)
         };
-        let opt_f32 = |g: &mut Gguf, name: &str| -> Result<Option<Tensor>> {
+        let opt_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Option<Tensor>> {
             if g.has_tensor(name) {
-                Ok(Some(g.tensor(name, dev)?.dequantize(dev)?))
+                Ok(Some(vec_f32(g, name, len)?))
             } else {
                 Ok(None)
             }
         };
-        let qmm =
-            |g: &mut Gguf, name: &str| -> Result<Matrix> { Matrix::new(g.tensor(name, dev)?) };
-        let linear = |g: &mut Gguf, name: &str| -> Result<Linear> {
+        let qmm = |g: &mut Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            Matrix::new(fetch(g, name, &[rows, cols], dev)?)
+        };
+        let linear = |g: &mut Gguf, name: &str, rows: usize| -> Result<Linear> {
             Ok(Linear {
-                w: qmm(g, &format!("{name}.weight"))?,
-                b: opt_f32(g, &format!("{name}.bias"))?,
+                w: qmm(g, &format!("{name}.weight"), rows, e)?,
+                b: opt_f32(g, &format!("{name}.bias"), rows)?,
             })
         };
 
-        let freq_factors: Option<Vec<f32>> = opt_f32(g, "rope_freqs.weight")?
+        let freq_factors: Option<Vec<f32>> = opt_f32(g, "rope_freqs.weight", hp.rope_dim / 2)?
             .map(|t| t.flatten_all().and_then(|t| t.to_vec1()))
             .transpose()?;
         let rope_global = Arc::new(Rope::new(
@@ -591,9 +742,14 @@ impl Model {
             None => rope_global.clone(),
         };
 
-        let embed_q = Arc::new(g.tensor("token_embd.weight", dev)?);
+        // HParams::check has seen token_embd's shape: [vocab, n_embd].
+        let vocab = g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]);
+        let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
         let (embed, output) = if g.has_tensor("output.weight") {
-            (Embedding::Quant(embed_q), qmm(g, "output.weight")?)
+            (
+                Embedding::Quant(embed_q),
+                qmm(g, "output.weight", vocab, e)?,
+            )
         } else {
             match Matrix::from_arc(embed_q.clone())? {
                 Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
@@ -606,51 +762,59 @@ impl Model {
             Act::Silu
         };
 
+        let (qd, kvd, hd) = (
+            hp.n_head * hp.head_dim,
+            hp.n_kv_head * hp.head_dim,
+            hp.head_dim,
+        );
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let p = format!("blk.{i}");
             let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
-                Qkv::Fused(linear(g, &format!("{p}.attn_qkv"))?)
+                Qkv::Fused(linear(g, &format!("{p}.attn_qkv"), qd + 2 * kvd)?)
             } else {
                 Qkv::Separate {
-                    q: linear(g, &format!("{p}.attn_q"))?,
-                    k: linear(g, &format!("{p}.attn_k"))?,
-                    v: linear(g, &format!("{p}.attn_v"))?,
+                    q: linear(g, &format!("{p}.attn_q"), qd)?,
+                    k: linear(g, &format!("{p}.attn_k"), kvd)?,
+                    v: linear(g, &format!("{p}.attn_v"), kvd)?,
                 }
             };
             let ffn = if hp.n_expert > 1 {
                 load_moe(g, &p, &hp, act, dev)?
             } else {
-                let gate_up = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
-                    GateUp::Separate {
-                        gate: qmm(g, &format!("{p}.ffn_gate.weight"))?,
-                        up: qmm(g, &format!("{p}.ffn_up.weight"))?,
-                    }
+                let (gate_up, n_ff) = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
+                    let n_ff = ff_width(g, &format!("{p}.ffn_gate.weight"), e, 1)?;
+                    let gate_up = GateUp::Separate {
+                        gate: qmm(g, &format!("{p}.ffn_gate.weight"), n_ff, e)?,
+                        up: qmm(g, &format!("{p}.ffn_up.weight"), n_ff, e)?,
+                    };
+                    (gate_up, n_ff)
                 } else {
-                    let up = g.tensor(&format!("{p}.ffn_up.weight"), dev)?;
-                    let n_ff = up.shape().dims()[0] / 2;
-                    GateUp::Fused {
-                        gate_up: Matrix::new(up)?,
+                    let name = format!("{p}.ffn_up.weight");
+                    let n_ff = ff_width(g, &name, e, 2)? / 2;
+                    let gate_up = GateUp::Fused {
+                        gate_up: qmm(g, &name, 2 * n_ff, e)?,
                         n_ff,
-                    }
+                    };
+                    (gate_up, n_ff)
                 };
                 Ffn::Dense(Mlp {
                     gate_up,
-                    down: qmm(g, &format!("{p}.ffn_down.weight"))?,
+                    down: qmm(g, &format!("{p}.ffn_down.weight"), e, n_ff)?,
                     act,
                 })
             };
             let sliding = hp.is_sliding(i);
             layers.push(Layer {
-                attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"))?,
+                attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"), e)?,
                 qkv,
-                q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"))?,
-                k_norm: opt_f32(g, &format!("{p}.attn_k_norm.weight"))?,
-                attn_out: qmm(g, &format!("{p}.attn_output.weight"))?,
-                post_attn_norm: opt_f32(g, &format!("{p}.post_attention_norm.weight"))?,
-                ffn_norm: vec_f32(g, &format!("{p}.ffn_norm.weight"))?,
+                q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"), hd)?,
+                k_norm: opt_f32(g, &format!("{p}.attn_k_norm.weight"), hd)?,
+                attn_out: qmm(g, &format!("{p}.attn_output.weight"), e, qd)?,
+                post_attn_norm: opt_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
+                ffn_norm: vec_f32(g, &format!("{p}.ffn_norm.weight"), e)?,
                 ffn,
-                post_ffn_norm: opt_f32(g, &format!("{p}.post_ffw_norm.weight"))?,
+                post_ffn_norm: opt_f32(g, &format!("{p}.post_ffw_norm.weight"), e)?,
                 rope: if sliding {
                     rope_local.clone()
                 } else {
@@ -662,7 +826,7 @@ impl Model {
         }
         let embed_scale = (hp.arch == Arch::Gemma3).then(|| (hp.n_embd as f64).sqrt());
         Ok(Self {
-            output_norm: vec_f32(g, "output_norm.weight")?,
+            output_norm: vec_f32(g, "output_norm.weight", e)?,
             hp,
             n_ctx,
             embed,
@@ -732,13 +896,73 @@ impl Model {
     }
 }
 
+/// Reads a tensor after checking its shape is `want`: a wrong shape names the tensor and
+/// both shapes, instead of failing somewhere inside a matmul.
+fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTensor> {
+    if let Some(dims) = g.tensor_dims(name) {
+        if dims != want {
+            bail!(
+                "{}: tensor {name} has shape {dims:?} but the model's hyper-parameters need {want:?}",
+                g.path.display()
+            );
+        }
+    }
+    g.tensor(name, dev)
+}
+
+/// The feed-forward width a tensor of shape [rows, n_embd] gives (rows a non-zero multiple
+/// of `per`, 2 for a fused gate+up).
+fn ff_width(g: &Gguf, name: &str, n_embd: usize, per: usize) -> Result<usize> {
+    match g.tensor_dims(name) {
+        Some(&[rows, cols]) if cols == n_embd && rows > 0 && rows % per == 0 => Ok(rows),
+        Some(dims) => bail!(
+            "{}: tensor {name} has shape {dims:?} but the model's hyper-parameters need [feed_forward_length{}, {n_embd}]",
+            g.path.display(),
+            if per == 2 { " × 2" } else { "" }
+        ),
+        None => bail!(
+            "{} lacks the tensor {name} its architecture needs",
+            g.path.display()
+        ),
+    }
+}
+
+/// Norm weights and biases are read as f32: a NaN or infinity there is named at load.
+fn check_finite(g: &Gguf, name: &str, t: &Tensor) -> Result<()> {
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+        bail!(
+            "{}: tensor {name} holds {bad}, not a finite number: the file is corrupt",
+            g.path.display()
+        );
+    }
+    Ok(())
+}
+
 fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Result<Ffn> {
-    let router = Matrix::new(g.tensor(&format!("{p}.ffn_gate_inp.weight"), dev)?)?;
-    let mut experts = Vec::with_capacity(hp.n_expert);
+    let (n, e) = (hp.n_expert, hp.n_embd);
+    let router = Matrix::new(fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?)?;
+    if hp.n_expert_used == 0 || hp.n_expert_used > n {
+        bail!(
+            "{}: expert_used_count is {} but it must be between 1 and expert_count {n}",
+            g.path.display(),
+            hp.n_expert_used
+        );
+    }
+    let mut experts = Vec::with_capacity(n);
     if g.has_tensor(&format!("{p}.ffn_gate_exps.weight")) {
-        let gate = split_experts(g.tensor(&format!("{p}.ffn_gate_exps.weight"), dev)?, dev)?;
-        let up = split_experts(g.tensor(&format!("{p}.ffn_up_exps.weight"), dev)?, dev)?;
-        let down = split_experts(g.tensor(&format!("{p}.ffn_down_exps.weight"), dev)?, dev)?;
+        let name = |n: &str| format!("{p}.{n}_exps.weight");
+        let n_ff = match g.tensor_dims(&name("ffn_gate")) {
+            Some(&[_, rows, _]) if rows > 0 => rows,
+            other => bail!(
+                "{}: tensor {} has shape {other:?} but the model's hyper-parameters need [{n}, feed_forward_length, {e}]",
+                g.path.display(),
+                name("ffn_gate")
+            ),
+        };
+        let gate = split_experts(fetch(g, &name("ffn_gate"), &[n, n_ff, e], dev)?, dev)?;
+        let up = split_experts(fetch(g, &name("ffn_up"), &[n, n_ff, e], dev)?, dev)?;
+        let down = split_experts(fetch(g, &name("ffn_down"), &[n, e, n_ff], dev)?, dev)?;
         for ((gate, up), down) in gate.into_iter().zip(up).zip(down) {
             experts.push(Mlp {
                 gate_up: GateUp::Separate { gate, up },
@@ -748,28 +972,21 @@ fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Resu
         }
     } else {
         // Older Mixtral GGUFs store one tensor per expert.
-        for e in 0..hp.n_expert {
-            let t = |g: &mut Gguf, n: &str| -> Result<Matrix> {
-                Matrix::new(g.tensor(&format!("{p}.{n}.{e}.weight"), dev)?)
+        for x in 0..n {
+            let name = |n: &str| format!("{p}.{n}.{x}.weight");
+            let n_ff = ff_width(g, &name("ffn_gate"), e, 1)?;
+            let t = |g: &mut Gguf, n: &str, shape: [usize; 2]| -> Result<Matrix> {
+                Matrix::new(fetch(g, &name(n), &shape, dev)?)
             };
             experts.push(Mlp {
                 gate_up: GateUp::Separate {
-                    gate: t(g, "ffn_gate")?,
-                    up: t(g, "ffn_up")?,
+                    gate: t(g, "ffn_gate", [n_ff, e])?,
+                    up: t(g, "ffn_up", [n_ff, e])?,
                 },
-                down: t(g, "ffn_down")?,
+                down: t(g, "ffn_down", [e, n_ff])?,
                 act,
             });
         }
-    }
-    if experts.len() != hp.n_expert || hp.n_expert_used == 0 {
-        bail!(
-            "{}: {} experts found, metadata says {} with {} used per token",
-            g.path.display(),
-            experts.len(),
-            hp.n_expert,
-            hp.n_expert_used
-        );
     }
     Ok(Ffn::Moe {
         router,
@@ -787,6 +1004,12 @@ fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
     };
     let dtype = stacked.dtype();
     let data = stacked.data()?;
+    if n == 0 || data.len() % n != 0 {
+        bail!(
+            "stacked expert tensor of shape {dims:?} holds {} bytes",
+            data.len()
+        );
+    }
     let per = data.len() / n;
     (0..n)
         .map(|e| {

@@ -3,7 +3,7 @@
 //! methods, `raise_exception`).
 
 use crate::protocol::Message;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
 
 /// Gemma GGUFs often ship without a template; this is Gemma 3's own.
@@ -12,8 +12,19 @@ const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'syst
 /// ChatML, the format of most other small instruct models.
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Largest template source accepted; real ones are a few KB (the biggest, with tool-call
+/// formats, about 20 KB).
+pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
+/// Instructions one render may run (minijinja's fuel): a long chat needs thousands, a
+/// template looping over `range(100000)` twice would need 10^10.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Bytes a render may produce beyond twice the conversation's own text.
+pub const MAX_RENDER_OVERHEAD: usize = 1 << 20;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Where the template comes from, for errors ("the chat template in FILE").
+    origin: String,
     bos: String,
     eos: String,
     /// True when the file had no template and a built-in one is used.
@@ -21,14 +32,29 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// `source` is the file's template, if any; `arch` picks the fallback.
-    pub fn new(source: Option<&str>, arch: &str, bos: String, eos: String) -> Result<Self> {
+    /// `source` is the file's template, if any; `arch` picks the fallback; `origin` names
+    /// the file in errors.
+    pub fn new(
+        source: Option<&str>,
+        origin: &str,
+        arch: &str,
+        bos: String,
+        eos: String,
+    ) -> Result<Self> {
+        if let Some(t) = source.filter(|t| t.len() > MAX_TEMPLATE_BYTES) {
+            bail!(
+                "the chat template in {origin} is {} bytes, over the {} KB a template may have",
+                t.len(),
+                MAX_TEMPLATE_BYTES >> 10
+            );
+        }
         let (text, is_fallback) = match source {
             Some(t) => (t.to_string(), false),
             None if arch.starts_with("gemma") => (GEMMA_TEMPLATE.to_string(), true),
             None => (CHATML_TEMPLATE.to_string(), true),
         };
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -47,9 +73,10 @@ impl ChatTemplate {
             format!("{y:04}-{m:02}-{d:02}")
         });
         env.add_template_owned("chat", text)
-            .map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
+            .map_err(|e| anyhow!("the chat template in {origin} does not parse: {e}"))?;
         Ok(Self {
             env,
+            origin: origin.to_string(),
             bos,
             eos,
             is_fallback,
@@ -62,17 +89,60 @@ impl ChatTemplate {
             .iter()
             .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
             .collect();
-        tmpl.render(context! {
-            messages => msgs,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos.as_str(),
-            eos_token => self.eos.as_str(),
-        })
-        .map_err(|e| {
-            let contents = messages.iter().map(|m| m.content.as_str());
-            let e = crate::private::redact(&e.to_string(), contents);
-            anyhow!("rendering the chat template failed: {e}")
-        })
+        let text_len: usize = messages.iter().map(|m| m.content.len()).sum();
+        let cap = text_len
+            .saturating_mul(2)
+            .saturating_add(MAX_RENDER_OVERHEAD);
+        let mut out = Capped {
+            buf: Vec::new(),
+            cap,
+        };
+        let result = tmpl.render_captured_to(
+            context! {
+                messages => msgs,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos.as_str(),
+                eos_token => self.eos.as_str(),
+            },
+            &mut out,
+        );
+        let origin = &self.origin;
+        match result {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| anyhow!("the chat template in {origin} produced invalid UTF-8")),
+            Err(_) if out.buf.len() >= cap => bail!(
+                "the chat template in {origin} produced over {cap} bytes for a {text_len}-byte conversation"
+            ),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => bail!(
+                "the chat template in {origin} ran too long (over {TEMPLATE_FUEL} steps)"
+            ),
+            Err(e) => {
+                let contents = messages.iter().map(|m| m.content.as_str());
+                let e = crate::private::redact(&e.to_string(), contents);
+                bail!("rendering the chat template in {origin} failed: {e}")
+            }
+        }
+    }
+}
+
+/// Output that refuses to grow past `cap` bytes, so a template cannot fill memory.
+struct Capped {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(b.len()) > self.cap {
+            self.buf.resize(self.cap, 0);
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -105,7 +175,7 @@ mod tests {
 
     #[test]
     fn chatml_multi_turn_with_generation_prompt() {
-        let t = ChatTemplate::new(None, "qwen2", "".into(), "".into()).unwrap();
+        let t = ChatTemplate::new(None, "m.gguf", "qwen2", "".into(), "".into()).unwrap();
         let out = t.render(&msgs(), true).unwrap();
         assert_eq!(
             out,
@@ -117,7 +187,8 @@ mod tests {
 
     #[test]
     fn gemma_fallback_folds_system_into_first_user_turn() {
-        let t = ChatTemplate::new(None, "gemma3", "<bos>".into(), "<eos>".into()).unwrap();
+        let t =
+            ChatTemplate::new(None, "m.gguf", "gemma3", "<bos>".into(), "<eos>".into()).unwrap();
         assert!(t.is_fallback);
         let out = t.render(&msgs(), true).unwrap();
         assert_eq!(
@@ -129,24 +200,55 @@ mod tests {
     #[test]
     fn hf_style_template_with_python_methods_and_exceptions() {
         let src = "{% for m in messages %}{% if m['role'] not in ['user','assistant','system'] %}{{ raise_exception('bad role') }}{% endif %}{{ bos_token if loop.first }}[{{ m['role'].upper() }}] {{ m['content'].strip() }}\n{% endfor %}";
-        let t = ChatTemplate::new(Some(src), "llama", "<s>".into(), "</s>".into()).unwrap();
+        let t =
+            ChatTemplate::new(Some(src), "m.gguf", "llama", "<s>".into(), "</s>".into()).unwrap();
         let out = t
             .render(&[Message::new(Role::User, "  hey  ")], false)
             .unwrap();
         assert_eq!(out, "<s>[USER] hey\n");
         let raising = "{{ raise_exception('Conversation roles must alternate') }}";
-        let t = ChatTemplate::new(Some(raising), "llama", "".into(), "".into()).unwrap();
+        let t = ChatTemplate::new(Some(raising), "m.gguf", "llama", "".into(), "".into()).unwrap();
         let err = t.render(&msgs(), true).unwrap_err().to_string();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
     }
 
     #[test]
     fn broken_template_is_an_error_not_a_panic() {
-        let err = ChatTemplate::new(Some("{% for %}"), "llama", "".into(), "".into())
+        let err = ChatTemplate::new(Some("{% for %}"), "m.gguf", "llama", "".into(), "".into())
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("does not parse"), "{err}");
+    }
+
+    #[test]
+    fn hostile_templates_are_stopped_with_clear_errors() {
+        let t =
+            |src: &str| ChatTemplate::new(Some(src), "evil.gguf", "llama", "".into(), "".into());
+        let render = |src: &str| {
+            t(src)
+                .unwrap()
+                .render(&msgs(), true)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = render("{% for i in range(100000) %}{% for j in range(100000) %}{% set y = i * j %}{% endfor %}{% endfor %}");
+        assert_eq!(
+            err,
+            format!("the chat template in evil.gguf ran too long (over {TEMPLATE_FUEL} steps)")
+        );
+        let err = render("{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}");
+        assert!(
+            err.starts_with("the chat template in evil.gguf produced over 1048")
+                && err.contains("bytes for a"),
+            "{err}"
+        );
+        let big = "a".repeat(MAX_TEMPLATE_BYTES + 1);
+        let err = t(&big).err().unwrap().to_string();
+        assert!(
+            err.contains("evil.gguf is 262145 bytes, over the 256 KB"),
+            "{err}"
+        );
     }
 
     #[test]

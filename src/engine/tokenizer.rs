@@ -30,6 +30,12 @@ const TYPE_USER_DEFINED: i64 = 4;
 
 const SPIECE_SPACE: &str = "\u{2581}";
 
+/// SentencePiece pieces longer than this are never built by merging (see `sentencepiece`).
+const MAX_MERGE_PIECE_BYTES: usize = 256;
+/// Bytes hashed while deriving merges, summed over pieces: about a second at most; a
+/// 262k-piece vocabulary takes a few percent of it.
+const MAX_MERGE_WORK: u64 = 1 << 29;
+
 // Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -294,9 +300,22 @@ fn sentencepiece(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Tokenizer
         .collect();
     let mergeable = |i: usize| matches!(types[i], TYPE_NORMAL | TYPE_USER_DEFINED);
     let mut ranked: Vec<(f64, u32, u32)> = Vec::new();
+    // Finding a piece's merges hashes every prefix and suffix: quadratic in its length.
+    // Real pieces are short (Gemma 3's longest is 31 characters), so longer ones are kept
+    // in the vocabulary but never built by merging, and the total work is bounded too.
+    let mut work = 0u64;
     for (i, piece) in tokens.iter().enumerate() {
-        if !mergeable(i) {
+        if !mergeable(i) || piece.len() > MAX_MERGE_PIECE_BYTES {
             continue;
+        }
+        work += (piece.len() * piece.len()) as u64;
+        if work > MAX_MERGE_WORK {
+            bail!(
+                "{}: the SentencePiece vocabulary is too large to build ({} pieces, {} bytes)",
+                g.path.display(),
+                tokens.len(),
+                tokens.iter().map(String::len).sum::<usize>()
+            );
         }
         for (cut, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(cut);

@@ -73,7 +73,7 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
                 // Free the old weights before reading the new ones.
                 engine = None;
                 let _ = tx.send(EngineEvent::Loading { path: path.clone() });
-                match Engine::load(&path, &opts, &device) {
+                match guarded(|| Engine::load(&path, &opts, &device)) {
                     Ok(e) => {
                         let _ = tx.send(EngineEvent::Ready {
                             info: e.info.clone(),
@@ -93,34 +93,41 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
                 messages,
                 params,
             } => {
-                let Some(engine) = engine.as_mut() else {
+                let engine_slot = &mut engine;
+                let Some(engine) = engine_slot.as_mut() else {
                     let _ = tx.send(EngineEvent::Failed {
                         req,
                         error: "no model is loaded".into(),
                     });
                     continue;
                 };
-                let result = engine.generate(&messages, &params, |ev| {
-                    let _ = tx.send(match ev {
-                        GenEvent::Prefilled {
-                            prompt_tokens,
-                            cached_tokens,
-                            ttft,
-                            kv_bytes,
-                        } => EngineEvent::Prefilled {
-                            req,
-                            prompt_tokens,
-                            cached_tokens,
-                            ttft,
-                            kv_bytes,
-                        },
-                        GenEvent::Token(text) => EngineEvent::Token {
-                            req,
-                            text: text.to_string(),
-                        },
-                    });
-                    interrupted(&rx, &mut pending, req)
+                let result = guarded(|| {
+                    engine.generate(&messages, &params, |ev| {
+                        let _ = tx.send(match ev {
+                            GenEvent::Prefilled {
+                                prompt_tokens,
+                                cached_tokens,
+                                ttft,
+                                kv_bytes,
+                            } => EngineEvent::Prefilled {
+                                req,
+                                prompt_tokens,
+                                cached_tokens,
+                                ttft,
+                                kv_bytes,
+                            },
+                            GenEvent::Token(text) => EngineEvent::Token {
+                                req,
+                                text: text.to_string(),
+                            },
+                        });
+                        interrupted(&rx, &mut pending, req)
+                    })
                 });
+                if result.as_ref().is_err_and(|e| e.is::<Crash>()) {
+                    // A panic may have left the cache or weights half-updated.
+                    *engine_slot = None;
+                }
                 let _ = tx.send(match result {
                     Ok((stats, reason)) => EngineEvent::Finished { req, stats, reason },
                     Err(e) => EngineEvent::Failed {
@@ -129,6 +136,38 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
                     },
                 });
             }
+        }
+    }
+}
+
+/// A panic inside the engine (a bug, or a bad input no check caught): caught so that it
+/// becomes a `LoadFailed`/`Failed` the UI shows, and the thread lives on for the next Load.
+#[derive(Debug)]
+struct Crash(String);
+
+impl std::fmt::Display for Crash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the engine crashed ({}); load the model again (this is a tokentop bug, please report it)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Crash {}
+
+fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            let line = msg.lines().next().unwrap_or("panic").to_string();
+            Err(Crash(line).into())
         }
     }
 }
@@ -155,5 +194,27 @@ fn interrupted(
             Err(TryRecvError::Empty) => return flow,
             Err(TryRecvError::Disconnected) => return Flow::Stop,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_one_line_crash_error() {
+        let err = guarded(|| -> anyhow::Result<()> { panic!("index out of bounds\nsecond line") })
+            .unwrap_err();
+        assert!(err.is::<Crash>());
+        assert_eq!(
+            err.to_string(),
+            "the engine crashed (index out of bounds); load the model again (this is a tokentop bug, please report it)"
+        );
+        let owned = guarded(|| -> anyhow::Result<()> { panic!("{}", 7) }).unwrap_err();
+        assert!(
+            owned.to_string().starts_with("the engine crashed (7)"),
+            "{owned}"
+        );
+        assert_eq!(guarded(|| Ok(5)).unwrap(), 5);
     }
 }
