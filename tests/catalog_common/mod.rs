@@ -36,7 +36,8 @@ impl Sandbox {
         std::fs::write(&p, text).unwrap();
         p
     }
-    /// The real binary, sandboxed: its store, HF cache (offline), and a pip that only
+    /// The real binary, sandboxed: its store, HF cache (downloads go to a closed local
+    /// port, so they fail at once; HF_HUB_OFFLINE would turn off pip too), and a pip that only
     /// looks in `wheels/` and reads no user configuration.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tokentop"));
@@ -44,7 +45,9 @@ impl Sandbox {
             .env("TOKENTOP_HOME", self.path("home"))
             .env_remove("TOKENTOP_CATALOG")
             .env("HF_HOME", self.path("hf"))
-            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("TOKENTOP_OFFLINE")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
             .env("PIP_CONFIG_FILE", "/dev/null")
             .env("PIP_NO_INDEX", "1")
             .env("PIP_FIND_LINKS", self.path("wheels"))
