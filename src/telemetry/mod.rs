@@ -290,3 +290,43 @@ impl Sampler {
         assemble(readings, &mut self.gpu_power)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_reads_this_machine_and_says_what_it_lacks() {
+        let mut s = Sampler::new(PathBuf::from("/sys"));
+        let a = s.sample();
+        let b = s.sample();
+        assert!(a.memory.total > 0 && a.memory.used <= a.memory.total);
+        assert!(b.memory.process_rss > 0);
+        // Whatever this machine has, every absent source carries a reason, never a 0.
+        match &b.details.gpu {
+            Ok(g) => assert!(!g.name.is_empty()),
+            Err(reason) => assert!(!reason.is_empty()),
+        }
+        if let Power::Unavailable(reason) = &b.power {
+            assert!(!reason.is_empty());
+        }
+        if let Battery::Unavailable(reason) = &b.details.battery {
+            assert!(!reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn cpuinfo_model_name() {
+        // /proc/cpuinfo of a Ryzen AI Max+ 395 (the line as Linux prints it).
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD RYZEN AI MAX+ 395 w/ Radeon 8060S\n";
+        assert_eq!(
+            parse_cpuinfo_model(text).as_deref(),
+            Some("AMD RYZEN AI MAX+ 395 w/ Radeon 8060S")
+        );
+        // aarch64 kernels (Grace, GB10) print no model name.
+        assert_eq!(
+            parse_cpuinfo_model("processor\t: 0\nBogoMIPS\t: 2000.00\n"),
+            None
+        );
+    }
+}
