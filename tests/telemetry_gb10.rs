@@ -17,6 +17,7 @@ const MIB: u64 = 1 << 20;
 ///   GB10 with driver 580.173.02 (XuehaiPan/nvitop pull request #208);
 /// - 19135 MiB held by a compute process: `nvidia-smi --query-compute-apps` on a GB10
 ///   (mostlygeek/llama-swap issue #782).
+///
 /// Clocks were not in those reports, so they are left out as NVML would leave out a field
 /// it cannot read; the energy counter is absent here and exercised by its own test below.
 pub fn gb10() -> GpuReading {

@@ -261,7 +261,7 @@ impl Sampler {
             .ok()
             .and_then(|t| memory::parse_meminfo(&t))
             .unwrap_or((self.sys.total_memory(), self.sys.available_memory()));
-        if !cfg!(target_os = "macos") || self.tick % MAC_BATTERY_EVERY == 0 {
+        if !cfg!(target_os = "macos") || self.tick.is_multiple_of(MAC_BATTERY_EVERY) {
             self.battery = battery::read(&self.sysfs);
         }
         self.tick = self.tick.wrapping_add(1);
