@@ -117,3 +117,16 @@ fn without_macmon_the_reason_is_shown() {
     }
     assert!(snap.details.parts.is_empty());
 }
+
+#[test]
+fn without_macmon_on_battery_the_discharge_is_the_power() {
+    // The recorded ioreg reading of a Mac draining 483 mA at 12.1 V despite a charger.
+    let mut r = m5_max(Instant::now());
+    r.macmon = Err("macmon not installed (brew install macmon)".into());
+    r.battery =
+        tokentop::telemetry::battery::parse_ioreg(&data("apple/ioreg-draining-on-charger.txt"));
+    let snap = assemble(r, &mut GpuPower::default());
+    let w = snap.power.watts().unwrap();
+    assert!((w - 0.483 * 12.1).abs() < 1e-9, "{:?}", snap.power);
+    assert!(matches!(&snap.power, Power::Watts { source, .. } if source == "battery discharge"));
+}

@@ -90,7 +90,8 @@ pub struct Readings {
 }
 
 /// Turns one tick's readings into a snapshot: the GPU's energy counter is the power source
-/// when there is one, then macmon's package power, then the system probe.
+/// when there is one, then macmon's package power, then the system probe, then the
+/// battery's discharge.
 pub fn assemble(r: Readings, gpu_power: &mut gb10::GpuPower) -> Snapshot {
     let kind = match &r.gpu {
         Ok(g) => gb10::pool_kind(g, r.os_kind),
@@ -124,6 +125,15 @@ pub fn assemble(r: Readings, gpu_power: &mut gb10::GpuPower) -> Snapshot {
             }
         }
         _ => r.system_power.clone(),
+    };
+    // Nothing better: the battery's discharge (the probe already tries it on Linux; this
+    // covers macOS without macmon).
+    let power = match (&power, r.battery.discharge_watts()) {
+        (Power::Unavailable(_), Some(watts)) => Power::Watts {
+            watts,
+            source: "battery discharge".into(),
+        },
+        _ => power,
     };
     let gpu = r.gpu.as_ref().map_err(Clone::clone).map(|g| GpuStats {
         name: g.name.clone(),
