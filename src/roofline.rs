@@ -14,6 +14,23 @@ pub struct Profile {
     pub name: String,
     pub bandwidth_gbs: f64,
     pub memory_gb: f64,
+    /// Typical power under load or the TDP, watts (hardware.toml cites each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_w: Option<f64>,
+    /// Substrings of the NVML device name, the Apple chip name or the CPU model name that
+    /// identify this machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detect: Vec<String>,
+}
+
+/// The profile whose `detect` strings match `machine` (case-insensitive).
+pub fn detect(profiles: &[Profile], machine: &str) -> Option<usize> {
+    let m = machine.to_lowercase();
+    profiles.iter().position(|p| {
+        p.detect
+            .iter()
+            .any(|d| !d.is_empty() && m.contains(&d.to_lowercase()))
+    })
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -84,6 +101,8 @@ pub fn probe(save_to: &Path) -> Result<Profile> {
         name: "this machine".into(),
         bandwidth_gbs: (measure_bandwidth_gbs() * 10.0).round() / 10.0,
         memory_gb: (sys.total_memory() as f64 / 1e9 * 10.0).round() / 10.0,
+        power_w: None,
+        detect: Vec::new(),
     };
     if let Some(dir) = save_to.parent() {
         crate::private::create_dir_all(dir)
@@ -112,9 +131,43 @@ mod tests {
     #[test]
     fn builtin_profiles_include_the_issue_machines() {
         let p = profiles(None);
-        let bw = |n: &str| p.iter().find(|x| x.name == n).map(|x| x.bandwidth_gbs);
-        assert_eq!(bw("Apple M5 Max"), Some(614.0));
-        assert_eq!(bw("NVIDIA DGX Spark"), Some(273.0));
-        assert_eq!(bw("NVIDIA RTX 5090"), Some(1792.0));
+        let get = |n: &str| {
+            p.iter()
+                .find(|x| x.name == n)
+                .map(|x| (x.bandwidth_gbs, x.memory_gb, x.power_w))
+        };
+        assert_eq!(get("Apple M5 Max"), Some((614.0, 128.0, Some(140.0))));
+        assert_eq!(get("Apple M4 Max"), Some((546.0, 128.0, Some(140.0))));
+        assert_eq!(get("DGX Spark"), Some((273.0, 128.0, Some(140.0))));
+        assert_eq!(get("RTX 5090"), Some((1792.0, 32.0, Some(575.0))));
+        assert_eq!(get("RTX Pro 6000"), Some((1792.0, 96.0, Some(600.0))));
+        assert_eq!(get("Strix Halo"), Some((256.0, 128.0, Some(120.0))));
+        for x in &p {
+            assert!(x.name.len() <= 12, "{} is too long for the pane", x.name);
+        }
+    }
+
+    #[test]
+    fn detection_by_nvml_name_apple_chip_or_cpu_model() {
+        let p = profiles(None);
+        let name = |m: &str| detect(&p, m).map(|i| p[i].name.as_str());
+        // NVML's name on a DGX Spark (nvidia-smi in NVIDIA/k8s-device-plugin#1482).
+        assert_eq!(name("NVIDIA GB10"), Some("DGX Spark"));
+        // nvidia-smi names of the two desktop cards.
+        assert_eq!(name("NVIDIA GeForce RTX 5090"), Some("RTX 5090"));
+        assert_eq!(
+            name("NVIDIA RTX PRO 6000 Blackwell Workstation Edition"),
+            Some("RTX Pro 6000")
+        );
+        // machdep.cpu.brand_string on Apple silicon.
+        assert_eq!(name("Apple M5 Max"), Some("Apple M5 Max"));
+        assert_eq!(name("Apple M4 Max"), Some("Apple M4 Max"));
+        assert_eq!(name("Apple M4 Pro"), None);
+        // /proc/cpuinfo model name on a Ryzen AI Max+ 395.
+        assert_eq!(
+            name("AMD RYZEN AI MAX+ 395 w/ Radeon 8060S"),
+            Some("Strix Halo")
+        );
+        assert_eq!(name("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"), None);
     }
 }

@@ -365,6 +365,7 @@ fn energy_is_integrated_over_the_answer_or_unknown() {
                 watts: w,
                 source: "test".into(),
             }),
+            details: Default::default(),
         })
     };
     let t0 = Instant::now();

@@ -10,7 +10,13 @@ use tokentop::roofline::{self, Profile};
 use tokentop::state::{
     update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, State, Stream, SwitchItem,
 };
-use tokentop::telemetry::{Memory, PoolKind, Power, Snapshot};
+use tokentop::telemetry::battery::{parse_ioreg, read_sysfs};
+use tokentop::telemetry::gb10::GpuPower;
+use tokentop::telemetry::memory::parse_meminfo;
+use tokentop::telemetry::nvml::{GpuReading, Missing};
+use tokentop::telemetry::{
+    assemble, Battery, Memory, PoolKind, Power, PowerProbe, Readings, Snapshot,
+};
 use tokentop::theme::Theme;
 use tokentop::ui::{self, Ctx};
 
@@ -111,6 +117,8 @@ fn profiles() -> Vec<Profile> {
         name: "this machine".into(),
         bandwidth_gbs: 20.0,
         memory_gb: 24.0,
+        power_w: None,
+        detect: Vec::new(),
     }];
     p.extend(roofline::profiles(None));
     p
@@ -171,14 +179,14 @@ fn speed_pane_while_streaming_is_live() {
 #[test]
 fn memory_pane() {
     let now = Instant::now();
-    insta::assert_snapshot!(draw(34, 7, &fixture(now), now, ui::render_memory));
+    insta::assert_snapshot!(draw(34, 8, &fixture(now), now, ui::render_memory));
 }
 
 #[test]
 fn power_pane_unavailable_and_measured() {
     let now = Instant::now();
     let mut st = fixture(now);
-    insta::assert_snapshot!("power_na", draw(34, 7, &st, now, ui::render_power));
+    insta::assert_snapshot!("power_na", draw(34, 9, &st, now, ui::render_power));
     let memory = st.memory.unwrap();
     for (i, w) in [30.0, 45.0, 60.0, 52.0].into_iter().enumerate() {
         update(
@@ -190,10 +198,11 @@ fn power_pane_unavailable_and_measured() {
                     watts: w,
                     source: "RAPL package".into(),
                 },
+                details: Default::default(),
             }),
         );
     }
-    insta::assert_snapshot!("power_watts", draw(34, 7, &st, now, ui::render_power));
+    insta::assert_snapshot!("power_watts", draw(34, 9, &st, now, ui::render_power));
 }
 
 #[test]
@@ -285,4 +294,188 @@ fn line_cache_follows_replaced_conversations() {
         screen.contains("pears!") && !screen.contains("apples"),
         "{screen}"
     );
+}
+
+fn data(rel: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/telemetry")
+            .join(rel),
+    )
+    .unwrap()
+}
+
+/// The side panes (memory, power, roofline) of a state, 34 columns wide as in the app.
+fn side(st: &State, now: Instant) -> String {
+    draw(34, 30, st, now, |f, area, st, ctx| {
+        let [memory, power, roof] = ratatui::layout::Layout::vertical([
+            ratatui::layout::Constraint::Length(8),
+            ratatui::layout::Constraint::Length(9),
+            ratatui::layout::Constraint::Min(0),
+        ])
+        .areas(area);
+        ui::render_memory(f, memory, st, ctx);
+        ui::render_power(f, power, st, ctx);
+        ui::render_roofline(f, roof, st, ctx);
+    })
+}
+
+/// A recorded DGX Spark: GB10 /proc/meminfo and NVML readings (sources in
+/// tests/telemetry_gb10.rs), two ticks so the sparkline has data.
+#[test]
+fn dgx_spark_panes() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let mib = 1u64 << 20;
+    let gpu = GpuReading {
+        name: "NVIDIA GB10".into(),
+        memory: Err(Missing::NotSupported),
+        process_memory: Ok(19135 * mib),
+        power_mw: Ok(11170),
+        energy_mj: Err(Missing::NotSupported),
+        utilization_pct: Ok(0),
+        graphics_mhz: Err(Missing::Error("not recorded".into())),
+        memory_mhz: Err(Missing::NotSupported),
+        temperature_c: Ok(35),
+    };
+    let mut power = GpuPower::default();
+    for i in 0..2u64 {
+        let snap = assemble(
+            Readings {
+                at: now + Duration::from_millis(250 * i),
+                os_memory: parse_meminfo(&data("gb10/meminfo")).unwrap(),
+                cgroup: None,
+                process_rss: 2 * GB,
+                os_kind: PoolKind::System,
+                gpu: Ok(gpu.clone()),
+                macmon: Err("macmon is for macOS".into()),
+                sysctl: None,
+                system_power: Power::Unavailable("no powercap (RAPL) interface".into()),
+                battery: Battery::Unavailable("no battery".into()),
+                cpu_model: None,
+            },
+            &mut power,
+        );
+        update(&mut st, Msg::Telemetry(snap));
+    }
+    let screen = side(&st, now);
+    // 127600748 kB of unified memory, the GPU's 19135 MiB share, GB10's roofline first.
+    assert!(screen.contains("130.7 GB unified"), "{screen}");
+    assert!(screen.contains("GPU share 20.1 GB of the pool"), "{screen}");
+    assert!(screen.contains("11.2 W GPU (NVML)"), "{screen}");
+    let roof = screen.find("DGX Spark").unwrap();
+    assert!(roof < screen.find("this machine").unwrap(), "{screen}");
+    // 25.5 tok/s measured against GB10's 2730 tok/s ceiling for 100 MB a token.
+    assert!(
+        screen.contains("DGX Spark     2730 tok/s    1%"),
+        "{screen}"
+    );
+    insta::assert_snapshot!("dgx_spark", screen);
+}
+
+/// A recorded M5 Max (sources in tests/telemetry_apple.rs): unified pool with the GPU's
+/// default wired limit, package power from macmon split into CPU/GPU/ANE, on AC and full.
+#[test]
+fn m5_max_panes() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let sysctl = tokentop::telemetry::apple::parse_sysctl(&data("apple/sysctl-m5max.txt"));
+    let total = sysctl.memsize.unwrap();
+    let snap = assemble(
+        Readings {
+            at: now,
+            os_memory: (total, total - 72_000_000_000),
+            cgroup: None,
+            process_rss: 3 * GB / 2,
+            os_kind: PoolKind::Unified,
+            gpu: Err("Apple GPU (Metal), no NVML".into()),
+            macmon: tokentop::telemetry::apple::parse_macmon_line(
+                r#"{"cpu_power":27.4,"gpu_power":0.9,"ane_power":0.0,"all_power":28.3}"#,
+            ),
+            sysctl: Some(sysctl),
+            system_power: Power::Unavailable("no powercap (RAPL) interface".into()),
+            battery: parse_ioreg(&data("apple/ioreg-full.txt")),
+            cpu_model: None,
+        },
+        &mut GpuPower::default(),
+    );
+    update(&mut st, Msg::Telemetry(snap));
+    let screen = side(&st, now);
+    assert!(screen.contains("137.4 GB unified"), "{screen}");
+    assert!(screen.contains("GPU limit 103.1 GB, default ¾"), "{screen}");
+    assert!(screen.contains("28.3 W package (macmon)"), "{screen}");
+    assert!(
+        screen.contains("CPU 27.4 · GPU 0.9 · ANE 0.0 W"),
+        "{screen}"
+    );
+    assert!(screen.contains("on AC, full"), "{screen}");
+    assert!(
+        screen.find("Apple M5 Max").unwrap() < screen.find("Apple M4 Max").unwrap(),
+        "{screen}"
+    );
+    insta::assert_snapshot!("m5_max", screen);
+}
+
+/// On battery (a recorded ThinkPad tree, tests/telemetry_battery.rs): the discharge is the
+/// power source, 3 s idle then 1 s generating, and the last answer's energy gives tokens
+/// per percent.
+#[test]
+fn power_pane_on_battery() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let d = tempfile::tempdir().unwrap();
+    let bat = d.path().join("class/power_supply/BAT0");
+    std::fs::create_dir_all(&bat).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/telemetry/power_supply/files_discharging/BAT0");
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, bat.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut probe = PowerProbe::discover(d.path());
+    let memory = st.memory.unwrap();
+    let battery = read_sysfs(d.path());
+    for i in 0..5u64 {
+        if i == 4 {
+            st.stream = Some(Stream {
+                req: 1,
+                started: now,
+                prefilled_at: None,
+                ttft: None,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                pieces: 0,
+                energy_j: 0.0,
+                energy_known: true,
+                peak_rss: 0,
+            });
+        }
+        let at = now + Duration::from_secs(i);
+        update(
+            &mut st,
+            Msg::Telemetry(Snapshot {
+                at,
+                memory,
+                power: probe.read(at),
+                details: tokentop::telemetry::Details {
+                    battery: battery.clone(),
+                    ..Default::default()
+                },
+            }),
+        );
+    }
+    st.stream = None;
+    // The last answer: 64 tokens for 12 J; a percent of this 46.59 Wh battery is 1677 J.
+    let screen = draw(34, 9, &st, now, ui::render_power);
+    assert!(screen.contains("5.2 W battery discharge"), "{screen}");
+    assert!(
+        screen.contains("battery 5.2 W · 61% · 4.6 h left"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("25% of 0.01 Wh spent generating"),
+        "{screen}"
+    );
+    assert!(screen.contains("8945 tokens per 1% of battery"), "{screen}");
+    insta::assert_snapshot!("power_on_battery", screen);
 }

@@ -6,7 +6,7 @@ pub mod input;
 use crate::protocol::{
     EngineEvent, FinishReason, GenParams, GenStats, Message, ModelInfo, RequestId, Role,
 };
-use crate::telemetry::{Memory, Power, Snapshot};
+use crate::telemetry::{BatteryUse, Details, Memory, Power, Snapshot};
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 use input::Input;
 use std::collections::VecDeque;
@@ -189,6 +189,10 @@ pub struct State {
     pub memory: Option<Memory>,
     pub power: Power,
     pub watts_history: VecDeque<f64>,
+    /// The GPU, the battery and what the machine is, from the last telemetry snapshot.
+    pub details: Details,
+    /// Battery energy spent since start, and how much of it while generating.
+    pub battery_use: BatteryUse,
     pub kv_bytes: usize,
     pub ab: Option<AbRun>,
     pub sessions: Vec<PathBuf>,
@@ -218,6 +222,8 @@ impl State {
             memory: None,
             power: Power::Unavailable("no reading yet".into()),
             watts_history: VecDeque::new(),
+            details: Details::default(),
+            battery_use: BatteryUse::default(),
             kv_bytes: 0,
             ab: None,
             sessions: Vec::new(),
@@ -796,6 +802,12 @@ fn on_telemetry(st: &mut State, snap: Snapshot) {
             st.watts_history.pop_front();
         }
     }
+    if let Some(dt) = dt {
+        let generating = st.stream.is_some();
+        st.battery_use
+            .record(&snap.details.battery, dt.as_secs_f64(), generating);
+    }
     st.memory = Some(snap.memory);
     st.power = snap.power;
+    st.details = snap.details;
 }

@@ -1,7 +1,10 @@
-//! Power draw from Linux sysfs: RAPL energy counters (powercap), hwmon power sensors, or a
-//! battery's discharge rate, tried in that order. Read by hand because no maintained crate
-//! covers these three sysfs interfaces together; each is a file holding one integer.
+//! Power draw: the sensor J/token is computed from, best first. NVML (GPU energy counter)
+//! and macmon (Apple package) are chosen by the sampler when present; this probe covers the
+//! system sources: RAPL package counters, a hwmon power sensor, then the battery's discharge.
 
+use super::battery::{self, Battery};
+use super::hwmon;
+use super::rapl::Rapl;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,16 +29,14 @@ impl Power {
 
 #[derive(Debug)]
 enum Source {
-    /// Cumulative energy counters, one per package domain, each with its wrap range.
-    Rapl {
-        domains: Vec<(PathBuf, u64)>,
-        last: Option<(Instant, Vec<u64>)>,
-    },
+    Rapl(Rapl),
     /// A sensor reporting microwatts directly.
     Microwatts {
         path: PathBuf,
         name: String,
     },
+    /// The battery's discharge, when nothing better exists.
+    Battery(PathBuf),
     None(String),
 }
 
@@ -44,7 +45,7 @@ pub struct PowerProbe {
     source: Source,
 }
 
-fn read_u64(p: &Path) -> Option<u64> {
+pub(crate) fn read_u64(p: &Path) -> Option<u64> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
@@ -60,59 +61,28 @@ pub fn energy_delta(before: u64, after: u64, range: u64) -> u64 {
 impl PowerProbe {
     /// Looks for a readable source under `sysfs` (normally `/sys`).
     pub fn discover(sysfs: &Path) -> Self {
-        let mut reasons = Vec::new();
-        let powercap = sysfs.join("class/powercap");
-        let mut domains = Vec::new();
-        let mut unreadable = false;
-        if let Ok(entries) = std::fs::read_dir(&powercap) {
-            let mut names: Vec<PathBuf> =
-                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            names.sort();
-            for dir in names {
-                let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                // Top-level package domains only ("intel-rapl:0"), not their sub-zones.
-                if !(name.starts_with("intel-rapl:") || name.starts_with("amd-rapl:"))
-                    || name.matches(':').count() != 1
-                {
-                    continue;
-                }
-                let energy = dir.join("energy_uj");
-                match (
-                    read_u64(&energy),
-                    read_u64(&dir.join("max_energy_range_uj")),
-                ) {
-                    (Some(_), Some(range)) => domains.push((energy, range)),
-                    _ if energy.exists() => unreadable = true,
-                    _ => {}
+        let rapl_reason = match Rapl::discover(sysfs) {
+            Ok(r) => {
+                return Self {
+                    source: Source::Rapl(r),
                 }
             }
-            if domains.is_empty() {
-                reasons.push(if unreadable {
-                    "RAPL energy counters exist but are not readable (root only on this kernel)"
-                        .to_string()
-                } else {
-                    "no RAPL package domain in powercap".to_string()
-                });
-            }
-        } else {
-            reasons.push("no powercap (RAPL) interface".into());
-        }
-        if !domains.is_empty() {
-            return Self {
-                source: Source::Rapl {
-                    domains,
-                    last: None,
-                },
-            };
-        }
-        if let Some((path, name)) = find_microwatts(sysfs) {
+            Err(reason) => reason,
+        };
+        if let Some((path, name)) = hwmon::find(sysfs) {
             return Self {
                 source: Source::Microwatts { path, name },
             };
         }
-        reasons.push("no hwmon power sensor or battery power reading".into());
+        if let Battery::Reading(_) = battery::read_sysfs(sysfs) {
+            return Self {
+                source: Source::Battery(sysfs.to_path_buf()),
+            };
+        }
         Self {
-            source: Source::None(reasons.join("; ")),
+            source: Source::None(format!(
+                "{rapl_reason}; no hwmon power sensor or battery power reading"
+            )),
         }
     }
 
@@ -126,65 +96,21 @@ impl PowerProbe {
                 },
                 None => Power::Unavailable(format!("{} stopped answering", path.display())),
             },
-            Source::Rapl { domains, last } => {
-                let Some(values) = domains
-                    .iter()
-                    .map(|(p, _)| read_u64(p))
-                    .collect::<Option<Vec<u64>>>()
-                else {
-                    return Power::Unavailable("RAPL counters stopped answering".into());
-                };
-                let power = match last.as_ref() {
-                    None => Power::Unavailable("RAPL: first reading, rate after the next".into()),
-                    Some((t0, before)) => {
-                        let dt = now.duration_since(*t0).as_secs_f64();
-                        let uj: u64 = before
-                            .iter()
-                            .zip(&values)
-                            .zip(domains.iter())
-                            .map(|((b, a), (_, range))| energy_delta(*b, *a, *range))
-                            .sum();
-                        if dt <= 0.0 {
-                            Power::Unavailable("RAPL: no time between readings".into())
-                        } else {
-                            Power::Watts {
-                                watts: uj as f64 / 1e6 / dt,
-                                source: "RAPL package".into(),
-                            }
-                        }
-                    }
-                };
-                *last = Some((now, values));
-                power
-            }
+            Source::Battery(sysfs) => match battery::read_sysfs(sysfs) {
+                b @ Battery::Reading(_) => match b.discharge_watts() {
+                    Some(w) => Power::Watts {
+                        watts: w,
+                        source: "battery discharge".into(),
+                    },
+                    None => Power::Unavailable(
+                        "only the battery measures power, and it is not discharging".into(),
+                    ),
+                },
+                Battery::Unavailable(r) => Power::Unavailable(r),
+            },
+            Source::Rapl(r) => r.read(now),
         }
     }
-}
-
-fn find_microwatts(sysfs: &Path) -> Option<(PathBuf, String)> {
-    let mut candidates = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(sysfs.join("class/hwmon")) {
-        for e in entries.flatten() {
-            for f in ["power1_input", "power1_average"] {
-                let p = e.path().join(f);
-                if read_u64(&p).is_some() {
-                    let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                    candidates.push((p, format!("hwmon {}", name.trim())));
-                    break;
-                }
-            }
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(sysfs.join("class/power_supply")) {
-        for e in entries.flatten() {
-            let p = e.path().join("power_now");
-            if e.file_name().to_string_lossy().starts_with("BAT") && read_u64(&p).is_some() {
-                candidates.push((p, "battery discharge".into()));
-            }
-        }
-    }
-    candidates.sort();
-    candidates.into_iter().next()
 }
 
 #[cfg(test)]
@@ -242,6 +168,7 @@ mod tests {
             p => panic!("{p:?}"),
         }
         write(d.path(), "class/power_supply/BAT0/power_now", "12500000");
+        write(d.path(), "class/power_supply/BAT0/status", "Discharging");
         let mut probe = PowerProbe::discover(d.path());
         assert_eq!(probe.read(Instant::now()).watts(), Some(12.5));
         write(d.path(), "class/hwmon/hwmon3/power1_input", "45000000");

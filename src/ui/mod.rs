@@ -5,7 +5,7 @@ pub mod markdown;
 use crate::protocol::Role;
 use crate::roofline::{self, Profile};
 use crate::state::{AbRun, ChatEntry, Footer, Mode, State, SwitchItem};
-use crate::telemetry::{Memory, Power};
+use crate::telemetry::{Battery, Charge, GpuMemory, Memory, Power};
 use crate::theme::Theme;
 use ratatui::layout::{Constraint, Layout, Position, Rect};
 use ratatui::style::{Modifier, Style};
@@ -248,8 +248,8 @@ pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
 pub fn render_side(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let [speed, memory, power, roof] = Layout::vertical([
         Constraint::Length(8),
-        Constraint::Length(7),
-        Constraint::Length(7),
+        Constraint::Length(8),
+        Constraint::Length(9),
         Constraint::Min(0),
     ])
     .areas(area);
@@ -371,7 +371,116 @@ pub fn render_memory(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
             Span::raw(gb(*bytes)),
         ]));
     }
+    let dim = Style::default().fg(t.dim);
+    lines.push(match &st.details.gpu_memory {
+        GpuMemory::Dedicated { used, total } => Line::from(vec![
+            Span::styled("GPU VRAM ", dim),
+            Span::raw(format!("{} / {}", gb(*used), gb(*total))),
+        ]),
+        GpuMemory::Share { used } => Line::from(vec![
+            Span::styled("GPU share ", dim),
+            Span::raw(format!("{} of the pool", gb(*used))),
+        ]),
+        GpuMemory::WiredLimit { bytes, default } => Line::from(vec![
+            Span::styled("GPU limit ", dim),
+            Span::raw(gb(*bytes)),
+            // iogpu.wired_limit_mb sets it (README, help); the default is about 3/4 of RAM.
+            Span::styled(if *default { ", default ¾" } else { ", raised" }, dim),
+        ]),
+        GpuMemory::Unavailable(reason) => Line::styled(format!("GPU n/a: {reason}"), dim),
+    });
     f.render_widget(Paragraph::new(lines), inner);
+}
+
+/// The battery line(s) of the power pane: discharge, share spent generating, tokens per
+/// percent and hours left on battery; what the charger does on AC.
+pub fn battery_lines(st: &State, ctx: &Ctx) -> Vec<Line<'static>> {
+    let t = ctx.theme;
+    let dim = Style::default().fg(t.dim);
+    let r = match &st.details.battery {
+        Battery::Unavailable(reason) => {
+            return vec![Line::styled(format!("battery n/a: {reason}"), dim)]
+        }
+        Battery::Reading(r) => r,
+    };
+    let pct = r.percent.map_or(String::new(), |p| format!(" · {p:.0}%"));
+    match r.state {
+        Charge::Discharging => {
+            let w = r.watts.unwrap_or(0.0);
+            let left = r
+                .hours_left(w)
+                .map_or(String::new(), |h| format!(" · {h:.1} h left"));
+            let mut lines = vec![Line::from(vec![
+                Span::styled("battery ", Style::default().fg(t.warn)),
+                Span::raw(format!("{w:.1} W{pct}{left}")),
+            ])];
+            if let Some(s) = st.battery_use.generating_share() {
+                lines.push(Line::styled(
+                    format!(
+                        "{:.0}% of {:.2} Wh spent generating",
+                        100.0 * s,
+                        st.battery_use.joules / 3600.0
+                    ),
+                    dim,
+                ));
+            }
+            let per_pct = st.last.as_ref().and_then(|l| {
+                let tokens = st
+                    .chat
+                    .last()
+                    .and_then(|e| e.footer.as_ref())
+                    .map_or(0, |f| f.tokens);
+                let j = l.joules.filter(|j| *j > 0.0)?;
+                (tokens > 0).then(|| Some(tokens as f64 * r.joules_per_percent()? / j))?
+            });
+            if let Some(n) = per_pct {
+                lines.push(Line::styled(
+                    format!("{n:.0} tokens per 1% of battery"),
+                    dim,
+                ));
+            }
+            lines
+        }
+        Charge::Charging => vec![Line::styled(
+            match r.watts {
+                Some(w) if w > 0.0 => format!("on AC, charging {w:.0} W{pct}"),
+                _ => format!("on AC, charging{pct}"),
+            },
+            dim,
+        )],
+        Charge::Full => vec![Line::styled("on AC, full".to_string(), dim)],
+        Charge::NotCharging => vec![Line::styled(format!("on AC, not charging{pct}"), dim)],
+    }
+}
+
+/// The GPU line of the power pane: NVML's utilisation, clocks and temperature, or the
+/// CPU/GPU/ANE split where macmon gives one.
+fn gpu_line(st: &State, ctx: &Ctx) -> Line<'static> {
+    let dim = Style::default().fg(ctx.theme.dim);
+    if !st.details.parts.is_empty() {
+        let parts: Vec<String> = st
+            .details
+            .parts
+            .iter()
+            .map(|(n, w)| format!("{n} {w:.1}"))
+            .collect();
+        return Line::styled(format!("{} W", parts.join(" · ")), dim);
+    }
+    match &st.details.gpu {
+        Ok(g) => {
+            let opt = |v: Option<u32>, unit: &str| v.map_or("—".into(), |v| format!("{v}{unit}"));
+            Line::from(vec![
+                Span::styled("GPU ", dim),
+                Span::raw(format!(
+                    "{} · {} · {}",
+                    opt(g.utilization_pct, "%"),
+                    opt(g.graphics_mhz, " MHz"),
+                    opt(g.temperature_c, "°C")
+                )),
+            ])
+        }
+        Err(reason) => Line::styled(format!("GPU n/a: {reason}"), dim),
+    }
 }
 
 pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
@@ -379,18 +488,25 @@ pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let b = block(" power ", ctx);
     let inner = b.inner(area);
     f.render_widget(b, area);
+    let mut lines = Vec::new();
     match &st.power {
         Power::Unavailable(reason) => {
-            let lines = vec![
-                Line::styled(
+            lines.push(Line::from(vec![
+                Span::styled(
                     "n/a",
                     Style::default().fg(t.warn).add_modifier(Modifier::BOLD),
                 ),
-                Line::styled(reason.clone(), Style::default().fg(t.dim)),
-            ];
-            f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), inner);
+                Span::styled(format!(": {reason}"), Style::default().fg(t.dim)),
+            ]));
         }
         Power::Watts { watts, source } => {
+            lines.push(Line::from(vec![
+                Span::styled(
+                    format!("{watts:.1} W"),
+                    Style::default().fg(t.good).add_modifier(Modifier::BOLD),
+                ),
+                Span::styled(format!(" {source}"), Style::default().fg(t.dim)),
+            ]));
             let per_token = st.last.as_ref().and_then(|l| {
                 let j = l.joules?;
                 let n = st
@@ -400,30 +516,28 @@ pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
                     .map_or(0, |f| f.tokens);
                 (n > 0 && j > 0.0).then(|| (j / n as f64, n as f64 / j))
             });
-            let energy = per_token.map_or("J/token —".to_string(), |(jpt, tpj)| {
-                format!("{jpt:.2} J/tok · {tpj:.1} tok/J")
-            });
-            let lines = vec![
-                Line::from(vec![
-                    Span::styled(
-                        format!("{watts:.1} W"),
-                        Style::default().fg(t.good).add_modifier(Modifier::BOLD),
-                    ),
-                    Span::styled(format!(" {source}"), Style::default().fg(t.dim)),
-                ]),
-                Line::raw(energy),
-            ];
-            let [text, spark] =
-                Layout::vertical([Constraint::Length(2), Constraint::Min(0)]).areas(inner);
-            f.render_widget(Paragraph::new(lines), text);
-            let data: Vec<u64> = st.watts_history.iter().map(|w| (w * 10.0) as u64).collect();
-            f.render_widget(
-                Sparkline::default()
-                    .data(&data)
-                    .style(Style::default().fg(t.warn)),
-                spark,
-            );
+            lines.push(Line::raw(
+                per_token.map_or("J/token —".to_string(), |(jpt, tpj)| {
+                    format!("{jpt:.2} J/tok · {tpj:.1} tok/J")
+                }),
+            ));
         }
+    }
+    lines.push(gpu_line(st, ctx));
+    lines.extend(battery_lines(st, ctx));
+    let text = Paragraph::new(lines).wrap(Wrap { trim: true });
+    let n = text.line_count(inner.width) as u16;
+    let [text_area, spark] =
+        Layout::vertical([Constraint::Length(n), Constraint::Min(0)]).areas(inner);
+    f.render_widget(text, text_area);
+    if st.power.watts().is_some() {
+        let data: Vec<u64> = st.watts_history.iter().map(|w| (w * 10.0) as u64).collect();
+        f.render_widget(
+            Sparkline::default()
+                .data(&data)
+                .style(Style::default().fg(t.warn)),
+            spark,
+        );
     }
 }
 
@@ -459,20 +573,34 @@ pub fn render_roofline(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
         format!("{:.0} MB read per token", bytes / 1e6),
         Style::default().fg(t.dim),
     )];
-    for p in ctx.profiles {
+    let detected = st
+        .details
+        .machine
+        .as_deref()
+        .and_then(|name| roofline::detect(ctx.profiles, name));
+    // The detected machine first, then a probed "this machine", then the rest.
+    let mut order: Vec<usize> = (0..ctx.profiles.len()).collect();
+    order.sort_by_key(|&i| (Some(i) != detected, ctx.profiles[i].name != "this machine"));
+    for i in order {
+        let p = &ctx.profiles[i];
         let ceiling = roofline::ceiling(p.bandwidth_gbs, bytes);
-        let mut spans = vec![Span::raw(format!("{:<16}{:>6.0} tok/s", p.name, ceiling))];
-        if p.name == "this machine" {
-            if let Some(r) = measured {
-                spans.push(Span::styled(
-                    format!(" {:.0}%", 100.0 * r / ceiling.max(1e-9)),
-                    Style::default().fg(t.good),
-                ));
-            }
+        let mine = Some(i) == detected || p.name == "this machine";
+        // The measured rate's share of the ceiling where it is this machine, else its power.
+        let last = match (mine, measured, p.power_w) {
+            (true, Some(r), _) => format!("{:>5.0}%", 100.0 * r / ceiling.max(1e-9)),
+            (_, _, Some(w)) => format!("{w:>5.0}W"),
+            _ => String::new(),
+        };
+        let mut spans = vec![Span::raw(format!("{:<12}{:>6.0} tok/s", p.name, ceiling))];
+        if mine {
+            spans[0].style = Style::default().add_modifier(Modifier::BOLD);
+            spans.push(Span::styled(last, Style::default().fg(t.good)));
+        } else {
+            spans.push(Span::styled(last, Style::default().fg(t.dim)));
         }
         lines.push(Line::from(spans));
     }
-    if !ctx.profiles.iter().any(|p| p.name == "this machine") {
+    if detected.is_none() && !ctx.profiles.iter().any(|p| p.name == "this machine") {
         lines.push(Line::styled(
             "tokentop probe measures this machine",
             Style::default().fg(t.dim),
@@ -513,8 +641,9 @@ pub const METRICS: &[(&str, &str)] = &[
     ("prefill", "prompt tokens evaluated per second (tokens reused from the cache excluded)"),
     ("decode", "tokens per second after the first token, which belongs to TTFT"),
     ("context", "tokens in the conversation / context allocated"),
-    ("memory", "the pool (system RAM, cgroup limit or unified memory): model weights, KV cache, other use, free"),
-    ("power", "watts from RAPL, hwmon or battery; n/a with the reason when none is readable"),
+    ("memory", "the pool (system RAM, cgroup limit or unified memory): model weights, KV cache, other use, free; the GPU's memory, share or wired limit (Mac: sysctl iogpu.wired_limit_mb)"),
+    ("power", "NVML GPU energy, macmon (Mac), RAPL, hwmon or battery watts; else n/a and why"),
+    ("battery", "on battery: watts, share spent generating, tokens per 1%, hours left"),
     ("J/tok", "energy over the answer divided by its tokens"),
     ("roofline", "memory bandwidth / bytes read per token: the fastest decode can be"),
 ];
