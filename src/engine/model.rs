@@ -271,8 +271,9 @@ impl Rope {
     }
 }
 
-/// A weight matrix: tokentop's kernels for the 32-weight block types on an AVX2 CPU (see
-/// kernels.rs; weights repacked at load), candle's for K-quants, float weights and GPUs.
+/// A weight matrix: tokentop's kernels for the 32-weight block types on a CPU with AVX2 or NEON
+/// (see kernels/; weights repacked at load), candle's for K-quants, float weights and GPUs
+/// (weights on a GPU stay there: `from_arc` takes the block kernels only for CPU tensors).
 #[derive(Debug, Clone)]
 enum Matrix {
     Blocks(Arc<Packed>),
@@ -451,6 +452,9 @@ fn moe_forward(router: &Matrix, experts: &[Mlp], top_k: usize, x: &Tensor) -> Re
     let (b, seq, d) = x.dims3()?;
     let xs = x.reshape((b * seq, d))?;
     let probs = candle_nn::ops::softmax_last_dim(&router.forward(&xs)?)?;
+    if !x.device().is_cpu() {
+        return Ok(moe_on_device(&probs, experts, top_k, &xs)?.reshape((b, seq, d))?);
+    }
     let probs: Vec<Vec<f32>> = probs.to_vec2()?;
     let mut rows = vec![Vec::<u32>::new(); experts.len()];
     let mut weights = vec![Vec::<f32>::new(); experts.len()];
@@ -477,6 +481,29 @@ fn moe_forward(router: &Matrix, experts: &[Mlp], top_k: usize, x: &Tensor) -> Re
         out = out.index_add(&idx, &y, 0)?;
     }
     Ok(out.reshape((b, seq, d))?)
+}
+
+/// `moe_forward` on a GPU: the routing stays on the device (a copy of the probabilities to the
+/// host would stall the GPU once per layer and token). The top k come from a device sort, their
+/// renormalised weights are scattered into a dense (tokens × experts) matrix by comparing with
+/// the k-th largest probability, and every expert runs on every token, weighted by its column
+/// (zero where not chosen). That spends expert compute (all experts instead of k) to avoid the
+/// synchronisation; on the CPU, where there is nothing to synchronise, `moe_forward` picks the
+/// rows per expert instead. Ties at the k-th probability would let more than k through; softmax
+/// outputs of real routers practically never tie.
+fn moe_on_device(probs: &Tensor, experts: &[Mlp], top_k: usize, xs: &Tensor) -> Result<Tensor> {
+    let k = top_k.min(experts.len()).max(1);
+    let sorted = probs.sort_last_dim(false)?.0;
+    let kth = sorted.narrow(D::Minus1, k - 1, 1)?;
+    let chosen = probs.broadcast_ge(&kth)?.to_dtype(probs.dtype())?;
+    let picked = (probs * chosen)?;
+    let weights = picked.broadcast_div(&picked.sum_keepdim(D::Minus1)?)?;
+    let mut out = xs.zeros_like()?;
+    for (e, expert) in experts.iter().enumerate() {
+        let w = weights.narrow(D::Minus1, e, 1)?;
+        out = (out + expert.forward(xs)?.broadcast_mul(&w)?)?;
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone)]
@@ -911,4 +938,62 @@ fn layer_forward(
         f = norm(&f, w, hp.rms_eps)?;
     }
     Ok((x + f)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut s = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let t = random(rows, cols, seed);
+        Matrix::new(QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap()).unwrap()
+    }
+
+    /// The GPU routing (device sort, dense weights, every expert) gives what the CPU routing
+    /// (rows picked per expert on the host) gives; both run here on the CPU.
+    #[test]
+    fn device_routing_matches_host_routing() {
+        let (d, ff, n_exp, top_k, tokens) = (16, 24, 6, 2, 5);
+        let router = matrix(n_exp, d, 1);
+        let experts: Vec<Mlp> = (0..n_exp as u64)
+            .map(|e| Mlp {
+                gate_up: GateUp::Separate {
+                    gate: matrix(ff, d, 10 + e),
+                    up: matrix(ff, d, 20 + e),
+                },
+                down: matrix(d, ff, 30 + e),
+                act: Act::Silu,
+            })
+            .collect();
+        let x = random(tokens, d, 99);
+        let host = moe_forward(&router, &experts, top_k, &x.unsqueeze(0).unwrap()).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&router.forward(&x).unwrap()).unwrap();
+        let device = moe_on_device(&probs, &experts, top_k, &x).unwrap();
+        let (host, device): (Vec<f32>, Vec<f32>) = (
+            host.flatten_all().unwrap().to_vec1().unwrap(),
+            device.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(host.len(), tokens * d);
+        for (h, g) in host.iter().zip(&device) {
+            // The same products summed in another order (unchosen experts add exact zeros).
+            assert!((h - g).abs() <= 1e-5 * (1.0 + h.abs()), "{h} vs {g}");
+        }
+        assert!(
+            host.iter().any(|v| v.abs() > 1e-3),
+            "the experts did something"
+        );
+    }
 }
