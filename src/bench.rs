@@ -3,7 +3,7 @@
 //! candle sizes its thread pool once per process, so each thread count of a matrix runs in a
 //! child process.
 
-use crate::engine::{default_device, gguf::Gguf, model::Model};
+use crate::engine::{backend_name, default_device, gguf::Gguf, model::Model};
 use crate::telemetry::PowerProbe;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -98,16 +98,6 @@ fn peak_rss() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
-}
-
-fn backend_name() -> &'static str {
-    if cfg!(feature = "cuda") {
-        "CUDA"
-    } else if cfg!(feature = "metal") {
-        "Metal"
-    } else {
-        "CPU"
-    }
 }
 
 /// Pseudo-random prompt tokens, as llama-bench feeds.
@@ -241,7 +231,7 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
                 rows.push(Row {
                     build_commit: env!("CARGO_PKG_VERSION").into(),
                     cpu_info: cpu_info(),
-                    backends: backend_name().into(),
+                    backends: backend_name(&device).into(),
                     model_filename: path.display().to_string(),
                     model_type: model_type.clone(),
                     model_size: g.weight_bytes(),

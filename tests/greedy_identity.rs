@@ -1,7 +1,37 @@
 //! Greedy generations of the real models, pinned: the speed work (own kernels, fused and
 //! repacked matmuls) reproduces candle's arithmetic bit for bit, so these texts, recorded
 //! before it, must not change.
+//!
+//! Pinned per instruction-set family: candle's x86 (AVX2) and aarch64 (NEON) kernels add the
+//! same products in different orders, so the last bits of the logits differ and greedy texts
+//! part ways after a few words. The aarch64 texts were recorded under qemu-aarch64 (`-cpu max`:
+//! NEON with dotprod and i8mm, as Apple M2+ and NVIDIA Grace have).
 mod common;
+
+/// (SmolLM2, Gemma 3) pinned texts for this architecture.
+#[cfg(target_arch = "x86_64")]
+const PINNED: Option<[&str; 2]> = Some([
+    include_str!("data/x86_64/smollm2-sea.txt"),
+    include_str!("data/x86_64/gemma-sea.txt"),
+]);
+#[cfg(target_arch = "aarch64")]
+const PINNED: Option<[&str; 2]> = Some([
+    include_str!("data/aarch64/smollm2-sea.txt"),
+    include_str!("data/aarch64/gemma-sea.txt"),
+]);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const PINNED: Option<[&str; 2]> = None;
+
+fn pinned(which: usize) -> Option<&'static str> {
+    let p = PINNED.map(|p| p[which]);
+    if p.is_none() {
+        eprintln!(
+            "SKIPPED: no greedy text pinned for {}",
+            std::env::consts::ARCH
+        );
+    }
+    p
+}
 
 fn greedy(model: &std::path::Path) -> String {
     let out = common::tokentop(&[
@@ -24,14 +54,16 @@ fn greedy(model: &std::path::Path) -> String {
 
 #[test]
 fn smollm2_greedy_text_is_unchanged() {
-    let Some(path) = common::smollm2() else {
+    let (Some(want), Some(path)) = (pinned(0), common::smollm2()) else {
         return;
     };
-    assert_eq!(greedy(&path), include_str!("data/smollm2-sea.txt"));
+    assert_eq!(greedy(&path), want);
 }
 
 #[test]
 fn gemma_greedy_text_is_unchanged() {
-    let Some(path) = common::gemma() else { return };
-    assert_eq!(greedy(&path), include_str!("data/gemma-sea.txt"));
+    let (Some(want), Some(path)) = (pinned(1), common::gemma()) else {
+        return;
+    };
+    assert_eq!(greedy(&path), want);
 }

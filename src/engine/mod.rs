@@ -36,6 +36,66 @@ pub fn default_device() -> Device {
     Device::Cpu
 }
 
+/// Where a device keeps the weights, for the fits-in-memory check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryPool {
+    /// System memory: the CPU.
+    Host,
+    /// A GPU sharing system memory with the CPU (Apple silicon; GB10 in DGX Spark; Jetson):
+    /// the weights come out of the same pool as on the CPU.
+    Unified,
+    /// A GPU with its own memory, with this many bytes free.
+    Dedicated { free: u64 },
+}
+
+/// The memory pool of a device.
+pub fn memory_pool(device: &Device) -> MemoryPool {
+    match device {
+        Device::Cpu => MemoryPool::Host,
+        Device::Metal(_) => MemoryPool::Unified,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda_pool(d),
+        #[allow(unreachable_patterns)]
+        _ => MemoryPool::Host,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_pool(d: &candle_core::CudaDevice) -> MemoryPool {
+    use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    let attr = |a| ctx.attribute(a).ok();
+    // GB10 (compute capability 12.1) and Jetson-class GPUs have no memory of their own.
+    let integrated = attr(A::CU_DEVICE_ATTRIBUTE_INTEGRATED) == Some(1)
+        || (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        ) == (Some(12), Some(1));
+    match ctx.mem_get_info() {
+        Ok((free, _)) if !integrated => MemoryPool::Dedicated { free: free as u64 },
+        _ => MemoryPool::Unified,
+    }
+}
+
+/// Bytes the weights may take on a device: what the system has free for the CPU and for GPUs
+/// that share its memory, the GPU's free memory for one with its own.
+pub fn available_for_weights(device: &Device) -> u64 {
+    match memory_pool(device) {
+        MemoryPool::Host | MemoryPool::Unified => crate::telemetry::available_memory(),
+        MemoryPool::Dedicated { free } => free,
+    }
+}
+
+/// The backend of a device, as `bench` reports it (llama-bench's names).
+pub fn backend_name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "CPU",
+        Device::Cuda(_) => "CUDA",
+        Device::Metal(_) => "Metal",
+    }
+}
+
 /// Threads candle computes with: $CANDLE_NUM_THREADS, else $RAYON_NUM_THREADS, else one per
 /// physical core (candle's default, which suits decode: SMT siblings share the memory bus).
 pub fn thread_count() -> usize {
@@ -120,16 +180,14 @@ impl Engine {
             token(tokenizer.bos),
             token(tokenizer.eos),
         )?;
-        if device.is_cpu() {
-            let hp = model::HParams::from_gguf(&g)?;
-            let n_ctx = hp.context_len(opts.n_ctx);
-            check_fits(
-                g.weight_bytes(),
-                hp.context_bytes(n_ctx, PREFILL_CHUNK),
-                n_ctx,
-                crate::telemetry::available_memory(),
-            )?;
-        }
+        let hp = model::HParams::from_gguf(&g)?;
+        let n_ctx = hp.context_len(opts.n_ctx);
+        check_fits(
+            g.weight_bytes(),
+            hp.context_bytes(n_ctx, PREFILL_CHUNK),
+            n_ctx,
+            available_for_weights(device),
+        )?;
         let model = Model::load(&mut g, opts.n_ctx, device)?;
         let name = g
             .get_str("general.name")

@@ -417,8 +417,9 @@ impl Rope {
     }
 }
 
-/// A weight matrix: tokentop's kernels for the 32-weight block types on an AVX2 CPU (see
-/// kernels.rs; weights repacked at load), candle's for K-quants, float weights and GPUs.
+/// A weight matrix: tokentop's kernels for the 32-weight block types on a CPU with AVX2 or NEON
+/// (see kernels/; weights repacked at load), candle's for K-quants, float weights and GPUs
+/// (weights on a GPU stay there: `from_arc` takes the block kernels only for CPU tensors).
 #[derive(Debug, Clone)]
 enum Matrix {
     Blocks(Arc<Packed>),
@@ -597,6 +598,11 @@ fn moe_forward(router: &Matrix, experts: &[Mlp], top_k: usize, x: &Tensor) -> Re
     let (b, seq, d) = x.dims3()?;
     let xs = x.reshape((b * seq, d))?;
     let probs = candle_nn::ops::softmax_last_dim(&router.forward(&xs)?)?;
+    // On a GPU this copy is one synchronisation per MoE layer and forward pass. Running every
+    // expert on every token to avoid it (routing weights kept on the device) was tried and
+    // dropped: at decode, reading all experts' weights costs far more than the sync (16x the
+    // expert bytes for 128 experts / 8 used). The next step is candle's CUDA
+    // `indexed_moe_forward` on stacked experts, measured on a GPU.
     let probs: Vec<Vec<f32>> = probs.to_vec2()?;
     let mut rows = vec![Vec::<u32>::new(); experts.len()];
     let mut weights = vec![Vec::<f32>::new(); experts.len()];

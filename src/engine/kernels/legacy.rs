@@ -1,0 +1,203 @@
+//! The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): their ggml layout and
+//! tokentop's packing in groups of four rows, shared by every instruction set's kernels.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+pub const QK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl Kind {
+    /// The kernel for a weight type, where one runs on this CPU.
+    pub fn from_dtype(d: GgmlDType) -> Option<Self> {
+        if super::isa().is_none() {
+            return None;
+        }
+        Some(match d {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one block of 32 weights in ggml's layout.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    pub(super) fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    pub(super) fn has_high_bits(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
+    }
+
+    /// Bytes of quantized values per row and block (after scales and high bits).
+    pub(super) fn qs_bytes(self) -> usize {
+        if self == Self::Q8_0 {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Offsets inside a ggml block: (min, high bits, quants).
+    pub(super) fn block_offsets(self) -> (usize, usize, usize) {
+        match self {
+            Self::Q4_0 => (0, 0, 2),
+            Self::Q4_1 => (2, 0, 4),
+            Self::Q5_0 => (0, 2, 6),
+            Self::Q5_1 => (2, 4, 8),
+            Self::Q8_0 => (0, 0, 2),
+        }
+    }
+
+    /// Offsets inside a packed 4-row block: (mins, high bits, quants); scales are at 0.
+    pub(super) fn packed_offsets(self) -> (usize, usize, usize) {
+        let m = 8;
+        let h = if self.has_min() { 16 } else { 8 };
+        let q = h + if self.has_high_bits() { 16 } else { 0 };
+        (m, h, q)
+    }
+}
+
+/// A weight matrix repacked in groups of four rows; the last n % 4 rows keep ggml's layout.
+#[derive(Debug)]
+pub struct Packed {
+    pub kind: Kind,
+    pub n: usize,
+    pub k: usize,
+    data: Vec<u8>,
+}
+
+impl Packed {
+    /// Repacks n rows of k weights given in ggml's block layout.
+    pub fn new(kind: Kind, raw: &[u8], n: usize, k: usize) -> Self {
+        assert_eq!(k % QK, 0, "rows must be whole blocks");
+        let (nb, bb) = (k / QK, kind.block_bytes());
+        assert_eq!(raw.len(), n * nb * bb, "matrix bytes");
+        let groups = n / 4;
+        let mut data = Vec::with_capacity(raw.len());
+        let (bm, bh, bq) = kind.block_offsets();
+        let qn = kind.qs_bytes();
+        for g in 0..groups {
+            for b in 0..nb {
+                let block = |r: usize| {
+                    let at = ((g * 4 + r) * nb + b) * bb;
+                    &raw[at..at + bb]
+                };
+                for r in 0..4 {
+                    data.extend_from_slice(&block(r)[0..2]);
+                }
+                if kind.has_min() {
+                    for r in 0..4 {
+                        data.extend_from_slice(&block(r)[bm..bm + 2]);
+                    }
+                }
+                if kind.has_high_bits() {
+                    for r in 0..4 {
+                        data.extend_from_slice(&block(r)[bh..bh + 4]);
+                    }
+                }
+                for r in 0..4 {
+                    data.extend_from_slice(&block(r)[bq..bq + qn]);
+                }
+            }
+        }
+        data.extend_from_slice(&raw[groups * 4 * nb * bb..]);
+        Self { kind, n, k, data }
+    }
+
+    /// Row j as floats, computed as candle's dequantization does (for embedding lookups
+    /// from a matrix tied to the output layer, so it is stored once).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let kind = self.kind;
+        let (nb, bb) = (self.k / QK, kind.block_bytes());
+        let half =
+            |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
+        // (d, m, high bits, quants) of block b of row j, wherever the layout puts them.
+        let parts = |b: usize| -> (f32, f32, u32, &[u8]) {
+            let word =
+                |s: &[u8], i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+            let qn = kind.qs_bytes();
+            if j < (self.n / 4) * 4 {
+                let (om, oh, oq) = kind.packed_offsets();
+                let g = &self.group(j / 4)[b * 4 * bb..(b + 1) * 4 * bb];
+                let r = j % 4;
+                let m = if kind.has_min() {
+                    half(g, om + 2 * r)
+                } else {
+                    0.0
+                };
+                let h = if kind.has_high_bits() {
+                    word(g, oh + 4 * r)
+                } else {
+                    0
+                };
+                (half(g, 2 * r), m, h, &g[oq + r * qn..oq + (r + 1) * qn])
+            } else {
+                let (bm, bh, bq) = kind.block_offsets();
+                let blk = &self.tail_row(j)[b * bb..(b + 1) * bb];
+                let m = if kind.has_min() { half(blk, bm) } else { 0.0 };
+                let h = if kind.has_high_bits() {
+                    word(blk, bh)
+                } else {
+                    0
+                };
+                (half(blk, 0), m, h, &blk[bq..bq + qn])
+            }
+        };
+        for (b, ys) in out.chunks_exact_mut(QK).enumerate().take(nb) {
+            let (d, m, h, q) = parts(b);
+            for (i, y) in ys.iter_mut().enumerate() {
+                let v = if kind == Kind::Q8_0 {
+                    q[i] as i8 as i32
+                } else {
+                    let nib = if i < 16 { q[i] & 0x0F } else { q[i - 16] >> 4 } as i32;
+                    let hb = ((h >> i) & 1) as i32;
+                    match kind {
+                        Kind::Q4_0 => nib - 8,
+                        Kind::Q5_0 => (nib | hb << 4) - 16,
+                        Kind::Q5_1 => nib | hb << 4,
+                        _ => nib,
+                    }
+                };
+                *y = if kind.has_min() {
+                    v as f32 * d + m
+                } else {
+                    v as f32 * d
+                };
+            }
+        }
+    }
+
+    pub(super) fn group(&self, g: usize) -> &[u8] {
+        let gb = 4 * (self.k / QK) * self.kind.block_bytes();
+        &self.data[g * gb..(g + 1) * gb]
+    }
+
+    /// A row past the last whole group, in ggml's layout.
+    pub(super) fn tail_row(&self, j: usize) -> &[u8] {
+        let rb = (self.k / QK) * self.kind.block_bytes();
+        let start = (self.n / 4) * 4 * rb + (j - (self.n / 4) * 4) * rb;
+        &self.data[start..start + rb]
+    }
+}

@@ -1,0 +1,370 @@
+//! Quantized matrix × activations on the CPU for the legacy 32-weight block types (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0), with AVX2 on x86-64 and NEON (with or without the dot-product extension)
+//! on aarch64.
+//!
+//! Written here because candle 0.11 has no SIMD path for Q4_1, Q5_0 and Q5_1 (its generic loop
+//! made SmolLM2 and Gemma 3 several times slower than llama.cpp), and its per-matrix parallel
+//! regions cost more than the arithmetic on small models.
+//!
+//! Layout: `legacy.rs` holds the block types and their packing (weights repacked at load time
+//! in groups of four rows, as llama.cpp's repacking does: per block, the four rows' scales sit
+//! together and the quantized bytes follow); `avx2.rs` and `neon.rs` hold one instruction set
+//! each, as ggml-cpu keeps its arch folders. The instruction set is detected once, at run time,
+//! in [`isa`]; nothing assumes a feature the CPU does not report (no `target-cpu`).
+//!
+//! Results equal candle's on the same machine, so greedy generations do not change:
+//! - activations are quantized exactly as candle/ggml do (block_q8_1 / block_q8_0);
+//! - each block's integer dot product is exact in any order;
+//! - x86 (AVX2): Q4_1/Q5_0/Q5_1 apply candle's per-block float update in candle's order
+//!   (`sumf += sumi·d·d' [+ m·s]`); Q4_0/Q8_0 replay candle's AVX2 kernels, which accumulate
+//!   `fma(d·d', pairs, acc)` in 8 lanes and then sum the lanes;
+//! - aarch64 (NEON): every type applies the per-block update; for Q4_0/Q8_0 that is
+//!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
+//!   where candle's own choice of kernel differs, and by how much).
+
+mod legacy;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+pub use legacy::{Kind, Packed, QK};
+
+use half::f16;
+
+/// One block of 32 activations quantized to int8: ggml's block_q8_1 (d and d·Σq as f16),
+/// which also serves the types that pair with block_q8_0 (they ignore `s`).
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub struct Q8Block {
+    pub d: f32,
+    pub s: f32,
+    /// Σ qs, exactly (prefill folds Q5_0's −16 offset into it).
+    pub isum: i32,
+    pub qs: [i8; QK],
+}
+
+/// ggml's quantize_row_q8_1, with d and s rounded through f16 as ggml and candle store them.
+pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let d16 = f16::from_f32(d);
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.d = d16.to_f32();
+        b.s = f16::from_f32(f16::from_f32(sum as f32).to_f32() * b.d).to_f32();
+        b.isum = sum;
+    }
+}
+
+/// An instruction set the block kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// aarch64 NEON with the dot-product extension (SDOT).
+    NeonDot,
+    /// aarch64 NEON without it (widening multiplies instead).
+    Neon,
+}
+
+/// The instruction set the kernels use on this CPU, detected once; None where no kernel
+/// runs (candle's own kernels run instead).
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(detect)
+}
+
+fn detect() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        return Some(Isa::Avx2);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        return Some(if std::arch::is_aarch64_feature_detected!("dotprod") {
+            Isa::NeonDot
+        } else {
+            Isa::Neon
+        });
+    }
+    None
+}
+
+/// Whether the block kernels run here.
+pub fn simd() -> bool {
+    isa().is_some()
+}
+
+/// A raw pointer that may cross threads; each task writes a disjoint range through it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements of buffers that outlive the parallel call.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// y (m × n) = x (m × k) · Wᵀ.
+pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_many(&[w], x, m).pop().expect("one matrix")
+}
+
+/// Several matrices of one kind and width applied to the same input (Q, K and V; gate and
+/// up): the activations are quantized once and all rows share one parallel region on
+/// candle's spinning barrier pool (the one candle's kernels use; a second pool fought it
+/// for the cores). For prefill each 4-row tile is unpacked once and swept over every row of
+/// x, which makes it a matrix kernel rather than m matrix-vector products.
+pub fn matmul_many(mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let isa = isa().expect("Kind::from_dtype picks the block kernels only where one runs");
+    matmul_many_with(isa, mats, x, m)
+}
+
+/// `matmul_many` with a given instruction set, which the caller has checked this CPU runs.
+fn matmul_many_with(isa: Isa, mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let (kind, k) = (mats[0].kind, mats[0].k);
+    assert!(
+        mats.iter().all(|p| p.kind == kind && p.k == k),
+        "one kind and width"
+    );
+    let nb = k / QK;
+    let mut acts = vec![Q8Block::default(); m * nb];
+    for (a, xs) in acts.chunks_mut(nb).zip(x.chunks(k)) {
+        quantize_activations(xs, a);
+    }
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|p| vec![0f32; m * p.n]).collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // Work items are groups of four rows, numbered across the matrices.
+    let starts: Vec<usize> = mats
+        .iter()
+        .scan(0, |acc, p| {
+            let s = *acc;
+            *acc += p.n.div_ceil(4);
+            Some(s)
+        })
+        .collect();
+    let total: usize = mats.iter().map(|p| p.n.div_ceil(4)).sum();
+    candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
+        for g in groups {
+            let t = starts.partition_point(|&s| s <= g) - 1;
+            let (w, out) = (mats[t], outs[t]);
+            let n = w.n;
+            let gi = g - starts[t];
+            let j0 = gi * 4;
+            // SAFETY: element (i, j) of matrix t's output belongs to this task for j in
+            // j0..j0+4; each output holds m * n values.
+            let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
+            let act = |i: usize| &acts[i * nb..(i + 1) * nb];
+            if j0 + 4 <= n {
+                group_rows(isa, kind, w.group(gi), nb, m, &act, |i, r, v| {
+                    put(i, j0 + r, v)
+                });
+            } else {
+                for j in j0..n {
+                    let row = w.tail_row(j);
+                    for i in 0..m {
+                        put(i, j, tail_dot(isa, kind, row, act(i)));
+                    }
+                }
+            }
+        }
+    });
+    ys
+}
+
+/// Four rows of a packed group against every activation row: `put(i, r, value)`.
+#[allow(unused_variables)]
+fn group_rows<'a>(
+    isa: Isa,
+    kind: Kind,
+    group: &[u8],
+    nb: usize,
+    m: usize,
+    act: &impl Fn(usize) -> &'a [Q8Block],
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            if m >= 8 && kind != Kind::Q8_0 && kind != Kind::Q4_0 {
+                // Prefill: each 4-row tile is unpacked once and swept over every row of x,
+                // which makes it a matrix kernel rather than m matrix-vector products.
+                let mut q = vec![0u8; nb * 4 * QK];
+                let mut d = vec![0f32; nb * 4];
+                let mut mins = vec![0f32; nb * 4];
+                // SAFETY: isa() found AVX2; buffers sized for nb blocks of 4 rows.
+                unsafe { avx2::unpack4(kind, group, nb, &mut q, &mut d, &mut mins) };
+                for i in 0..m {
+                    // SAFETY: as above.
+                    let v = unsafe { avx2::dot4_unpacked(kind, &q, &d, &mins, act(i)) };
+                    for (r, v) in v.into_iter().enumerate() {
+                        put(i, r, v);
+                    }
+                }
+            } else {
+                for i in 0..m {
+                    // SAFETY: isa() found AVX2; the group holds nb packed blocks.
+                    let v = unsafe { avx2::dot4(kind, group, act(i)) };
+                    for (r, v) in v.into_iter().enumerate() {
+                        put(i, r, v);
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot | Isa::Neon => {
+            for i in 0..m {
+                // SAFETY: isa() found NEON (and SDOT for NeonDot); the group holds nb
+                // packed blocks.
+                let v = unsafe {
+                    if isa == Isa::NeonDot {
+                        neon::dot4_sdot(kind, group, act(i))
+                    } else {
+                        neon::dot4(kind, group, act(i))
+                    }
+                };
+                for (r, v) in v.into_iter().enumerate() {
+                    put(i, r, v);
+                }
+            }
+        }
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("{isa:?} is not detected on this architecture"),
+    }
+}
+
+/// One row in ggml's layout (the tail of a matrix) against one activation row.
+#[allow(unused_variables)]
+fn tail_dot(isa: Isa, kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
+    match isa {
+        // SAFETY: isa() found AVX2; the row holds nb ggml blocks.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::dot_row(kind, row, act) },
+        // SAFETY: isa() found NEON (and SDOT for NeonDot); the row holds nb ggml blocks.
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => unsafe { neon::dot_row_sdot(kind, row, act) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::dot_row(kind, row, act) },
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("{isa:?} is not detected on this architecture"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The instruction sets this CPU runs: the detected one, and on aarch64 with SDOT also
+    /// plain NEON, so that both NEON paths are checked.
+    fn available() -> Vec<Isa> {
+        let mut v: Vec<Isa> = isa().into_iter().collect();
+        if v == [Isa::NeonDot] {
+            v.push(Isa::Neon);
+        }
+        v
+    }
+
+    /// Every type against candle's own matmul on random blocks, in decode and prefill shapes,
+    /// with row counts that leave a tail and that do not, for every instruction set this CPU
+    /// runs: bit-identical, except Q4_0/Q8_0 on aarch64 where candle itself picks kernels of
+    /// different summation order by row count (see neon.rs): there bit-identical when the row
+    /// count is a multiple of 4 and m is 1, else within 1e-5 of Σ|w·x| (reordering the
+    /// additions of 8 blocks' products moves a result by a few ulps of that sum at most).
+    #[test]
+    fn kernels_match_candle_reference() {
+        let isas = available();
+        if isas.is_empty() {
+            eprintln!(
+                "SKIPPED: no kernel instruction set on this CPU; candle's kernels run instead"
+            );
+            return;
+        }
+        let dev = Device::Cpu;
+        let k = 256;
+        let (mut reordered_cases, mut exact_cases) = (0, 0);
+        for n in [42, 44] {
+            for dtype in [
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q5_0,
+                GgmlDType::Q5_1,
+                GgmlDType::Q8_0,
+            ] {
+                let kind = Kind::from_dtype(dtype).unwrap();
+                let w = Tensor::from_vec(random(n * k, 1), (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let packed = Packed::new(kind, &q.data().unwrap(), n, k);
+                let deq: Vec<f32> = q
+                    .dequantize(&dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let reference = QMatMul::from_qtensor(q).unwrap();
+                for m in [1, 7, 8, 9] {
+                    let x = random(m * k, 2 + m as u64);
+                    let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+                    let theirs: Vec<f32> = reference
+                        .forward(&xt)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    for &isa in &isas {
+                        let ours = matmul_many_with(isa, &[&packed], &x, m).pop().unwrap();
+                        let reordered = matches!(isa, Isa::Neon | Isa::NeonDot)
+                            && matches!(kind, Kind::Q4_0 | Kind::Q8_0)
+                            && (n % 4 != 0 || m != 1);
+                        if !reordered {
+                            assert_eq!(ours, theirs, "{isa:?} {dtype:?} n={n} m={m}");
+                            continue;
+                        }
+                        reordered_cases += ours.len();
+                        exact_cases += ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+                        for (idx, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                            let (i, j) = (idx / n, idx % n);
+                            let scale: f32 =
+                                (0..k).map(|c| (deq[j * k + c] * x[i * k + c]).abs()).sum();
+                            assert!(
+                                (a - b).abs() <= 1e-5 * scale,
+                                "{isa:?} {dtype:?} n={n} m={m} ({i},{j}): {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+                // Rows read back from the packed layout equal candle's dequantization.
+                let mut row = vec![0f32; k];
+                for j in [0, 5, n - 1] {
+                    packed.dequantize_row(j, &mut row);
+                    assert_eq!(row, deq[j * k..(j + 1) * k], "{dtype:?} row {j}");
+                }
+            }
+        }
+        eprintln!(
+            "checked {isas:?}; Q4_0/Q8_0 against candle's reordered kernels: {exact_cases} of {reordered_cases} values bit-identical, the rest within tolerance"
+        );
+    }
+}
