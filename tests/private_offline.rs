@@ -384,7 +384,14 @@ fn a_template_error_that_quotes_the_prompt_does_not_show_it() {
     use tokentop::engine::template::ChatTemplate;
     use tokentop::protocol::Message;
     let source = "{% for m in messages %}{% if m['role'] == 'user' %}{{ raise_exception('cannot answer: ' + m['content']) }}{% endif %}{% endfor %}";
-    let t = ChatTemplate::new(Some(source), "test.gguf", "llama", String::new(), String::new()).unwrap();
+    let t = ChatTemplate::new(
+        Some(source),
+        "test.gguf",
+        "llama",
+        String::new(),
+        String::new(),
+    )
+    .unwrap();
     let secret = "my card is 4111 1111 1111 1111";
     let err = t
         .render(&[Message::new(Role::User, secret)], true)
