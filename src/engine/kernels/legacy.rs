@@ -18,9 +18,7 @@ pub enum Kind {
 impl Kind {
     /// The kernel for a weight type, where one runs on this CPU.
     pub fn from_dtype(d: GgmlDType) -> Option<Self> {
-        if super::isa().is_none() {
-            return None;
-        }
+        super::isa()?;
         Some(match d {
             GgmlDType::Q4_0 => Self::Q4_0,
             GgmlDType::Q4_1 => Self::Q4_1,
