@@ -6,7 +6,6 @@ mod common;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
@@ -184,22 +183,7 @@ fn printing_commands_exit_quietly_when_stdout_is_closed() {
 }
 
 fn info() -> ModelInfo {
-    ModelInfo {
-        path: PathBuf::from("/models/m.gguf"),
-        name: "m".into(),
-        arch: "llama".into(),
-        quant: "Q4_1".into(),
-        params: 135_000_000,
-        weight_bytes: 90_000_000,
-        file_bytes: 98_000_000,
-        n_ctx: 4096,
-        train_ctx: 8192,
-        n_expert: 0,
-        n_expert_used: 0,
-        load_time: Duration::from_millis(200),
-        tokenizer_source: "GGUF metadata".into(),
-        template_is_fallback: false,
-    }
+    common::model_info("m")
 }
 
 fn send(st: &mut State, text: &str) -> Vec<Effect> {

@@ -1,5 +1,7 @@
 //! The TUI's state machine, driven by messages alone: no terminal, no engine, no files.
 
+mod common;
+
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEventKind};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,24 +23,7 @@ fn typed(st: &mut State, s: &str) {
     }
 }
 
-fn info(name: &str) -> ModelInfo {
-    ModelInfo {
-        path: PathBuf::from(format!("/models/{name}.gguf")),
-        name: name.into(),
-        arch: "llama".into(),
-        quant: "Q4_1".into(),
-        params: 135_000_000,
-        weight_bytes: 90_000_000,
-        file_bytes: 98_000_000,
-        n_ctx: 4096,
-        train_ctx: 8192,
-        n_expert: 0,
-        n_expert_used: 0,
-        load_time: Duration::from_millis(200),
-        tokenizer_source: "GGUF metadata".into(),
-        template_is_fallback: false,
-    }
-}
+use common::model_info as info;
 
 fn item(label: &str, local: bool) -> SwitchItem {
     SwitchItem {

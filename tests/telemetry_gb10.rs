@@ -1,6 +1,8 @@
 //! NVIDIA telemetry through the NVML trait with recorded readings, and the DGX Spark's
 //! unified pool from a recorded GB10 /proc/meminfo.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokentop::telemetry::gb10::{self, GpuPower};
@@ -12,27 +14,7 @@ use tokentop::telemetry::{
 
 const MIB: u64 = 1 << 20;
 
-/// A DGX Spark as recorded in public reports:
-/// - name, NOT_SUPPORTED memory info, 11.17 W, 0 % and 35 °C: raw NVML and nvidia-smi on a
-///   GB10 with driver 580.173.02 (XuehaiPan/nvitop pull request #208);
-/// - 19135 MiB held by a compute process: `nvidia-smi --query-compute-apps` on a GB10
-///   (mostlygeek/llama-swap issue #782).
-///
-/// Clocks were not in those reports, so they are left out as NVML would leave out a field
-/// it cannot read; the energy counter is absent here and exercised by its own test below.
-pub fn gb10() -> GpuReading {
-    GpuReading {
-        name: "NVIDIA GB10".into(),
-        memory: Err(Missing::NotSupported),
-        process_memory: Ok(19135 * MIB),
-        power_mw: Ok(11170),
-        energy_mj: Err(Missing::NotSupported),
-        utilization_pct: Ok(0),
-        graphics_mhz: Err(Missing::Error("not recorded".into())),
-        memory_mhz: Err(Missing::NotSupported),
-        temperature_c: Ok(35),
-    }
-}
+use common::recorded_gb10 as gb10;
 
 fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string(

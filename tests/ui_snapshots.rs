@@ -1,5 +1,7 @@
 //! Each pane rendered on ratatui's TestBackend and compared with its insta snapshot.
 
+mod common;
+
 use ratatui::backend::TestBackend;
 use ratatui::layout::Rect;
 use ratatui::Terminal;
@@ -13,7 +15,6 @@ use tokentop::state::{
 use tokentop::telemetry::battery::{parse_ioreg, read_sysfs};
 use tokentop::telemetry::gb10::GpuPower;
 use tokentop::telemetry::memory::parse_meminfo;
-use tokentop::telemetry::nvml::{GpuReading, Missing};
 use tokentop::telemetry::{
     assemble, Battery, Memory, PoolKind, Power, PowerProbe, Readings, Snapshot,
 };
@@ -326,18 +327,7 @@ fn side(st: &State, now: Instant) -> String {
 fn dgx_spark_panes() {
     let now = Instant::now();
     let mut st = fixture(now);
-    let mib = 1u64 << 20;
-    let gpu = GpuReading {
-        name: "NVIDIA GB10".into(),
-        memory: Err(Missing::NotSupported),
-        process_memory: Ok(19135 * mib),
-        power_mw: Ok(11170),
-        energy_mj: Err(Missing::NotSupported),
-        utilization_pct: Ok(0),
-        graphics_mhz: Err(Missing::Error("not recorded".into())),
-        memory_mhz: Err(Missing::NotSupported),
-        temperature_c: Ok(35),
-    };
+    let gpu = common::recorded_gb10();
     let mut power = GpuPower::default();
     for i in 0..2u64 {
         let snap = assemble(

@@ -100,3 +100,46 @@ pub fn tokentop(args: &[&str]) -> std::process::Output {
         .output()
         .expect("running tokentop")
 }
+
+/// A small dense model as the engine reports it once loaded (for state-machine tests).
+pub fn model_info(name: &str) -> tokentop::protocol::ModelInfo {
+    tokentop::protocol::ModelInfo {
+        path: PathBuf::from(format!("/models/{name}.gguf")),
+        name: name.into(),
+        arch: "llama".into(),
+        quant: "Q4_1".into(),
+        params: 135_000_000,
+        weight_bytes: 90_000_000,
+        file_bytes: 98_000_000,
+        n_ctx: 4096,
+        train_ctx: 8192,
+        n_expert: 0,
+        n_expert_used: 0,
+        load_time: std::time::Duration::from_millis(200),
+        tokenizer_source: "GGUF metadata".into(),
+        template_is_fallback: false,
+    }
+}
+
+/// A DGX Spark as recorded in public reports:
+/// - name, NOT_SUPPORTED memory info, 11.17 W, 0 % and 35 °C: raw NVML and nvidia-smi on a
+///   GB10 with driver 580.173.02 (XuehaiPan/nvitop pull request #208);
+/// - 19135 MiB held by a compute process: `nvidia-smi --query-compute-apps` on a GB10
+///   (mostlygeek/llama-swap issue #782).
+///
+/// Clocks were not in those reports, so they are left out as NVML would leave out a field
+/// it cannot read; the energy counter is absent here and exercised by its own test.
+pub fn recorded_gb10() -> tokentop::telemetry::nvml::GpuReading {
+    use tokentop::telemetry::nvml::{GpuReading, Missing};
+    GpuReading {
+        name: "NVIDIA GB10".into(),
+        memory: Err(Missing::NotSupported),
+        process_memory: Ok(19135 << 20),
+        power_mw: Ok(11170),
+        energy_mj: Err(Missing::NotSupported),
+        utilization_pct: Ok(0),
+        graphics_mhz: Err(Missing::Error("not recorded".into())),
+        memory_mhz: Err(Missing::NotSupported),
+        temperature_c: Ok(35),
+    }
+}
