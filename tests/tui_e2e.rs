@@ -89,18 +89,7 @@ fn chat_in_tmux_streams_and_shows_speed() {
         env!("CARGO_BIN_EXE_tokentop"),
         model.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &name,
-        "-x",
-        "110",
-        "-y",
-        "34",
-        &cmd,
-    ]);
-    let _guard = Session(name.clone());
+    let _guard = start(&name, &cmd);
     wait_for(&name, "the model to load", 60, |t| {
         t.contains("loaded in") && t.contains("prompt ·")
     });
