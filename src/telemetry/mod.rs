@@ -76,7 +76,7 @@ pub struct Readings {
     pub at: Instant,
     /// The OS's total and available memory, bytes.
     pub os_memory: (u64, u64),
-    /// A cgroup's (limit, free), when there is one.
+    /// A cgroup's (limit, available: limit minus non-reclaimable usage), when there is one.
     pub cgroup: Option<(u64, u64)>,
     pub process_rss: u64,
     pub os_kind: PoolKind,
@@ -278,10 +278,7 @@ impl Sampler {
         let readings = Readings {
             at,
             os_memory,
-            cgroup: self
-                .sys
-                .cgroup_limits()
-                .map(|c| (c.total_memory, c.free_memory)),
+            cgroup: memory::cgroup_now(),
             process_rss: self.sys.process(self.pid).map_or(0, |p| p.memory()),
             os_kind: memory::os_pool_kind(),
             gpu: match &mut self.gpu {
