@@ -417,6 +417,7 @@ async fn event_loop(
                     io.engine = EngineHandle::spawn();
                     engine_events = io.engine.take_events();
                 }
+                ui::retitle(&mut msgs, &io.catalog);
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
                 // Clocks in the view (load timer, live rate) move once a second at least.

@@ -469,3 +469,51 @@ fn power_pane_on_battery() {
     assert!(screen.contains("8945 tokens per 1% of battery"), "{screen}");
     insta::assert_snapshot!("power_on_battery", screen);
 }
+
+#[test]
+fn model_title_is_the_catalog_name_or_a_cleaned_file_name() {
+    use tokentop::catalog::Catalog;
+    let catalog = Catalog::builtin();
+    let title = |p: &str| ui::model_title(&catalog, std::path::Path::new(p));
+    // A catalog file anywhere on disk takes the catalog's display name.
+    assert_eq!(
+        title("/x/store/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "SmolLM2 135M Instruct"
+    );
+    let empty = Catalog {
+        default: "x".into(),
+        models: Vec::new(),
+    };
+    let clean = |p: &str| ui::model_title(&empty, std::path::Path::new(p));
+    assert_eq!(
+        clean("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "SmolLM2 135M Instruct Q4_1"
+    );
+    assert_eq!(clean("Qwen3-30B-A3B-Q4_K_M.gguf"), "Qwen3 30B A3B Q4_K_M");
+    assert_eq!(
+        clean("gemma_3_270m-it-IQ4_XS.gguf"),
+        "gemma 3 270m it IQ4_XS"
+    );
+    assert_eq!(
+        clean("Llama-3.1-70B-Instruct-Q4_K_M-00001-of-00002.gguf"),
+        "Llama 3.1 70B Instruct Q4_K_M"
+    );
+    assert_eq!(clean("model.bf16.gguf"), "model bf16");
+    assert_eq!(clean("---.gguf"), "---.gguf");
+
+    // The Ready event reaches the state with the title, and the title bar shows it.
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let mut info = st.model.clone().unwrap();
+    info.path = "/m/SmolLM2-135M-Instruct.Q4_1.gguf".into();
+    info.name = "Smollm2 135M 8k Lc100K Mix1 Ep2".into();
+    let mut msgs = vec![Msg::Engine(EngineEvent::Ready { info })];
+    ui::retitle(&mut msgs, &empty);
+    for m in msgs {
+        update(&mut st, m);
+    }
+    let screen = draw(100, 30, &st, now, full);
+    let top = screen.lines().next().unwrap();
+    assert!(top.contains("SmolLM2 135M Instruct Q4_1 · llama"), "{top}");
+    assert!(!screen.contains("Smollm2 135M 8k"));
+}
