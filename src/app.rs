@@ -448,6 +448,7 @@ async fn event_loop(
                 cache: &cache,
             };
             terminal.draw(|f| ui::render(f, &st, &ctx))?;
+            (st.scroll_max, st.scroll) = (cache.max_scroll(), st.scroll.min(cache.max_scroll()));
             dirty = false;
             last_draw = Instant::now();
         }

@@ -517,3 +517,47 @@ fn model_title_is_the_catalog_name_or_a_cleaned_file_name() {
     assert!(top.contains("SmolLM2 135M Instruct Q4_1 · llama"), "{top}");
     assert!(!screen.contains("Smollm2 135M 8k"));
 }
+
+#[test]
+fn page_down_after_paging_past_the_top_moves_at_once() {
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEventKind};
+    let key = |c| Msg::Key(KeyEvent::new(c, KeyModifiers::NONE));
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let long: String = (1..=40).map(|i| format!("line {i}\n\n")).collect();
+    st.chat[1].text = long;
+    let (theme, profiles, cache) = (Theme::default(), profiles(), ui::LineCache::default());
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &profiles,
+        now,
+        cache: &cache,
+    };
+    let mut t = Terminal::new(TestBackend::new(60, 20)).unwrap();
+    let mut frame = |st: &mut State| {
+        t.draw(|f| ui::render_chat(f, f.area(), st, &ctx)).unwrap();
+        // What app.rs does after each frame.
+        st.scroll_max = cache.max_scroll();
+        format!("{}", t.backend())
+    };
+    let bottom = frame(&mut st);
+    let max = st.scroll_max;
+    assert!(max > 40, "the chat is taller than the pane: {max}");
+    for _ in 0..21 {
+        update(&mut st, key(KeyCode::PageUp));
+    }
+    assert_eq!(st.scroll, max, "paging up stops at the top");
+    update(&mut st, Msg::Mouse(MouseEventKind::ScrollUp));
+    assert_eq!(st.scroll, max, "so does the wheel");
+    let top = frame(&mut st);
+    assert!(top.contains("Show me"), "{top}");
+    update(&mut st, key(KeyCode::PageDown));
+    assert_eq!(st.scroll, max - 10);
+    let moved = frame(&mut st);
+    assert_ne!(moved, top, "one PgDn moves the view");
+    assert!(!moved.contains("Show me"));
+    for _ in 0..10 {
+        update(&mut st, key(KeyCode::PageDown));
+    }
+    assert_eq!(frame(&mut st), bottom);
+}

@@ -184,6 +184,9 @@ pub struct State {
     pub mode: Mode,
     /// Lines scrolled up from the bottom of the chat; 0 follows the stream.
     pub scroll: u16,
+    /// How far the chat can scroll up, as the last frame measured it: scrolling up stops
+    /// there, so scrolling down moves the view at once.
+    pub scroll_max: u16,
     pub decode_history: VecDeque<f64>,
     pub last: Option<Footer>,
     pub memory: Option<Memory>,
@@ -217,6 +220,7 @@ impl State {
             switcher,
             mode: Mode::Chat,
             scroll: 0,
+            scroll_max: u16::MAX,
             decode_history: VecDeque::new(),
             last: None,
             memory: None,
@@ -408,7 +412,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
             vec![]
         }
         Msg::Mouse(MouseEventKind::ScrollUp) => {
-            st.scroll = st.scroll.saturating_add(3);
+            st.scroll = st.scroll.saturating_add(3).min(st.scroll_max);
             vec![]
         }
         Msg::Mouse(MouseEventKind::ScrollDown) => {
@@ -619,7 +623,7 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
         KeyCode::End => st.input.end(),
         KeyCode::Up if !st.input.is_multiline() => st.input.history_prev(),
         KeyCode::Down if !st.input.is_multiline() => st.input.history_next(),
-        KeyCode::PageUp => st.scroll = st.scroll.saturating_add(10),
+        KeyCode::PageUp => st.scroll = st.scroll.saturating_add(10).min(st.scroll_max),
         KeyCode::PageDown => st.scroll = st.scroll.saturating_sub(10),
         _ => {}
     }

@@ -31,6 +31,15 @@ pub struct Ctx<'a> {
 #[derive(Default)]
 pub struct LineCache {
     entries: std::cell::RefCell<Vec<Option<CachedEntry>>>,
+    /// How many lines the chat could scroll up in the last frame drawn.
+    max_scroll: std::cell::Cell<u16>,
+}
+
+impl LineCache {
+    /// The chat's scroll limit measured by the last frame (the state's `scroll_max`).
+    pub fn max_scroll(&self) -> u16 {
+        self.max_scroll.get()
+    }
 }
 
 /// (text hash, has footer, lines)
@@ -295,6 +304,7 @@ pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let p = Paragraph::new(text).wrap(Wrap { trim: false });
     let total = p.line_count(area.width) as u16;
     let max_scroll = total.saturating_sub(area.height);
+    ctx.cache.max_scroll.set(max_scroll);
     let y = max_scroll.saturating_sub(st.scroll.min(max_scroll));
     f.render_widget(p.scroll((y, 0)), area);
 }
