@@ -569,11 +569,11 @@ pub fn local_profile_path() -> Result<PathBuf> {
 pub fn probe() -> Result<()> {
     let path = local_profile_path()?;
     note!("tokentop: measuring memory bandwidth…");
-    let p = crate::roofline::probe(&path)?;
+    let (p, bw) = crate::roofline::probe(&path)?;
     print_out(&format!(
-        "{}: {:.1} GB/s read bandwidth, {:.1} GB memory (saved to {})\n",
+        "{}: {}, {:.1} GB memory (saved to {})\n",
         p.name,
-        p.bandwidth_gbs,
+        bw.summary(),
         p.memory_gb,
         path.display()
     ))
