@@ -164,8 +164,27 @@ pub struct Engine {
     pub info: ModelInfo,
 }
 
+/// Says what to do about a GPU error a user can fix. candle's CUDA kernels are PTX compiled by
+/// the build's toolkit, and a driver older than that toolkit cannot load them (seen on an H100
+/// with driver 580 / CUDA 13.0 and a binary built with the CUDA 13.4 toolkit).
+pub fn gpu_hint(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("UNSUPPORTED_PTX_VERSION") {
+        e.context(
+            "this build's CUDA toolkit is newer than the GPU driver: rebuild with the toolkit \
+             of the CUDA version `nvidia-smi` shows, or update the driver",
+        )
+    } else {
+        e
+    }
+}
+
 impl Engine {
     pub fn load(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        Self::load_on(path, opts, device).map_err(gpu_hint)
+    }
+
+    fn load_on(path: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let start = Instant::now();
         let mut g = Gguf::open(path)?;
         let arch = g.architecture()?.to_string();
@@ -258,6 +277,17 @@ impl Engine {
 
     /// Like `generate` for an already tokenized prompt (benchmarks use this).
     pub fn generate_tokens(
+        &mut self,
+        start: Instant,
+        tokens: &[u32],
+        params: &GenParams,
+        on_event: impl FnMut(GenEvent) -> Flow,
+    ) -> Result<(GenStats, FinishReason)> {
+        self.run_tokens(start, tokens, params, on_event)
+            .map_err(gpu_hint)
+    }
+
+    fn run_tokens(
         &mut self,
         start: Instant,
         tokens: &[u32],
@@ -484,6 +514,22 @@ impl TokenStream {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_driver_older_than_the_toolkit_gets_a_way_out() {
+        // The error cudarc gives for PTX newer than the driver (as candle wraps it).
+        let e = anyhow::anyhow!(
+            "DriverError(CUDA_ERROR_UNSUPPORTED_PTX_VERSION, \"the provided PTX was compiled with an unsupported toolchain.\")"
+        );
+        let text = format!("{:#}", super::gpu_hint(e));
+        assert!(
+            text.starts_with("this build's CUDA toolkit is newer than the GPU driver"),
+            "{text}"
+        );
+        assert!(text.contains("UNSUPPORTED_PTX_VERSION"), "{text}");
+        let other = format!("{:#}", super::gpu_hint(anyhow::anyhow!("out of memory")));
+        assert_eq!(other, "out of memory");
+    }
+
     #[test]
     fn too_big_models_are_refused_with_sizes() {
         let gb = 1_000_000_000;
