@@ -66,16 +66,7 @@ impl Drop for Session {
 
 #[test]
 fn chat_in_tmux_streams_and_shows_speed() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
-        eprintln!("SKIPPED: tmux is not installed");
-        return;
-    }
-    if let Some(host) = emulated() {
-        eprintln!(
-            "SKIPPED: this {} test runs under emulation on a {host} machine (qemu-user), which does not emulate the terminal ioctls the binary needs inside tmux",
-            std::env::consts::ARCH
-        );
+    if !have_tmux() {
         return;
     }
     let Some(model) = common::smollm2() else {
@@ -164,6 +155,13 @@ fn have_tmux() -> bool {
     if Command::new("tmux").arg("-V").output().is_err() {
         assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
         eprintln!("SKIPPED: tmux is not installed");
+        return false;
+    }
+    if let Some(host) = emulated() {
+        eprintln!(
+            "SKIPPED: this {} test runs under emulation on a {host} machine (qemu-user), which does not emulate the terminal ioctls the binary needs inside tmux",
+            std::env::consts::ARCH
+        );
         return false;
     }
     true
