@@ -54,7 +54,12 @@ impl SessionFile {
         };
         let mut f = crate::private::append_file(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let mut line = serde_json::to_string(entry)?;
+        let mut line = String::new();
+        // A torn last line (a crash or a full disk mid-write) must not swallow this entry.
+        if !ends_with_newline(&path).with_context(|| format!("reading {}", path.display()))? {
+            line.push('\n');
+        }
+        line.push_str(&serde_json::to_string(entry)?);
         line.push('\n');
         f.write_all(line.as_bytes())
             .and_then(|_| f.sync_data())
@@ -63,15 +68,27 @@ impl SessionFile {
     }
 }
 
+/// Whether `path` is empty or ends with a newline.
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
 /// Reads a session back. Entries are whole conversation turns; an answer saved after it
-/// finished replaces the placeholder of its turn. A torn last line (a crash mid-write) is
-/// skipped.
+/// finished replaces the placeholder of its turn. A line that is not a whole entry (a torn
+/// line from a crash mid-write, a line that is not UTF-8) is skipped; the others are kept.
 pub fn load(path: &Path) -> Result<Vec<ChatEntry>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<ChatEntry>(l).ok())
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<ChatEntry>(l).ok())
         .collect())
 }
 
