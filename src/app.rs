@@ -138,7 +138,7 @@ impl Io {
             }
             Effect::NewSession => self.session.restart(),
             Effect::ListSessions => {
-                return Some(Msg::SessionList(session::list(&self.sessions_dir)))
+                return Some(Msg::SessionList(session::summaries(&self.sessions_dir)))
             }
             Effect::OpenSession(path) => {
                 return Some(match session::load(&path) {

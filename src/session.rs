@@ -2,7 +2,7 @@
 //! a crash or kill -9 loses at most the answer in flight. Exported to Markdown on request.
 
 use crate::protocol::Role;
-use crate::state::ChatEntry;
+use crate::state::{ChatEntry, SessionSummary};
 use crate::ui::footer_text;
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -129,6 +129,67 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v.reverse();
     v
+}
+
+/// Saved sessions as the session list shows them, the most recently written first.
+pub fn summaries(dir: &Path) -> Vec<SessionSummary> {
+    let tz = jiff::tz::TimeZone::system();
+    let mut v: Vec<(std::time::SystemTime, SessionSummary)> = list(dir)
+        .into_iter()
+        .map(|path| {
+            let modified = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let entries = load(&path).unwrap_or_default();
+            (modified, summarize(path, &entries, modified, &tz))
+        })
+        .collect();
+    // Newest first; `list` already orders equal times by name, newest first.
+    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// The title, date, models and turn count of one session.
+pub fn summarize(
+    path: PathBuf,
+    entries: &[ChatEntry],
+    modified: std::time::SystemTime,
+    tz: &jiff::tz::TimeZone,
+) -> SessionSummary {
+    const TITLE_CHARS: usize = 40;
+    let first = entries
+        .iter()
+        .find(|e| e.role == Role::User)
+        .and_then(|e| e.text.lines().map(str::trim).find(|l| !l.is_empty()));
+    let title = match first {
+        Some(t) if t.chars().count() > TITLE_CHARS => {
+            format!("{}…", t.chars().take(TITLE_CHARS - 1).collect::<String>())
+        }
+        Some(t) => t.to_string(),
+        None => path
+            .file_stem()
+            .map_or(String::new(), |s| s.to_string_lossy().into_owned()),
+    };
+    let mut models: Vec<String> = Vec::new();
+    for e in entries.iter().filter(|e| e.role != Role::User) {
+        if !e.model.is_empty() && !models.contains(&e.model) {
+            models.push(e.model.clone());
+        }
+    }
+    let date = jiff::Timestamp::try_from(modified)
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M")
+                .to_string()
+        })
+        .unwrap_or_default();
+    SessionSummary {
+        path,
+        title,
+        date,
+        models,
+        turns: entries.iter().filter(|e| e.role == Role::User).count(),
+    }
 }
 
 pub fn to_markdown(entries: &[ChatEntry]) -> String {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokentop::protocol::*;
 use tokentop::roofline::{self, Profile};
 use tokentop::state::{
-    update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, State, Stream, SwitchItem,
+    update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, SessionSummary, State, Stream,
+    SwitchItem,
 };
 use tokentop::telemetry::battery::{parse_ioreg, read_sysfs};
 use tokentop::telemetry::gb10::GpuPower;
@@ -468,4 +469,37 @@ fn power_pane_on_battery() {
     );
     assert!(screen.contains("8945 tokens per 1% of battery"), "{screen}");
     insta::assert_snapshot!("power_on_battery", screen);
+}
+
+#[test]
+fn session_list_shows_title_date_models_and_turns() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let summary = |n: u64, title: &str, date: &str, models: &[&str], turns| SessionSummary {
+        path: PathBuf::from(format!("/home/u/sessions/session-{n}.jsonl")),
+        title: title.into(),
+        date: date.into(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        turns,
+    };
+    // Newest first, as session::summaries orders them.
+    st.sessions = vec![
+        summary(
+            3,
+            "Why is the sky blue?",
+            "2026-11-24 18:02",
+            &["SmolLM2 135M"],
+            1,
+        ),
+        summary(
+            2,
+            "Write a haiku about unified memory and …",
+            "2026-11-23 09:41",
+            &["SmolLM2 135M", "Gemma 3 270M"],
+            7,
+        ),
+        summary(1, "session-1", "2026-11-20 22:15", &[], 0),
+    ];
+    st.mode = Mode::Sessions { selected: 1 };
+    insta::assert_snapshot!(draw(120, 12, &st, now, full));
 }

@@ -36,6 +36,20 @@ pub struct ChatEntry {
     pub footer: Option<Footer>,
 }
 
+/// A saved session as the session list shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    pub path: PathBuf,
+    /// The first prompt, on one line (the file name when there is none).
+    pub title: String,
+    /// When it was last written, local time, `YYYY-MM-DD HH:MM`.
+    pub date: String,
+    /// The models that answered, in order of first answer.
+    pub models: Vec<String>,
+    /// Prompts in it.
+    pub turns: usize,
+}
+
 /// One model the switcher offers: a catalog entry or a GGUF found on disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SwitchItem {
@@ -135,7 +149,7 @@ pub enum Msg {
         result: Result<PathBuf, String>,
     },
     /// Saved sessions found on disk, for the list.
-    SessionList(Vec<PathBuf>),
+    SessionList(Vec<SessionSummary>),
     /// A saved session read back.
     SessionLoaded {
         path: PathBuf,
@@ -195,7 +209,7 @@ pub struct State {
     pub battery_use: BatteryUse,
     pub kv_bytes: usize,
     pub ab: Option<AbRun>,
-    pub sessions: Vec<PathBuf>,
+    pub sessions: Vec<SessionSummary>,
     pub next_req: RequestId,
     pub quit_armed: bool,
     pub status: String,
@@ -589,7 +603,7 @@ fn on_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
                 KeyCode::Enter if n > 0 => {
                     st.mode = Mode::Chat;
                     let mut fx = st.cancel();
-                    fx.push(Effect::OpenSession(st.sessions[selected].clone()));
+                    fx.push(Effect::OpenSession(st.sessions[selected].path.clone()));
                     return fx;
                 }
                 _ => {}
