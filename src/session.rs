@@ -145,7 +145,7 @@ pub fn summaries(dir: &Path) -> Vec<SessionSummary> {
         })
         .collect();
     // Newest first; `list` already orders equal times by name, newest first.
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|a| std::cmp::Reverse(a.0));
     v.into_iter().map(|(_, s)| s).collect()
 }
 
