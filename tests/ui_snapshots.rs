@@ -99,6 +99,7 @@ fn fixture(now: Instant) -> State {
         tokens: 120,
         ..footer(25.5, 64)
     });
+    st.context = 120;
     st.decode_history = [20.0, 22.0, 25.5, 24.0, 26.0, 25.5].into_iter().collect();
     st.memory = Some(Memory {
         kind: PoolKind::System,

@@ -219,7 +219,7 @@ pub struct State {
     pub offline: bool,
     last_sample: Option<Instant>,
     /// Tokens of context after the last answer (see `context_used`).
-    context: usize,
+    pub context: usize,
 }
 
 impl State {
