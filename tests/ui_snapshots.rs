@@ -504,3 +504,28 @@ fn session_list_shows_title_date_models_and_turns() {
     st.mode = Mode::Sessions { selected: 1 };
     insta::assert_snapshot!(draw(120, 12, &st, now, full));
 }
+
+#[test]
+fn title_never_shows_loaded_in_beside_loading() {
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let mut info = common::model_info("SmolLM2 135M");
+    info.load_time = Duration::from_millis(1200);
+    update(&mut st, Msg::Engine(EngineEvent::Ready { info }));
+    let title = |st: &State| {
+        draw(100, 30, st, now, full)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(title(&st).contains("loaded in 1.2s"), "{}", title(&st));
+    // Ctrl-O, pick the first model: its load starts.
+    let key = |code, m| Msg::Key(KeyEvent::new(code, m));
+    update(&mut st, key(KeyCode::Char('o'), KeyModifiers::CONTROL));
+    update(&mut st, key(KeyCode::Enter, KeyModifiers::NONE));
+    assert!(st.loading.is_some());
+    let t = title(&st);
+    assert!(t.contains("loading") && !t.contains("loaded in"), "{t}");
+}
