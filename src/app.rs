@@ -4,7 +4,7 @@
 
 use crate::catalog::{fetch, Catalog};
 use crate::engine::worker::EngineHandle;
-use crate::protocol::{EngineCmd, EngineEvent, GenParams, LoadOptions, Role};
+use crate::protocol::{EngineCmd, EngineEvent, GenParams, LoadOptions};
 use crate::roofline::Profile;
 use crate::session::{self, SessionFile};
 use crate::state::{self, Effect, Msg, State, SwitchItem};
@@ -138,7 +138,7 @@ impl Io {
             }
             Effect::NewSession => self.session.restart(),
             Effect::ListSessions => {
-                return Some(Msg::SessionList(session::list(&self.sessions_dir)))
+                return Some(Msg::SessionList(session::summaries(&self.sessions_dir)))
             }
             Effect::OpenSession(path) => {
                 return Some(match session::load(&path) {
@@ -400,9 +400,9 @@ async fn event_loop(
             },
             signal = signals.recv() => {
                 // Keep the part of an answer that streamed, as a finished one would be.
-                if st.stream.is_some() {
-                    if let Some(e) = st.chat.last().filter(|e| e.role == Role::Assistant) {
-                        io.run(Effect::SaveEntry(e.clone()), &st);
+                if st.stream.is_some() && st.ab.is_none() {
+                    for e in st.turn_to_save() {
+                        io.run(Effect::SaveEntry(e), &st);
                     }
                 }
                 // Exit now: dropping the engine would wait for a load in progress.

@@ -514,7 +514,11 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
             if e.is::<QuietExit>() || e.is::<EngineGone>() {
                 return Err(e);
             }
-            note!("tokentop: {e:#}");
+            if crate::protocol::is_context_overflow(&format!("{e:#}")) {
+                note!("tokentop: {e:#} — /reset starts a new conversation");
+            } else {
+                note!("tokentop: {e:#}");
+            }
         }
         first = false;
     }

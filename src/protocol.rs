@@ -213,3 +213,12 @@ pub enum EngineEvent {
         error: String,
     },
 }
+
+/// The words of the engine's error for a prompt longer than the context, so that each front
+/// end can add its own way out (Ctrl-N in the TUI, /reset in the REPL).
+pub const CONTEXT_HOLDS: &str = "context holds";
+
+/// Whether an engine error is a prompt that does not fit the context.
+pub fn is_context_overflow(error: &str) -> bool {
+    error.contains(CONTEXT_HOLDS)
+}

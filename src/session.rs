@@ -2,7 +2,7 @@
 //! a crash or kill -9 loses at most the answer in flight. Exported to Markdown on request.
 
 use crate::protocol::Role;
-use crate::state::ChatEntry;
+use crate::state::{ChatEntry, SessionSummary};
 use crate::ui::footer_text;
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -54,7 +54,12 @@ impl SessionFile {
         };
         let mut f = crate::private::append_file(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let mut line = serde_json::to_string(entry)?;
+        let mut line = String::new();
+        // A torn last line (a crash or a full disk mid-write) must not swallow this entry.
+        if !ends_with_newline(&path).with_context(|| format!("reading {}", path.display()))? {
+            line.push('\n');
+        }
+        line.push_str(&serde_json::to_string(entry)?);
         line.push('\n');
         f.write_all(line.as_bytes())
             .and_then(|_| f.sync_data())
@@ -63,15 +68,27 @@ impl SessionFile {
     }
 }
 
+/// Whether `path` is empty or ends with a newline.
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
 /// Reads a session back. Entries are whole conversation turns; an answer saved after it
-/// finished replaces the placeholder of its turn. A torn last line (a crash mid-write) is
-/// skipped.
+/// finished replaces the placeholder of its turn. A line that is not a whole entry (a torn
+/// line from a crash mid-write, a line that is not UTF-8) is skipped; the others are kept.
 pub fn load(path: &Path) -> Result<Vec<ChatEntry>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<ChatEntry>(l).ok())
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<ChatEntry>(l).ok())
         .collect())
 }
 
@@ -112,6 +129,67 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v.reverse();
     v
+}
+
+/// Saved sessions as the session list shows them, the most recently written first.
+pub fn summaries(dir: &Path) -> Vec<SessionSummary> {
+    let tz = jiff::tz::TimeZone::system();
+    let mut v: Vec<(std::time::SystemTime, SessionSummary)> = list(dir)
+        .into_iter()
+        .map(|path| {
+            let modified = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let entries = load(&path).unwrap_or_default();
+            (modified, summarize(path, &entries, modified, &tz))
+        })
+        .collect();
+    // Newest first; `list` already orders equal times by name, newest first.
+    v.sort_by_key(|a| std::cmp::Reverse(a.0));
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// The title, date, models and turn count of one session.
+pub fn summarize(
+    path: PathBuf,
+    entries: &[ChatEntry],
+    modified: std::time::SystemTime,
+    tz: &jiff::tz::TimeZone,
+) -> SessionSummary {
+    const TITLE_CHARS: usize = 40;
+    let first = entries
+        .iter()
+        .find(|e| e.role == Role::User)
+        .and_then(|e| e.text.lines().map(str::trim).find(|l| !l.is_empty()));
+    let title = match first {
+        Some(t) if t.chars().count() > TITLE_CHARS => {
+            format!("{}…", t.chars().take(TITLE_CHARS - 1).collect::<String>())
+        }
+        Some(t) => t.to_string(),
+        None => path
+            .file_stem()
+            .map_or(String::new(), |s| s.to_string_lossy().into_owned()),
+    };
+    let mut models: Vec<String> = Vec::new();
+    for e in entries.iter().filter(|e| e.role != Role::User) {
+        if !e.model.is_empty() && !models.contains(&e.model) {
+            models.push(e.model.clone());
+        }
+    }
+    let date = jiff::Timestamp::try_from(modified)
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M")
+                .to_string()
+        })
+        .unwrap_or_default();
+    SessionSummary {
+        path,
+        title,
+        date,
+        models,
+        turns: entries.iter().filter(|e| e.role == Role::User).count(),
+    }
 }
 
 pub fn to_markdown(entries: &[ChatEntry]) -> String {

@@ -128,3 +128,47 @@ fn bad_files_and_catalogs_fail_cleanly_from_the_cli() {
         "{stderr}"
     );
 }
+
+#[test]
+fn chat_repl_names_reset_when_the_context_is_full() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokentop"))
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "8",
+            "--ctx",
+            "64",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let long = "the cat sat on the mat ".repeat(30);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{long}\n/reset\nHi\n/bye\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let refusal = stderr
+        .lines()
+        .find(|l| l.contains("context holds 64"))
+        .unwrap_or_else(|| panic!("no refusal:\n{stderr}"));
+    assert!(
+        refusal.contains("/reset starts a new conversation") && !refusal.contains("shorten"),
+        "{refusal}"
+    );
+    // After /reset the short prompt is answered.
+    assert_eq!(stderr.matches("eval rate:").count(), 2, "{stderr}");
+}

@@ -234,7 +234,8 @@ fn a_stopped_engine_is_shown_instead_of_loading_forever() {
     );
     let fx = update(&mut st, Msg::EngineStopped("gone".into()));
     assert!(
-        matches!(&fx[..], [Effect::SaveEntry(e)] if e.text == "Hi the"),
+        matches!(&fx[..], [Effect::SaveEntry(q), Effect::SaveEntry(a)]
+            if q.text == "hello" && a.text == "Hi the"),
         "{fx:?}"
     );
     assert!(st.stream.is_none() && st.model.is_none());

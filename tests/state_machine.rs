@@ -98,9 +98,10 @@ fn send_stream_and_finish() {
     let mut st = ready("a");
     typed(&mut st, "hi there");
     let fx = update(&mut st, key(KeyCode::Enter));
-    assert!(matches!(&fx[0], Effect::SaveEntry(e) if e.text == "hi there" && e.role == Role::User));
+    // The prompt is saved with its answer, not before.
+    assert_eq!(fx.len(), 1, "{fx:?}");
     let req = req_of(&fx);
-    match &fx[1] {
+    match &fx[0] {
         Effect::Generate { messages, .. } => {
             assert_eq!(messages, &vec![Message::new(Role::User, "hi there")])
         }
@@ -141,7 +142,14 @@ fn send_stream_and_finish() {
     let footer = st.chat.last().unwrap().footer.clone().unwrap();
     assert_eq!(footer.tokens, 3);
     assert!((footer.decode_rate - 10.0).abs() < 1e-9);
-    assert!(matches!(&fx[0], Effect::SaveEntry(e) if e.footer.is_some()));
+    match &fx[..] {
+        [Effect::SaveEntry(q), Effect::SaveEntry(a)] => {
+            assert_eq!((q.role, q.text.as_str()), (Role::User, "hi there"));
+            assert_eq!((a.role, a.text.as_str()), (Role::Assistant, "Hello!"));
+            assert!(a.footer.is_some());
+        }
+        fx => panic!("{fx:?}"),
+    }
     assert_eq!(st.decode_history.len(), 1);
     assert_eq!(st.context_used(), 23);
     assert!(st.stream.is_none());
@@ -150,7 +158,7 @@ fn send_stream_and_finish() {
     st.input.clear();
     typed(&mut st, "more");
     let fx = update(&mut st, key(KeyCode::Enter));
-    match &fx[1] {
+    match &fx[0] {
         Effect::Generate { messages, .. } => assert_eq!(messages.len(), 3),
         e => panic!("{e:?}"),
     }
@@ -221,6 +229,129 @@ fn failed_answer_returns_the_prompt_to_the_editor() {
     assert!(st.chat.is_empty());
     assert_eq!(st.input.text, "a very long prompt");
     assert!(st.status.contains("9000 tokens"));
+}
+
+#[test]
+fn a_prompt_refused_for_context_length_is_never_saved() {
+    let mut st = ready("a");
+    typed(&mut st, "a very long prompt");
+    // The user retries three times; each is refused and nothing reaches the session file.
+    for _ in 0..3 {
+        let fx = update(&mut st, key(KeyCode::Enter));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::SaveEntry(_))),
+            "{fx:?}"
+        );
+        let fx = update(
+            &mut st,
+            Msg::Engine(EngineEvent::Failed {
+                req: req_of(&fx),
+                error: "the prompt is 9000 tokens but the context holds 4096 (the model was \
+                        trained for 8192; --ctx raises it)"
+                    .into(),
+            }),
+        );
+        assert!(fx.is_empty(), "{fx:?}");
+        assert!(st.chat.is_empty());
+        assert_eq!(st.input.text, "a very long prompt");
+        // The way out is named.
+        assert!(
+            st.status.contains("Ctrl-N starts a new conversation"),
+            "{}",
+            st.status
+        );
+    }
+    // A prompt that is answered is saved, once, with its answer.
+    st.input.clear();
+    typed(&mut st, "short");
+    let req = req_of(&update(&mut st, key(KeyCode::Enter)));
+    token(&mut st, req, "ok");
+    let fx = finish(&mut st, req, 2, FinishReason::Eos);
+    let saved: Vec<_> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SaveEntry(e) => Some(e.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(saved, ["short", "ok"]);
+}
+
+#[test]
+fn a_cancelled_answer_is_saved_with_its_prompt() {
+    let mut st = ready("a");
+    typed(&mut st, "tell me");
+    let req = req_of(&update(&mut st, key(KeyCode::Enter)));
+    token(&mut st, req, "Once");
+    assert_eq!(
+        update(&mut st, key(KeyCode::Esc)),
+        vec![Effect::Cancel { req }]
+    );
+    let fx = finish(&mut st, req, 2, FinishReason::Cancelled);
+    match &fx[..] {
+        [Effect::SaveEntry(q), Effect::SaveEntry(a)] => {
+            assert_eq!(q.text, "tell me");
+            assert_eq!(a.text, "Once");
+            assert_eq!(a.footer.as_ref().unwrap().reason, FinishReason::Cancelled);
+        }
+        fx => panic!("{fx:?}"),
+    }
+}
+
+#[test]
+fn context_count_is_clamped_and_reset_by_a_new_chat() {
+    let mut st = ready("a");
+    let n_ctx = st.model.as_ref().unwrap().n_ctx;
+    typed(&mut st, "fill it");
+    let req = req_of(&update(&mut st, key(KeyCode::Enter)));
+    // Stopped by a full context: prompt + generated counts the last sampled token, which
+    // never enters the cache, so it is one over what the context holds.
+    let mut s = stats(n_ctx - 20 + 1);
+    s.prompt_tokens = 20;
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Finished {
+            req,
+            stats: s,
+            reason: FinishReason::ContextFull,
+        }),
+    );
+    assert_eq!(st.context_used(), n_ctx, "never N > max");
+    // Ctrl-N: a new conversation holds nothing.
+    let fx = update(&mut st, ctrl('n'));
+    assert_eq!(fx, vec![Effect::NewSession]);
+    assert!(st.chat.is_empty());
+    assert_eq!(st.context_used(), 0);
+    // Ctrl-N while an answer streams saves that answer as far as it got, then clears.
+    typed(&mut st, "again");
+    let req = req_of(&update(&mut st, key(KeyCode::Enter)));
+    token(&mut st, req, "par");
+    let fx = update(&mut st, ctrl('n'));
+    assert!(
+        matches!(&fx[0], Effect::Cancel { req: r } if *r == req),
+        "{fx:?}"
+    );
+    assert!(
+        matches!(&fx[1..], [Effect::SaveEntry(q), Effect::SaveEntry(a), Effect::NewSession]
+            if q.text == "again" && a.text == "par"),
+        "{fx:?}"
+    );
+    // The late end of the cut answer saves nothing into the new session.
+    assert!(finish(&mut st, req, 2, FinishReason::Cancelled).is_empty());
+    assert_eq!(st.context_used(), 0);
+}
+
+#[test]
+fn loaded_in_is_not_shown_beside_loading() {
+    let mut st = ready("a");
+    assert!(st.status.starts_with("loaded in"), "{}", st.status);
+    update(&mut st, ctrl('o'));
+    update(&mut st, key(KeyCode::Down));
+    update(&mut st, key(KeyCode::Enter));
+    assert!(st.loading.is_some());
+    assert!(!st.status.contains("loaded in"), "{}", st.status);
+    update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") }));
+    assert!(st.loading.is_none() && st.status.starts_with("loaded in"));
 }
 
 #[test]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokentop::protocol::*;
 use tokentop::roofline::{self, Profile};
 use tokentop::state::{
-    update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, State, Stream, SwitchItem,
+    update, AbPhase, AbRun, AbSide, ChatEntry, Footer, Mode, Msg, SessionSummary, State, Stream,
+    SwitchItem,
 };
 use tokentop::telemetry::battery::{parse_ioreg, read_sysfs};
 use tokentop::telemetry::gb10::GpuPower;
@@ -98,6 +99,7 @@ fn fixture(now: Instant) -> State {
         tokens: 120,
         ..footer(25.5, 64)
     });
+    st.context = 120;
     st.decode_history = [20.0, 22.0, 25.5, 24.0, 26.0, 25.5].into_iter().collect();
     st.memory = Some(Memory {
         kind: PoolKind::System,
@@ -560,4 +562,62 @@ fn page_down_after_paging_past_the_top_moves_at_once() {
         update(&mut st, key(KeyCode::PageDown));
     }
     assert_eq!(frame(&mut st), bottom);
+}
+
+#[test]
+fn session_list_shows_title_date_models_and_turns() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let summary = |n: u64, title: &str, date: &str, models: &[&str], turns| SessionSummary {
+        path: PathBuf::from(format!("/home/u/sessions/session-{n}.jsonl")),
+        title: title.into(),
+        date: date.into(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        turns,
+    };
+    // Newest first, as session::summaries orders them.
+    st.sessions = vec![
+        summary(
+            3,
+            "Why is the sky blue?",
+            "2026-11-24 18:02",
+            &["SmolLM2 135M"],
+            1,
+        ),
+        summary(
+            2,
+            "Write a haiku about unified memory and …",
+            "2026-11-23 09:41",
+            &["SmolLM2 135M", "Gemma 3 270M"],
+            7,
+        ),
+        summary(1, "session-1", "2026-11-20 22:15", &[], 0),
+    ];
+    st.mode = Mode::Sessions { selected: 1 };
+    insta::assert_snapshot!(draw(120, 12, &st, now, full));
+}
+
+#[test]
+fn title_never_shows_loaded_in_beside_loading() {
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let mut info = common::model_info("SmolLM2 135M");
+    info.load_time = Duration::from_millis(1200);
+    update(&mut st, Msg::Engine(EngineEvent::Ready { info }));
+    let title = |st: &State| {
+        draw(100, 30, st, now, full)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(title(&st).contains("loaded in 1.2s"), "{}", title(&st));
+    // Ctrl-O, pick the first model: its load starts.
+    let key = |code, m| Msg::Key(KeyEvent::new(code, m));
+    update(&mut st, key(KeyCode::Char('o'), KeyModifiers::CONTROL));
+    update(&mut st, key(KeyCode::Enter, KeyModifiers::NONE));
+    assert!(st.loading.is_some());
+    let t = title(&st);
+    assert!(t.contains("loading") && !t.contains("loaded in"), "{t}");
 }

@@ -9,7 +9,9 @@ pub mod template;
 pub mod tokenizer;
 pub mod worker;
 
-use crate::protocol::{FinishReason, GenParams, GenStats, LoadOptions, Message, ModelInfo};
+use crate::protocol::{
+    FinishReason, GenParams, GenStats, LoadOptions, Message, ModelInfo, CONTEXT_HOLDS,
+};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -300,7 +302,7 @@ impl Engine {
         }
         if tokens.len() >= n_ctx {
             bail!(
-                "the prompt is {} tokens but the context holds {n_ctx} (the model was trained for {}; raise it with --ctx or shorten the conversation)",
+                "the prompt is {} tokens but the {CONTEXT_HOLDS} {n_ctx} (the model was trained for {}; --ctx raises it)",
                 tokens.len(),
                 self.model.hp.train_ctx
             );

@@ -36,6 +36,20 @@ pub struct ChatEntry {
     pub footer: Option<Footer>,
 }
 
+/// A saved session as the session list shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    pub path: PathBuf,
+    /// The first prompt, on one line (the file name when there is none).
+    pub title: String,
+    /// When it was last written, local time, `YYYY-MM-DD HH:MM`.
+    pub date: String,
+    /// The models that answered, in order of first answer.
+    pub models: Vec<String>,
+    /// Prompts in it.
+    pub turns: usize,
+}
+
 /// One model the switcher offers: a catalog entry or a GGUF found on disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SwitchItem {
@@ -135,7 +149,7 @@ pub enum Msg {
         result: Result<PathBuf, String>,
     },
     /// Saved sessions found on disk, for the list.
-    SessionList(Vec<PathBuf>),
+    SessionList(Vec<SessionSummary>),
     /// A saved session read back.
     SessionLoaded {
         path: PathBuf,
@@ -198,7 +212,7 @@ pub struct State {
     pub battery_use: BatteryUse,
     pub kv_bytes: usize,
     pub ab: Option<AbRun>,
-    pub sessions: Vec<PathBuf>,
+    pub sessions: Vec<SessionSummary>,
     pub next_req: RequestId,
     pub quit_armed: bool,
     pub status: String,
@@ -207,6 +221,8 @@ pub struct State {
     /// No network: models not on disk cannot be fetched (`--offline`).
     pub offline: bool,
     last_sample: Option<Instant>,
+    /// Tokens of context after the last answer (see `context_used`).
+    pub context: usize,
 }
 
 impl State {
@@ -238,6 +254,7 @@ impl State {
             system_prompt: None,
             offline: false,
             last_sample: None,
+            context: 0,
         }
     }
 
@@ -260,13 +277,19 @@ impl State {
             .collect()
     }
 
-    /// Tokens of context in use after the last answer.
+    /// Tokens of context in use: the answer being written, else the conversation after the
+    /// last answer (0 after Ctrl-N, a reopened session or a new model). Never more than the
+    /// context holds: an answer stopped by a full context counts its last sampled token, which
+    /// never enters the cache, so prompt + generated can be one over.
     pub fn context_used(&self) -> usize {
-        self.stream
+        let used = self
+            .stream
             .as_ref()
-            .map(|s| s.prompt_tokens + s.pieces)
-            .or(self.last.as_ref().map(|f| f.tokens))
-            .unwrap_or(0)
+            .map_or(self.context, |s| s.prompt_tokens + s.pieces);
+        match &self.model {
+            Some(m) => used.min(m.n_ctx),
+            None => used,
+        }
     }
 
     fn start_request(&mut self, messages: Vec<Message>) -> Vec<Effect> {
@@ -292,6 +315,15 @@ impl State {
         }]
     }
 
+    /// Shows `label` as loading; the status of the previous load ("loaded in …") goes, so
+    /// that it is never shown beside "loading".
+    fn begin_loading(&mut self, label: String) {
+        if self.status.starts_with("loaded in") {
+            self.status.clear();
+        }
+        self.loading = Some((label, Instant::now()));
+    }
+
     fn cancel(&mut self) -> Vec<Effect> {
         match &self.stream {
             Some(s) => {
@@ -315,13 +347,12 @@ impl State {
         if text.trim().is_empty() {
             return vec![];
         }
-        let entry = ChatEntry {
+        self.chat.push(ChatEntry {
             role: Role::User,
             text,
             model: String::new(),
             footer: None,
-        };
-        self.chat.push(entry.clone());
+        });
         self.chat.push(ChatEntry {
             role: Role::Assistant,
             text: String::new(),
@@ -330,9 +361,28 @@ impl State {
         });
         let mut messages = self.messages();
         messages.pop(); // the empty answer being written
-        let mut effects = vec![Effect::SaveEntry(entry)];
-        effects.extend(self.start_request(messages));
-        effects
+                        // The prompt is saved with its answer (`turn_to_save`), not now: a prompt the engine
+                        // refuses (too long for the context) comes back to the input and is never saved.
+        self.start_request(messages)
+    }
+
+    /// The last turn, its prompt and its answer, as entries to append to the session file
+    /// once the answer is over (finished, cancelled, failed part-way or cut by a signal).
+    pub fn turn_to_save(&self) -> Vec<ChatEntry> {
+        match &self.chat[self.chat.len().saturating_sub(2)..] {
+            [u, a] if u.role == Role::User && a.role == Role::Assistant => {
+                vec![u.clone(), a.clone()]
+            }
+            [.., a] if a.role == Role::Assistant => vec![a.clone()],
+            _ => vec![],
+        }
+    }
+
+    fn save_turn(&self) -> Vec<Effect> {
+        self.turn_to_save()
+            .into_iter()
+            .map(Effect::SaveEntry)
+            .collect()
     }
 
     /// Begins an A/B run of the last prompt (or the input) against `b`.
@@ -380,14 +430,14 @@ impl State {
         let mut effects = self.cancel();
         match (&item.path, &item.id) {
             (Some(path), _) => {
-                self.loading = Some((item.label.clone(), Instant::now()));
+                self.begin_loading(item.label.clone());
                 effects.push(Effect::Load { path: path.clone() });
             }
             (None, Some(_)) if self.offline => {
                 self.status = format!("{} needs download, offline", item.label);
             }
             (None, Some(id)) => {
-                self.loading = Some((format!("downloading {}", item.label), Instant::now()));
+                self.begin_loading(format!("downloading {}", item.label));
                 effects.push(Effect::Fetch { id: id.clone() });
             }
             (None, None) => {}
@@ -434,7 +484,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
                 {
                     item.path = Some(path.clone());
                 }
-                st.loading = Some((id, Instant::now()));
+                st.begin_loading(id);
                 vec![Effect::Load { path }]
             }
             Err(e) => {
@@ -450,6 +500,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::SessionLoaded { path, entries } => {
             st.chat = entries;
+            st.context = 0;
             st.scroll = 0;
             st.status = format!("reopened {}", path.display());
             vec![]
@@ -463,12 +514,13 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
             if let Some(req) = st.stream.as_ref().map(|s| s.req) {
                 // Like a failed request: a partial answer is kept (and saved), an empty one
                 // is taken back with its prompt returned to the input line.
-                if let Some(e) = st
-                    .chat
-                    .last()
-                    .filter(|e| st.ab.is_none() && e.role == Role::Assistant && !e.text.is_empty())
+                if st.ab.is_none()
+                    && st
+                        .chat
+                        .last()
+                        .is_some_and(|e| e.role == Role::Assistant && !e.text.is_empty())
                 {
-                    fx.push(Effect::SaveEntry(e.clone()));
+                    fx = st.save_turn();
                 }
                 on_engine(
                     st,
@@ -555,7 +607,7 @@ fn on_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
                 KeyCode::Enter if n > 0 => {
                     st.mode = Mode::Chat;
                     let mut fx = st.cancel();
-                    fx.push(Effect::OpenSession(st.sessions[selected].clone()));
+                    fx.push(Effect::OpenSession(st.sessions[selected].path.clone()));
                     return fx;
                 }
                 _ => {}
@@ -605,7 +657,14 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
         }
         KeyCode::Char('n') if ctrl(&k, 'n') => {
             let mut fx = st.cancel();
+            // An answer cut by Ctrl-N is saved (as far as it got) before the chat goes.
+            if st.stream.is_some() && st.ab.is_none() {
+                fx.extend(st.save_turn());
+                // Its late events belong to no conversation now: they are dropped.
+                st.stream = None;
+            }
             st.chat.clear();
+            st.context = 0;
             st.status = "new conversation".into();
             fx.push(Effect::NewSession);
             return fx;
@@ -650,6 +709,7 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
             st.loading = None;
             st.status = format!("loaded in {:.1}s", info.load_time.as_secs_f64());
             st.kv_bytes = 0;
+            st.context = 0;
             st.model = Some(info);
             ab_after_load(st)
         }
@@ -709,6 +769,7 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
                     st.decode_history.pop_front();
                 }
             }
+            st.context = stats.prompt_tokens + stats.generated_tokens;
             st.last = Some(Footer {
                 tokens: stats.prompt_tokens + stats.generated_tokens,
                 ..f.clone()
@@ -716,20 +777,30 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
             if st.ab.is_some() {
                 return ab_after_answer(st, f);
             }
-            let mut fx = vec![];
             if let Some(e) = st.chat.last_mut() {
                 e.footer = Some(f);
-                fx.push(Effect::SaveEntry(e.clone()));
             }
-            fx
+            st.save_turn()
         }
         EngineEvent::Failed { error, .. } => {
             st.stream = None;
-            st.status = format!("error: {error}");
+            st.status = if crate::protocol::is_context_overflow(&error) {
+                format!("error: {error} — Ctrl-N starts a new conversation")
+            } else {
+                format!("error: {error}")
+            };
             if st.ab.take().is_some() {
                 return vec![];
             }
-            // The failed turn is taken back so the prompt can be edited and resent.
+            // The failed turn is taken back so the prompt can be edited and resent; a part
+            // that streamed before the failure is kept and saved with its prompt.
+            if st
+                .chat
+                .last()
+                .is_some_and(|e| e.role == Role::Assistant && !e.text.is_empty())
+            {
+                return st.save_turn();
+            }
             if st
                 .chat
                 .last()
@@ -752,18 +823,16 @@ fn ab_after_answer(st: &mut State, f: Footer) -> Vec<Effect> {
         AbPhase::AnswerA => {
             ab.a.footer = Some(f);
             ab.phase = AbPhase::LoadB;
-            st.loading = Some((ab.b.model.clone(), Instant::now()));
-            vec![Effect::Load {
-                path: ab.b.path.clone(),
-            }]
+            let (label, path) = (ab.b.model.clone(), ab.b.path.clone());
+            st.begin_loading(label);
+            vec![Effect::Load { path }]
         }
         AbPhase::AnswerB => {
             ab.b.footer = Some(f);
             ab.phase = AbPhase::LoadBack;
-            st.loading = Some((ab.a.model.clone(), Instant::now()));
-            vec![Effect::Load {
-                path: ab.a.path.clone(),
-            }]
+            let (label, path) = (ab.a.model.clone(), ab.a.path.clone());
+            st.begin_loading(label);
+            vec![Effect::Load { path }]
         }
         _ => vec![],
     }

@@ -832,7 +832,7 @@ fn render_switcher(
 }
 
 fn render_sessions(f: &mut Frame, area: Rect, st: &State, selected: usize, ctx: &Ctx) {
-    let r = popup(area, 80, st.sessions.len().max(1) as u16 + 2);
+    let r = popup(area, 110, st.sessions.len().max(1) as u16 + 2);
     f.render_widget(Clear, r);
     let lines: Vec<Line> = if st.sessions.is_empty() {
         vec![Line::raw("no saved sessions yet")]
@@ -840,10 +840,15 @@ fn render_sessions(f: &mut Frame, area: Rect, st: &State, selected: usize, ctx: 
         st.sessions
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let name = p
-                    .file_stem()
-                    .map_or(String::new(), |s| s.to_string_lossy().into_owned());
+            .map(|(i, s)| {
+                let turns = if s.turns == 1 { "turn " } else { "turns" };
+                let name = format!(
+                    "{}  {:<40}  {:>3} {turns}  {}",
+                    s.date,
+                    s.title,
+                    s.turns,
+                    s.models.join(", ")
+                );
                 if i == selected {
                     Line::styled(name, Style::default().fg(ctx.theme.bg).bg(ctx.theme.accent))
                 } else {
