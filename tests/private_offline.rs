@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::entry;
+
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokentop::catalog::Catalog;
 use tokentop::protocol::{GenParams, Role};
 use tokentop::session::{self, SessionFile};
-use tokentop::state::{update, ChatEntry, Effect, Mode, Msg, State, SwitchItem};
+use tokentop::state::{update, Effect, Mode, Msg, State, SwitchItem};
 
 #[cfg(unix)]
 fn mode(p: &Path) -> u32 {
@@ -24,15 +26,6 @@ fn mode(p: &Path) -> u32 {
 fn set_mode(p: &Path, m: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
-}
-
-fn entry(role: Role, text: &str) -> ChatEntry {
-    ChatEntry {
-        role,
-        text: text.into(),
-        model: if role == Role::User { "" } else { "SmolLM2" }.into(),
-        footer: None,
-    }
 }
 
 #[cfg(unix)]

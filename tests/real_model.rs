@@ -56,20 +56,7 @@ fn chat_repl_reuses_the_cache_between_turns() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args([
-            "run",
-            path.to_str().unwrap(),
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = repl(&path, &["-n", "24"]);
     use std::io::Write;
     child
         .stdin
@@ -134,22 +121,7 @@ fn chat_repl_names_reset_when_the_context_is_full() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokentop"))
-        .args([
-            "run",
-            path.to_str().unwrap(),
-            "--temperature",
-            "0",
-            "-n",
-            "8",
-            "--ctx",
-            "64",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = repl(&path, &["-n", "8", "--ctx", "64"]);
     use std::io::Write;
     let long = "the cat sat on the mat ".repeat(30);
     child
@@ -171,4 +143,16 @@ fn chat_repl_names_reset_when_the_context_is_full() {
     );
     // After /reset the short prompt is answered.
     assert_eq!(stderr.matches("eval rate:").count(), 2, "{stderr}");
+}
+
+/// `tokentop run MODEL` as a line-by-line chat (greedy), with its pipes open.
+fn repl(path: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tokentop"))
+        .args(["run", path.to_str().unwrap(), "--temperature", "0"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }

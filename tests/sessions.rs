@@ -1,19 +1,13 @@
 //! Session files survive what a real disk does to them: a torn last line (a crash or a full
 //! disk mid-write) and bytes that are not UTF-8 lose only the damaged line.
 
+mod common;
+
+use common::entry;
 use std::io::Write;
 use tokentop::protocol::Role;
 use tokentop::session::{self, SessionFile};
 use tokentop::state::ChatEntry;
-
-fn entry(role: Role, text: &str) -> ChatEntry {
-    ChatEntry {
-        role,
-        text: text.into(),
-        model: if role == Role::User { "" } else { "SmolLM2" }.into(),
-        footer: None,
-    }
-}
 
 fn append_raw(path: &std::path::Path, bytes: &[u8]) {
     std::fs::OpenOptions::new()

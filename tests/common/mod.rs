@@ -143,3 +143,14 @@ pub fn recorded_gb10() -> tokentop::telemetry::nvml::GpuReading {
         temperature_c: Ok(35),
     }
 }
+
+/// A saved chat entry: the user's, or SmolLM2's answer without a footer.
+pub fn entry(role: tokentop::protocol::Role, text: &str) -> tokentop::state::ChatEntry {
+    use tokentop::protocol::Role;
+    tokentop::state::ChatEntry {
+        role,
+        text: text.into(),
+        model: if role == Role::User { "" } else { "SmolLM2" }.into(),
+        footer: None,
+    }
+}
