@@ -74,11 +74,10 @@ fn chat_in_tmux_streams_and_shows_speed() {
     };
     let home = tempfile::tempdir().unwrap();
     let name = format!("tokentop-e2e-{}", std::process::id());
-    let cmd = format!(
-        "TOKENTOP_HOME={} {} ui {} --temperature 0 -n 48; echo TOKENTOP_EXIT=$?; sleep 60",
-        home.path().display(),
-        env!("CARGO_BIN_EXE_tokentop"),
-        model.display()
+    let cmd = ui_shell(
+        home.path(),
+        &format!("{} --temperature 0 -n 48", model.display()),
+        "",
     );
     let _guard = start(&name, &cmd);
     wait_for(&name, "the model to load", 60, |t| {
@@ -167,6 +166,16 @@ fn have_tmux() -> bool {
     true
 }
 
+/// The shell line a tmux test runs: `tokentop ui ARGS` with its own TOKENTOP_HOME, then the
+/// exit status as `TOKENTOP_EXIT=N`, then `after`, then a pause that keeps the pane to read.
+fn ui_shell(home: &std::path::Path, args: &str, after: &str) -> String {
+    format!(
+        "TOKENTOP_HOME={} {} ui {args}; echo TOKENTOP_EXIT=$?; {after}sleep 60",
+        home.display(),
+        env!("CARGO_BIN_EXE_tokentop"),
+    )
+}
+
 /// Starts `cmd` in a new detached tmux session of 110x34.
 fn start(name: &str, cmd: &str) -> Session {
     tmux(&[
@@ -216,13 +225,10 @@ fn signals_while_streaming_restore_the_terminal() {
         let home = tempfile::tempdir().unwrap();
         let name = format!("tokentop-sig{signal}-{}", std::process::id());
         // After tokentop, the shell prints its status and the terminal's line discipline.
-        let cmd = format!(
-            "TOKENTOP_HOME={} {} ui {} --temperature 0 -n 4000; echo TOKENTOP_EXIT=$?; \
-             echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); \
-             sleep 60",
-            home.path().display(),
-            env!("CARGO_BIN_EXE_tokentop"),
-            model.display()
+        let cmd = ui_shell(
+            home.path(),
+            &format!("{} --temperature 0 -n 4000", model.display()),
+            "echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); ",
         );
         let _guard = start(&name, &cmd);
         wait_for(&name, "the model to load", 60, |t| {
@@ -284,11 +290,7 @@ fn the_tui_with_stdin_not_a_terminal_fails_at_once() {
     }
     let home = tempfile::tempdir().unwrap();
     let name = format!("tokentop-notty-{}", std::process::id());
-    let cmd = format!(
-        "TOKENTOP_HOME={} {} ui </dev/null; echo TOKENTOP_EXIT=$?; sleep 60",
-        home.path().display(),
-        env!("CARGO_BIN_EXE_tokentop"),
-    );
+    let cmd = ui_shell(home.path(), "</dev/null", "");
     let _guard = start(&name, &cmd);
     let end = wait_for(&name, "tokentop to exit", 20, |t| {
         t.contains("TOKENTOP_EXIT=")
@@ -327,12 +329,7 @@ fn a_failing_engine_is_reported_in_the_title() {
     std::fs::write(&bad, bytes).unwrap();
 
     let name = format!("tokentop-engine-{}", std::process::id());
-    let cmd = format!(
-        "TOKENTOP_HOME={} {} ui {}; echo TOKENTOP_EXIT=$?; sleep 60",
-        dir.path().display(),
-        env!("CARGO_BIN_EXE_tokentop"),
-        bad.display()
-    );
+    let cmd = ui_shell(dir.path(), &bad.display().to_string(), "");
     let _guard = start(&name, &cmd);
     let shown = wait_for(&name, "the failure in the title", 30, |t| {
         let title = t.lines().next().unwrap_or("");

@@ -429,18 +429,7 @@ fn power_pane_on_battery() {
     let battery = read_sysfs(d.path());
     for i in 0..5u64 {
         if i == 4 {
-            st.stream = Some(Stream {
-                req: 1,
-                started: now,
-                prefilled_at: None,
-                ttft: None,
-                prompt_tokens: 0,
-                cached_tokens: 0,
-                pieces: 0,
-                energy_j: 0.0,
-                energy_known: true,
-                peak_rss: 0,
-            });
+            st.stream = Some(Stream::new(1, now, 0));
         }
         let at = now + Duration::from_secs(i);
         update(

@@ -103,6 +103,22 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// A request just sent: nothing prefilled or streamed yet, the process at `rss` bytes.
+    pub fn new(req: RequestId, started: Instant, rss: u64) -> Self {
+        Stream {
+            req,
+            started,
+            prefilled_at: None,
+            ttft: None,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            pieces: 0,
+            energy_j: 0.0,
+            energy_known: true,
+            peak_rss: rss,
+        }
+    }
+
     /// Decode rate while streaming, after the first token, so it converges on the final one.
     pub fn live_rate(&self, now: Instant) -> Option<f64> {
         let first = self.prefilled_at?;
@@ -295,18 +311,11 @@ impl State {
     fn start_request(&mut self, messages: Vec<Message>) -> Vec<Effect> {
         let req = self.next_req;
         self.next_req += 1;
-        self.stream = Some(Stream {
+        self.stream = Some(Stream::new(
             req,
-            started: Instant::now(),
-            prefilled_at: None,
-            ttft: None,
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            pieces: 0,
-            energy_j: 0.0,
-            energy_known: true,
-            peak_rss: self.memory.map_or(0, |m| m.process_rss),
-        });
+            Instant::now(),
+            self.memory.map_or(0, |m| m.process_rss),
+        ));
         self.scroll = 0;
         vec![Effect::Generate {
             req,
