@@ -826,7 +826,32 @@ impl Model {
 
     /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
     /// the logits of the last one as a (vocab,) f32 tensor.
+    /// Runs `tokens` after the cached ones and returns the logits of the last.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let seq = tokens.len();
+        let x = self.hidden(tokens)?;
+        Ok(self.logits(&x.i((0, seq - 1..seq, ..))?)?.squeeze(0)?)
+    }
+
+    /// Runs `tokens` after the cached ones and returns the logits of every one of them from
+    /// index `from` on, as (tokens.len() - from, vocab) rows (perplexity needs them all).
+    pub fn forward_all(&mut self, tokens: &[u32], from: usize) -> Result<Tensor> {
+        let seq = tokens.len();
+        if from >= seq {
+            bail!("forward_all: no logits asked for ({from} of {seq} tokens skipped)");
+        }
+        let x = self.hidden(tokens)?;
+        self.logits(&x.i((0, from..seq, ..))?)
+    }
+
+    /// The logits (rows, vocab) of hidden states (rows, d).
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = norm(x, &self.output_norm, self.hp.rms_eps)?;
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The hidden states (1, seq, d) of `tokens` after the last layer; fills the cache.
+    fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let pos = self.cached_len();
         let seq = tokens.len();
         if seq == 0 {
@@ -855,10 +880,7 @@ impl Model {
             }
             x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, masks[slot].as_ref())?;
         }
-        let last = x.i((.., seq - 1, ..))?;
-        let last = norm(&last, &self.output_norm, self.hp.rms_eps)?;
-        let logits = self.output.forward(&last)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(x)
     }
 }
 
