@@ -81,13 +81,21 @@ fn check(what: &'static str) -> Result<(), Skipped> {
 /// Before hf-hub downloads: offline, no route, or one quick failed connection skips it.
 pub fn before_hf_download() -> Result<(), Skipped> {
     let what = "Hugging Face download";
-    check(what)?;
     let endpoint =
         std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
     let target = proxy().unwrap_or(endpoint);
     let Some((host, port)) = host_port(&target) else {
-        return Ok(()); // Not understood here: let hf-hub report it.
+        check(what)?;
+        return Ok(()); // Not understood here: let the download report it.
     };
+    // A mirror on this machine needs no route to the internet.
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback || is_offline() {
+        check(what)?;
+    }
     match connect_quickly(&host, port, QUICK) {
         Ok(()) => Ok(()),
         Err(e) => Err(Skipped {
