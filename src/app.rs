@@ -71,21 +71,26 @@ pub fn switch_items(catalog: &Catalog, extra: &[PathBuf]) -> Vec<SwitchItem> {
             }
         })
         .collect();
-    let mut local: Vec<(PathBuf, Option<String>, &str)> = crate::catalog::store_dir()
+    // (path, label, size of all parts, source tag)
+    type Extra<'a> = (PathBuf, Option<String>, Option<u64>, &'a str);
+    let mut local: Vec<Extra> = crate::catalog::store_dir()
         .ok()
         .and_then(|d| std::fs::read_dir(d).ok())
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| (e.path(), None, "local")))
+            rd.filter_map(|e| e.ok().map(|e| (e.path(), None, None, "local")))
                 .collect()
         })
         .unwrap_or_default();
-    local.extend(
-        found
-            .iter()
-            .map(|f| (f.path.clone(), Some(f.id.clone()), f.origin.label())),
-    );
-    local.extend(extra.iter().map(|p| (p.clone(), None, "local")));
-    for (p, label, source) in local {
+    local.extend(found.iter().map(|f| {
+        (
+            f.path.clone(),
+            Some(f.id.clone()),
+            Some(f.size),
+            f.origin.label(),
+        )
+    }));
+    local.extend(extra.iter().map(|p| (p.clone(), None, None, "local")));
+    for (p, label, size, source) in local {
         let is_gguf = label.is_some() || p.extension().is_some_and(|x| x == "gguf");
         let known = items
             .iter()
@@ -97,7 +102,7 @@ pub fn switch_items(catalog: &Catalog, extra: &[PathBuf]) -> Vec<SwitchItem> {
                         .map_or(String::new(), |n| n.to_string_lossy().into_owned())
                 }),
                 id: None,
-                size: std::fs::metadata(&p).map_or(0, |m| m.len()),
+                size: size.unwrap_or_else(|| std::fs::metadata(&p).map_or(0, |m| m.len())),
                 path: Some(p),
                 params_b: 0.0,
                 active_params_b: 0.0,

@@ -131,11 +131,6 @@ fn matching<'a>(model: &'a CatalogModel, found: &'a [Found]) -> impl Iterator<It
         .chain(found.iter().filter(fits).filter(unknown))
 }
 
-/// `locate` with a fresh look through the other stores.
-pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
-    locate(model, &discover::scan().found).map(|(p, _)| p)
-}
-
 /// A file of another tool's store that is `model` (size, then sha256, hashed once and
 /// recorded), used in place.
 fn from_other_store(model: &CatalogModel, store: &Path, report: Report) -> Result<Option<PathBuf>> {
