@@ -241,6 +241,30 @@ fn list_shows_the_ggufs_of_ollama_lm_studio_and_the_hf_cache_with_their_source()
     row(&list, "lmstudio:TheBloke/Old-GGUF/old.Q4_K_M.gguf");
     row(&list, "ollama:moved:latest");
     assert!(!list.contains("ollama:tiny:latest"), "{list}");
+
+    // LM Studio's home moved elsewhere (the pointer file it writes), and HF_HUB_CACHE
+    // taking the place of HF_HOME/hub.
+    let lms = t.sb.path("lms-home");
+    let repo = lms.join("models/pub/Moved-GGUF");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("moved.gguf"), gguf(2100)).unwrap();
+    std::fs::write(
+        t.sb.path("user/.lmstudio-home-pointer"),
+        lms.to_str().unwrap(),
+    )
+    .unwrap();
+    let hub = t.sb.path("hub-elsewhere");
+    hf_file(&hub, "org2/other", "other.gguf", &gguf(2200));
+    let out =
+        t.sb.command(&["list"])
+            .env("HOME", t.sb.path("user"))
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap();
+    let list = stdout(&out);
+    row(&list, "lmstudio:pub/Moved-GGUF/moved.gguf");
+    row(&list, "hf:org2/other/other.gguf");
+    assert!(!list.contains("hf:org/tiny"), "{list}");
 }
 
 /// A catalog model with one Hugging Face source that cannot be reached (HF_ENDPOINT is a
