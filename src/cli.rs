@@ -380,27 +380,53 @@ pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
     }
 }
 
+/// The catalog, each model with where it is on this machine (SOURCE: store, hf-cache,
+/// ollama, lmstudio), then the GGUFs of other tools' stores that are no catalog model,
+/// by the id `run` accepts. What a store holds that cannot be used is one warning line each.
 pub fn list(catalog: &Catalog) -> Result<()> {
+    let found = crate::catalog::discover::scan();
+    for w in &found.warnings {
+        note!("tokentop: warning: {w}");
+    }
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  LOCAL\n",
-        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE"
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<8}  LOCAL\n",
+        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "SOURCE"
     );
+    let mut used = Vec::new();
     for m in &catalog.models {
-        let local = fetch::local_path(m).map_or("-".to_string(), |p| p.display().to_string());
+        let local = fetch::locate(m, &found.found);
+        let (source, path) = local.as_ref().map_or(("-", "-".to_string()), |(p, o)| {
+            used.push(p.clone());
+            (o.label(), p.display().to_string())
+        });
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<8}  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
             m.active_params_b,
             m.quant,
             m.size as f64 / 1e9,
-            local,
+            source,
+            path,
             if m.id == catalog.default {
                 "  (default)"
             } else {
                 ""
             }
+        ));
+    }
+    for f in found.found.iter().filter(|f| !used.contains(&f.path)) {
+        out.push_str(&format!(
+            "{:<32} {:<8} {:>9} {:>9} {:<8} {:>8.1}G  {:<8}  {}\n",
+            f.id,
+            "-",
+            "-",
+            "-",
+            "-",
+            f.size as f64 / 1e9,
+            f.origin.label(),
+            f.path.display()
         ));
     }
     print_out(&out)
