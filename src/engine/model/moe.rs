@@ -264,11 +264,26 @@ fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [-scale, scale): the tests must not depend on a random draw.
+    fn values(shape: impl Into<candle_core::Shape>, scale: f32, seed: u64) -> Tensor {
+        let shape = shape.into();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
     /// The device route picks the same experts with the same weights as the host route.
     #[test]
     fn tensor_routing_matches_host_routing() {
         let dev = Device::Cpu;
-        let logits = Tensor::randn(0f32, 2.0, (7, 16), &dev).unwrap();
+        let logits = values((7, 16), 4.0, 1);
         let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
         let (ids, w) = route(&probs, 3).unwrap();
         let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
@@ -306,13 +321,17 @@ mod tests {
     fn stacked_route_matches_host_route() {
         let dev = Device::Cpu;
         let (n_exp, d, ff, k, tokens) = (6, 256, 512, 2, 5);
-        let q = |shape: (usize, usize, usize)| {
-            let t = Tensor::randn(0f32, 0.05, shape, &dev).unwrap();
+        let q = |shape: (usize, usize, usize), seed| {
+            let t = values(shape, 0.1, seed);
             QTensor::quantize(&t, GgmlDType::Q4K).unwrap()
         };
-        let (gate, up, down) = (q((n_exp, ff, d)), q((n_exp, ff, d)), q((n_exp, d, ff)));
-        let xs = Tensor::randn(0f32, 1.0, (tokens, d), &dev).unwrap();
-        let logits = Tensor::randn(0f32, 2.0, (tokens, n_exp), &dev).unwrap();
+        let (gate, up, down) = (
+            q((n_exp, ff, d), 2),
+            q((n_exp, ff, d), 3),
+            q((n_exp, d, ff), 4),
+        );
+        let xs = values((tokens, d), 1.0, 5);
+        let logits = values((tokens, n_exp), 4.0, 6);
         let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
         let device = stacked_routed(
             &probs,
