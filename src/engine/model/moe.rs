@@ -377,10 +377,11 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        // The host route quantizes activations (q8_K) for candle's Q4_K kernel; the
-        // reference multiplies dequantized weights in f32.
+        // The host route quantizes activations (q8_K, twice) for candle's Q4_K kernel; the
+        // reference multiplies dequantized weights in f32: they differ by 1.8% of the scale
+        // here. Swapping gate and up differs by 56%.
         assert!(
-            diff < 0.02 * scale,
+            diff < 0.05 * scale,
             "routes differ by {diff} (outputs up to {scale})"
         );
     }
