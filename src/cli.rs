@@ -396,7 +396,10 @@ struct EngineGone;
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
     engine.send(EngineCmd::Load {
         path,
-        opts: LoadOptions { n_ctx: ctx },
+        opts: LoadOptions {
+            n_ctx: ctx,
+            ..Default::default()
+        },
     });
     loop {
         match engine.events.recv().map_err(|_| EngineGone)? {

@@ -1,9 +1,12 @@
 //! The engine on its own OS thread (candle blocks): commands in, events out. Cancel, Load
-//! and Generate are looked at between decode steps, so they act within one token.
+//! and Generate are looked at between decode steps, so they act within one token. It holds
+//! up to two models: the active one, and for an A/B run the one before it when both fit.
 
-use super::{default_device, Engine, Flow, GenEvent};
-use crate::protocol::{EngineCmd, EngineEvent, RequestId};
+use super::{default_device, DoesNotFit, Engine, Flow, GenEvent};
+use crate::protocol::{EngineCmd, EngineEvent, LoadHow, LoadOptions, RequestId};
+use candle_core::Device;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
@@ -54,9 +57,132 @@ impl Drop for EngineHandle {
     }
 }
 
+/// The models the engine holds: the one answering, and the one loaded before it when an A/B
+/// run keeps both resident (at most two, so memory is bounded).
+#[derive(Default)]
+struct Resident {
+    active: Option<Engine>,
+    spare: Option<Engine>,
+}
+
+impl Resident {
+    fn paths(&self) -> Vec<PathBuf> {
+        self.active
+            .iter()
+            .chain(self.spare.iter())
+            .map(|e| e.info.path.clone())
+            .collect()
+    }
+}
+
+/// Whether two paths name the same file (as given, or once resolved).
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Loads `path` as the active model. A resident model is switched to without reading it
+/// again. Otherwise the new one is read while the old one stays loaded; when the two do not
+/// fit together ([`DoesNotFit`]) the old one is freed first, and if the new one then fails,
+/// the old one is read again, so a failed switch never leaves the user without the model
+/// they had. Ends with `Ready`/`LoadFailed` and a `Resident` saying what happened.
+fn load(
+    models: &mut Resident,
+    path: PathBuf,
+    opts: &LoadOptions,
+    device: &Device,
+    tx: &Sender<EngineEvent>,
+) {
+    let send = |ev| {
+        let _ = tx.send(ev);
+    };
+    send(EngineEvent::Loading { path: path.clone() });
+    let reused = if models
+        .active
+        .as_ref()
+        .is_some_and(|e| same_file(&e.info.path, &path))
+    {
+        true
+    } else if models
+        .spare
+        .as_ref()
+        .is_some_and(|e| same_file(&e.info.path, &path))
+    {
+        std::mem::swap(&mut models.active, &mut models.spare);
+        true
+    } else {
+        false
+    };
+    if reused {
+        if !opts.keep_previous {
+            models.spare = None;
+        }
+        let mut info = models.active.as_ref().expect("resident").info.clone();
+        info.load_time = std::time::Duration::ZERO;
+        send(EngineEvent::Ready { info });
+        send(EngineEvent::Resident {
+            models: models.paths(),
+            how: LoadHow::Reused,
+        });
+        return;
+    }
+    // At most two resident: the one loaded before the active one goes now.
+    models.spare = None;
+    let had_old = models.active.is_some();
+    let mut how = if had_old {
+        LoadHow::BesideOld
+    } else {
+        LoadHow::Fresh
+    };
+    let mut result = guarded(|| Engine::load(&path, opts, device));
+    let mut freed_old = None;
+    if result.as_ref().is_err_and(|e| e.is::<DoesNotFit>()) && had_old {
+        // Both do not fit: free the old weights, then read the new ones.
+        freed_old = models.active.take().map(|e| e.info.path.clone());
+        how = LoadHow::Swapped;
+        result = guarded(|| Engine::load(&path, opts, device));
+    }
+    match result {
+        Ok(e) => {
+            send(EngineEvent::Ready {
+                info: e.info.clone(),
+            });
+            let old = models.active.replace(e);
+            if opts.keep_previous {
+                models.spare = old;
+            }
+            send(EngineEvent::Resident {
+                models: models.paths(),
+                how,
+            });
+        }
+        Err(e) => {
+            send(EngineEvent::LoadFailed {
+                path,
+                error: format!("{e:#}"),
+            });
+            let how = match (&freed_old, &models.active) {
+                (Some(_), _) => LoadHow::FailedReloadingOld,
+                (None, Some(_)) => LoadHow::FailedKeptOld,
+                (None, None) => LoadHow::FailedNone,
+            };
+            send(EngineEvent::Resident {
+                models: models.paths(),
+                how,
+            });
+            if let Some(old) = freed_old {
+                let opts = LoadOptions {
+                    keep_previous: false,
+                    ..opts.clone()
+                };
+                load(models, old, &opts, device, tx);
+            }
+        }
+    }
+}
+
 fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
     let device = default_device();
-    let mut engine: Option<Engine> = None;
+    let mut models = Resident::default();
     let mut pending: VecDeque<EngineCmd> = VecDeque::new();
     loop {
         let cmd = match pending.pop_front() {
@@ -69,31 +195,13 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
         match cmd {
             EngineCmd::Shutdown => return,
             EngineCmd::Cancel { .. } => {}
-            EngineCmd::Load { path, opts } => {
-                // Free the old weights before reading the new ones.
-                engine = None;
-                let _ = tx.send(EngineEvent::Loading { path: path.clone() });
-                match guarded(|| Engine::load(&path, &opts, &device)) {
-                    Ok(e) => {
-                        let _ = tx.send(EngineEvent::Ready {
-                            info: e.info.clone(),
-                        });
-                        engine = Some(e);
-                    }
-                    Err(e) => {
-                        let _ = tx.send(EngineEvent::LoadFailed {
-                            path,
-                            error: format!("{e:#}"),
-                        });
-                    }
-                }
-            }
+            EngineCmd::Load { path, opts } => load(&mut models, path, &opts, &device, &tx),
             EngineCmd::Generate {
                 req,
                 messages,
                 params,
             } => {
-                let engine_slot = &mut engine;
+                let engine_slot = &mut models.active;
                 let Some(engine) = engine_slot.as_mut() else {
                     let _ = tx.send(EngineEvent::Failed {
                         req,

@@ -1,5 +1,6 @@
 //! Views: read-only render functions of the state. No IO here.
 
+pub mod ab;
 pub mod markdown;
 
 use crate::catalog::Catalog;
@@ -59,7 +60,7 @@ pub fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
-fn block<'a>(title: &'a str, ctx: &Ctx) -> Block<'a> {
+pub(crate) fn block<'a>(title: &'a str, ctx: &Ctx) -> Block<'a> {
     Block::bordered()
         .border_type(BorderType::Rounded)
         .border_style(Style::default().fg(ctx.theme.border))
@@ -95,7 +96,11 @@ pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
     } else {
         body
     };
-    render_chat(f, chat_area, st, ctx);
+    if st.ab.is_some() {
+        ab::render_live(f, chat_area, st, ctx);
+    } else {
+        render_chat(f, chat_area, st, ctx);
+    }
     render_input(f, input, st, ctx);
     match &st.mode {
         Mode::Chat => {}
@@ -105,7 +110,7 @@ pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
         }
         Mode::Sessions { selected } => render_sessions(f, area, st, *selected, ctx),
         Mode::AbResult => {
-            if let Some(ab) = &st.ab {
+            if let Some(ab) = &st.ab_last {
                 render_ab(f, area, ab, ctx);
             }
         }
