@@ -24,12 +24,12 @@ pub fn render_live(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let [left, right] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(answers);
     for (i, (side, rect)) in [(&ab.a, left), (&ab.b, right)].into_iter().enumerate() {
-        let [head, body] = Layout::vertical([Constraint::Length(2), Constraint::Min(0)])
-            .areas(rect.inner(ratatui::layout::Margin::new(1, 0)));
-        f.render_widget(
-            Paragraph::new(header(st, ab, side, i == 0, ctx)).wrap(Wrap { trim: true }),
-            head,
-        );
+        let column = rect.inner(ratatui::layout::Margin::new(1, 0));
+        let head = Paragraph::new(header(st, ab, side, i == 0, ctx)).wrap(Wrap { trim: true });
+        let head_h = (head.line_count(column.width) as u16).min(column.height / 2);
+        let [head_area, body] =
+            Layout::vertical([Constraint::Length(head_h), Constraint::Min(0)]).areas(column);
+        f.render_widget(head, head_area);
         let text =
             Paragraph::new(markdown::lines(&side.answer, ctx.theme)).wrap(Wrap { trim: false });
         // Follow the end of the answer.
