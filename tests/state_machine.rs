@@ -1041,3 +1041,33 @@ fn ab_says_whether_both_models_stayed_resident() {
     resident(&mut st, &["b"], LoadHow::Reused);
     assert_eq!(st.status, "switched to b (already in memory)");
 }
+
+/// A model picked while an A/B runs ends the run: its answer is stopped, nothing of it is
+/// filed or saved, its late events are dropped, and the picked model is the one loaded.
+#[test]
+fn switching_models_during_an_ab_run_ends_it() {
+    let mut st = ready("a");
+    typed(&mut st, "compare");
+    update(&mut st, ctrl('b'));
+    update(&mut st, key(KeyCode::Down));
+    let req_a = req_of(&update(&mut st, key(KeyCode::Enter)));
+    token(&mut st, req_a, "A");
+    update(&mut st, ctrl('o'));
+    update(&mut st, key(KeyCode::Down));
+    let fx = update(&mut st, key(KeyCode::Enter));
+    assert_eq!(
+        fx,
+        vec![
+            Effect::Cancel { req: req_a },
+            Effect::Load {
+                path: "/models/b.gguf".into(),
+                keep_previous: false
+            }
+        ]
+    );
+    assert!(st.ab.is_none() && st.ab_last.is_none());
+    assert!(finish(&mut st, req_a, 2, FinishReason::Cancelled).is_empty());
+    assert!(update(&mut st, Msg::Engine(EngineEvent::Ready { info: info("b") })).is_empty());
+    assert_eq!(st.mode, Mode::Chat);
+    assert!(st.chat.is_empty());
+}

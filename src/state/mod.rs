@@ -620,9 +620,20 @@ impl State {
         if for_ab {
             return self.start_ab(&item);
         }
+        // A model picked during an A/B run ends the run: its answer is stopped and dropped
+        // (the run is not filed), and the picked model is loaded instead of the run's next.
+        let mut stopped = vec![];
+        if self.ab.take().is_some() {
+            if let Some(s) = self.stream.take() {
+                stopped.push(Effect::Cancel { req: s.req });
+            }
+            self.loading = None;
+            self.status = "A/B stopped".into();
+        }
         match (&item.path, &item.id) {
             (Some(path), _) => {
-                let mut effects = self.cancel();
+                let mut effects = stopped;
+                effects.extend(self.cancel());
                 // A download picked before is no longer the choice.
                 self.fetching = None;
                 self.begin_loading(item.label.clone());
@@ -634,20 +645,21 @@ impl State {
             }
             (None, Some(_)) if self.offline => {
                 self.status = format!("{} needs download, offline", item.label);
-                vec![]
+                stopped
             }
             (None, Some(id)) if self.fetching.as_ref() == Some(id) => {
                 self.status = format!("{} is downloading already", item.label);
-                vec![]
+                stopped
             }
             (None, Some(id)) => {
-                let mut effects = self.cancel();
+                let mut effects = stopped;
+                effects.extend(self.cancel());
                 self.fetching = Some(id.clone());
                 self.begin_loading(format!("downloading {}", item.label));
                 effects.push(Effect::Fetch { id: id.clone() });
                 effects
             }
-            (None, None) => vec![],
+            (None, None) => stopped,
         }
     }
 }

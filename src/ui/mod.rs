@@ -716,6 +716,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("Ctrl-B / F3", "A/B: the last prompt on another model"),
     ("F4", "reopen a saved session"),
     ("Ctrl-N", "new conversation"),
+    ("Ctrl-D", "context full: drop the oldest turns from it"),
     ("Ctrl-E", "export the conversation to Markdown"),
     ("Ctrl-Y", "copy the last answer (OSC 52)"),
     ("PgUp / PgDn / wheel", "scroll"),
