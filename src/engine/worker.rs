@@ -4,7 +4,6 @@
 
 use super::{default_device, DoesNotFit, Engine, Flow, GenEvent};
 use crate::protocol::{EngineCmd, EngineEvent, LoadHow, LoadOptions, RequestId};
-use candle_core::Device;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
@@ -85,11 +84,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// fit together ([`DoesNotFit`]) the old one is freed first, and if the new one then fails,
 /// the old one is read again, so a failed switch never leaves the user without the model
 /// they had. Ends with `Ready`/`LoadFailed` and a `Resident` saying what happened.
+/// `read` reads a model from disk: `Engine::load` on the engine's device.
 fn load(
     models: &mut Resident,
     path: PathBuf,
     opts: &LoadOptions,
-    device: &Device,
+    read: &dyn Fn(&Path, &LoadOptions) -> anyhow::Result<Engine>,
     tx: &Sender<EngineEvent>,
 ) {
     let send = |ev| {
@@ -133,13 +133,13 @@ fn load(
     } else {
         LoadHow::Fresh
     };
-    let mut result = guarded(|| Engine::load(&path, opts, device));
+    let mut result = guarded(|| read(&path, opts));
     let mut freed_old = None;
     if result.as_ref().is_err_and(|e| e.is::<DoesNotFit>()) && had_old {
         // Both do not fit: free the old weights, then read the new ones.
         freed_old = models.active.take().map(|e| e.info.path.clone());
         how = LoadHow::Swapped;
-        result = guarded(|| Engine::load(&path, opts, device));
+        result = guarded(|| read(&path, opts));
     }
     match result {
         Ok(e) => {
@@ -174,7 +174,7 @@ fn load(
                     keep_previous: false,
                     ..opts.clone()
                 };
-                load(models, old, &opts, device, tx);
+                load(models, old, &opts, read, tx);
             }
         }
     }
@@ -195,7 +195,13 @@ fn run(rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
         match cmd {
             EngineCmd::Shutdown => return,
             EngineCmd::Cancel { .. } => {}
-            EngineCmd::Load { path, opts } => load(&mut models, path, &opts, &device, &tx),
+            EngineCmd::Load { path, opts } => load(
+                &mut models,
+                path,
+                &opts,
+                &|p, o| Engine::load(p, o, &device),
+                &tx,
+            ),
             EngineCmd::Generate {
                 req,
                 messages,
@@ -308,6 +314,107 @@ fn interrupted(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use std::cell::Cell;
+
+    /// Loads through `load` with a memory check that says "does not fit" while another model
+    /// is resident, as `check_fits` does when two big models exceed available memory; the
+    /// models are real (tiny synthetic GGUFs), only the machine's size is made up. Returns the
+    /// events, and how many reads were tried.
+    fn load_tight(
+        models: &mut Resident,
+        path: &Path,
+        keep_previous: bool,
+    ) -> (Vec<EngineEvent>, usize) {
+        let (tx, rx) = channel();
+        let tries = Cell::new(0);
+        let resident = models.active.is_some() as usize + models.spare.is_some() as usize;
+        let freed = Cell::new(false);
+        let read = |p: &Path, o: &LoadOptions| -> anyhow::Result<Engine> {
+            tries.set(tries.get() + 1);
+            // The first read finds the old model still in memory; the retry comes after it
+            // was freed.
+            if resident > 0 && !freed.get() {
+                freed.set(true);
+                return Err(DoesNotFit("the model needs about 40.0 GB of memory".into()).into());
+            }
+            Engine::load(p, o, &Device::Cpu)
+        };
+        let opts = LoadOptions {
+            keep_previous,
+            ..Default::default()
+        };
+        load(models, path.to_path_buf(), &opts, &read, &tx);
+        drop(tx);
+        (rx.iter().collect(), tries.get())
+    }
+
+    fn how(events: &[EngineEvent]) -> Vec<(Vec<PathBuf>, LoadHow)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Resident { models, how } => Some((models.clone(), *how)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Two models that do not fit together: A/B swaps them (the old one is freed before the
+    /// new one is read) and says so; a failed switch then reads the old one back, so a model
+    /// is loaded at the end and the events say which.
+    #[test]
+    fn models_that_do_not_fit_together_are_swapped_and_a_failure_reads_the_old_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.gguf");
+        let b = dir.path().join("b.gguf");
+        crate::engine::synth::SynthSpec::new("llama")
+            .write(&a)
+            .unwrap();
+        crate::engine::synth::SynthSpec::new("qwen3")
+            .write(&b)
+            .unwrap();
+        let mut models = Resident::default();
+        let (ev, tries) = load_tight(&mut models, &a, false);
+        assert_eq!(
+            (how(&ev), tries),
+            (vec![(vec![a.clone()], LoadHow::Fresh)], 1)
+        );
+
+        let (ev, tries) = load_tight(&mut models, &b, true);
+        assert_eq!(tries, 2, "refused beside A, then read after A was freed");
+        assert_eq!(how(&ev), vec![(vec![b.clone()], LoadHow::Swapped)]);
+        assert!(matches!(&ev[1], EngineEvent::Ready { info } if info.path == b));
+
+        // A corrupt file that does not fit beside B: B is freed, the file fails, B is read
+        // back.
+        let bad = dir.path().join("bad.gguf");
+        std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 torn").unwrap();
+        let (ev, tries) = load_tight(&mut models, &bad, false);
+        assert_eq!(tries, 3, "{ev:?}");
+        assert_eq!(
+            how(&ev),
+            vec![
+                (vec![], LoadHow::FailedReloadingOld),
+                (vec![b.clone()], LoadHow::Fresh)
+            ]
+        );
+        let order: Vec<&str> = ev
+            .iter()
+            .map(|e| match e {
+                EngineEvent::Loading { .. } => "loading",
+                EngineEvent::Ready { .. } => "ready",
+                EngineEvent::LoadFailed { .. } => "failed",
+                EngineEvent::Resident { .. } => "resident",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            order,
+            ["loading", "failed", "resident", "loading", "ready", "resident"]
+        );
+        assert!(matches!(&ev[4], EngineEvent::Ready { info } if info.path == b));
+        assert_eq!(models.paths(), vec![b]);
+    }
 
     #[test]
     fn a_panic_becomes_a_one_line_crash_error() {
