@@ -413,12 +413,21 @@ fn ab_then_a_normal_answer_then_sigterm() {
         tmux(&["send-keys", "-t", &name, "Down"]);
     }
     tmux(&["send-keys", "-t", &name, "Enter"]);
+    let scorecard = |t: &str| {
+        t.lines()
+            .find(|l| l.contains("╭ A/B · ") && l.contains(" · Esc closes "))
+            .map(str::to_string)
+    };
     let live = wait_for(&name, "the A/B side by side", 60, |t| {
-        t.contains("A/B · Name a color.") || t.contains("A/B · Esc closes")
+        t.contains("A/B · Name a color.") || scorecard(t).is_some()
     });
-    let done = wait_for(&name, "the A/B scorecard", 180, |t| {
-        t.contains("A/B · Esc closes")
-    });
+    let done = wait_for(&name, "the A/B scorecard", 180, |t| scorecard(t).is_some());
+    // Two small models fit together: B was read beside A, and A came back without a read.
+    let card = scorecard(&done).unwrap();
+    assert!(
+        card.contains("B loaded beside A: both stay in memory; A was still in memory: no reload"),
+        "{done}"
+    );
     // Caught while it ran (it may have finished between two looks): both sides are shown.
     assert!(
         !live.contains("A/B · Name a color.") || live.contains("B gemma-3-270m"),
@@ -428,7 +437,7 @@ fn ab_then_a_normal_answer_then_sigterm() {
     tmux(&["send-keys", "-t", &name, "Escape"]);
     // Typed at once, the prompt would follow the Escape in the same read and become Alt keys.
     wait_for(&name, "the scorecard to close", 10, |t| {
-        !t.contains("A/B · Esc closes")
+        scorecard(t).is_none()
     });
 
     // The normal answer after it: footer on screen and saved with its prompt.

@@ -877,7 +877,12 @@ fn render_ab(f: &mut Frame, area: Rect, ab: &AbRun, ctx: &Ctx) {
         area.height.saturating_sub(2),
     );
     f.render_widget(Clear, r);
-    let b = block(" A/B · Esc closes ", ctx);
+    // How the two models were held (both resident, or swapped), once the engine said.
+    let title = match &ab.residency {
+        Some(r) => format!(" A/B · {r} · Esc closes "),
+        None => " A/B · Esc closes ".into(),
+    };
+    let b = block(&title, ctx);
     let inner = b.inner(r);
     f.render_widget(b, r);
     let [answers, card] =
