@@ -137,9 +137,15 @@ impl Io {
                 params,
             }),
             Effect::Cancel { req } => self.engine.send(EngineCmd::Cancel { req }),
-            Effect::Load { path } => self.engine.send(EngineCmd::Load {
+            Effect::Load {
                 path,
-                opts: LoadOptions { n_ctx: self.n_ctx },
+                keep_previous,
+            } => self.engine.send(EngineCmd::Load {
+                path,
+                opts: LoadOptions {
+                    n_ctx: self.n_ctx,
+                    keep_previous,
+                },
             }),
             Effect::Fetch { id } => {
                 let model = self.catalog.find(&id).cloned();
@@ -402,6 +408,7 @@ async fn event_loop(
     io.run(
         Effect::Load {
             path: cfg.model.clone(),
+            keep_previous: false,
         },
         &st,
     );

@@ -441,7 +441,10 @@ struct EngineGone;
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
     engine.send(EngineCmd::Load {
         path,
-        opts: LoadOptions { n_ctx: ctx },
+        opts: LoadOptions {
+            n_ctx: ctx,
+            ..Default::default()
+        },
     });
     loop {
         match engine.events.recv().map_err(|_| EngineGone)? {
@@ -662,7 +665,10 @@ pub fn perplexity(catalog: &Catalog, p: &PerplexityCli) -> Result<()> {
         .map_err(|e| anyhow!("{} is not UTF-8 text ({e})", p.file.display()))?;
     let path = model_path(catalog, Some(&p.model))?;
     let device = crate::engine::default_device();
-    let opts = LoadOptions { n_ctx: p.ctx };
+    let opts = LoadOptions {
+        n_ctx: p.ctx,
+        ..Default::default()
+    };
     let mut engine = crate::engine::Engine::load(&path, &opts, &device)?;
     let result = crate::perplexity::perplexity(&mut engine, &text, p.ctx, p.chunks, |i, est| {
         // Printed as it goes, like llama-perplexity: a run over a long text takes minutes.

@@ -74,11 +74,19 @@ impl Default for GenParams {
 pub struct LoadOptions {
     /// Context length to allocate; capped by what the model was trained for.
     pub n_ctx: usize,
+    /// Keep the model loaded before this one resident beside it when both fit in memory
+    /// (an A/B run), so that switching back to it is instant. Otherwise it is freed once the
+    /// new one is ready. Either way the old model stays loaded until the new one is, when
+    /// memory allows, so a file that fails to load leaves the old model in place.
+    pub keep_previous: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { n_ctx: 4096 }
+        Self {
+            n_ctx: 4096,
+            keep_previous: false,
+        }
     }
 }
 
@@ -212,6 +220,32 @@ pub enum EngineEvent {
         req: RequestId,
         error: String,
     },
+    /// After each load (ready or failed): the models the engine holds now, the active one
+    /// first (empty when none), and how the load went.
+    Resident {
+        models: Vec<PathBuf>,
+        how: LoadHow,
+    },
+}
+
+/// How a load was carried out, for the UI to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadHow {
+    /// No model was loaded before.
+    Fresh,
+    /// The model was already resident: switched to without reading it again.
+    Reused,
+    /// Read from disk while the previous model stayed loaded (both fit).
+    BesideOld,
+    /// The two did not fit together: the previous model was freed first.
+    Swapped,
+    /// Loading failed; the previous model is still loaded, untouched.
+    FailedKeptOld,
+    /// Loading failed after the previous model was freed (they did not fit together);
+    /// the previous one is being read again (a `Loading` and `Ready` follow).
+    FailedReloadingOld,
+    /// Loading failed and no model is loaded.
+    FailedNone,
 }
 
 /// The words of the engine's error for a prompt longer than the context, so that each front

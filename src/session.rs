@@ -197,6 +197,8 @@ pub fn to_markdown(entries: &[ChatEntry]) -> String {
     for e in entries {
         match e.role {
             Role::User => out.push_str(&format!("## You\n\n{}\n\n", e.text)),
+            // A note with no model (an A/B run's prompt, turns dropped from the context).
+            Role::System if e.model.is_empty() => out.push_str(&format!("{}\n\n", e.text)),
             _ => {
                 out.push_str(&format!("## {}\n\n{}\n\n", e.model, e.text));
                 if let Some(f) = &e.footer {
@@ -257,5 +259,20 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("decode 20.0 tok/s"), "{md}");
+        // Notes: an A/B prompt is a line of its own, an A/B answer is headed by its model.
+        let note = ChatEntry {
+            role: Role::System,
+            text: "**A/B** of: hi".into(),
+            model: String::new(),
+            footer: None,
+        };
+        let b = ChatEntry {
+            role: Role::System,
+            text: "B".into(),
+            model: "Gemma 3".into(),
+            footer: None,
+        };
+        let md = to_markdown(&[note, b]);
+        assert!(md.contains("\n**A/B** of: hi\n\n## Gemma 3\n\nB"), "{md}");
     }
 }

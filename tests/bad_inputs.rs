@@ -81,7 +81,15 @@ fn unknown_architecture_lists_the_supported_ones() {
 fn prompt_longer_than_the_context() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::synth(dir.path(), &SynthSpec::new("qwen2"));
-    let mut e = Engine::load(&path, &LoadOptions { n_ctx: 64 }, &Device::Cpu).unwrap();
+    let mut e = Engine::load(
+        &path,
+        &LoadOptions {
+            n_ctx: 64,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let long = "the ".repeat(200);
     let err = e
         .generate(
@@ -113,7 +121,15 @@ fn prompt_longer_than_the_context() {
 fn generation_stops_when_the_context_fills() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::synth(dir.path(), &SynthSpec::new("llama"));
-    let mut e = Engine::load(&path, &LoadOptions { n_ctx: 32 }, &Device::Cpu).unwrap();
+    let mut e = Engine::load(
+        &path,
+        &LoadOptions {
+            n_ctx: 32,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let params = GenParams {
         max_tokens: 1000,
         ignore_eos: true,

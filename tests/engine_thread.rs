@@ -7,10 +7,130 @@ use std::time::Duration;
 use tokentop::engine::{synth::SynthSpec, worker::EngineHandle, Engine, Flow, GenEvent};
 use tokentop::protocol::*;
 
+/// The next event, past the `Resident` report that follows each load (checked on its own in
+/// `two_models_stay_resident_and_a_failed_switch_keeps_the_old_one`).
 fn next(h: &EngineHandle) -> EngineEvent {
+    loop {
+        match next_any(h) {
+            EngineEvent::Resident { .. } => {}
+            ev => return ev,
+        }
+    }
+}
+
+fn next_any(h: &EngineHandle) -> EngineEvent {
     h.events
         .recv_timeout(Duration::from_secs(60))
         .expect("engine event")
+}
+
+fn load(h: &EngineHandle, path: &std::path::Path, keep_previous: bool) {
+    h.send(EngineCmd::Load {
+        path: path.to_path_buf(),
+        opts: LoadOptions {
+            keep_previous,
+            ..Default::default()
+        },
+    });
+}
+
+/// The events of one load, up to and with its `Resident` report (a reload of the old model
+/// after a failed swap adds its own).
+fn load_events(h: &EngineHandle) -> Vec<EngineEvent> {
+    let mut out = vec![];
+    loop {
+        let ev = next_any(h);
+        let end = matches!(ev, EngineEvent::Resident { .. });
+        out.push(ev);
+        if end {
+            return out;
+        }
+    }
+}
+
+fn resident(ev: &EngineEvent) -> (Vec<std::path::PathBuf>, LoadHow) {
+    match ev {
+        EngineEvent::Resident { models, how } => (models.clone(), *how),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Item 18 and 5 of issue 9 on the real engine thread with two tiny models: an A/B-style load
+/// keeps the first resident beside the second, and going back reads nothing; a plain switch
+/// frees the one before; a file that fails to load leaves the model in use loaded and
+/// answering.
+#[test]
+fn two_models_stay_resident_and_a_failed_switch_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::synth(dir.path(), &SynthSpec::new("llama"));
+    let b = common::synth(dir.path(), &SynthSpec::new("qwen3"));
+    let h = EngineHandle::spawn();
+    load(&h, &a, false);
+    let evs = load_events(&h);
+    assert!(matches!(&evs[1], EngineEvent::Ready { info } if info.path == a));
+    assert_eq!(resident(&evs[2]), (vec![a.clone()], LoadHow::Fresh));
+
+    // B beside A (both fit: they are tiny), then back to A without reading it.
+    load(&h, &b, true);
+    let evs = load_events(&h);
+    assert!(matches!(&evs[1], EngineEvent::Ready { info } if info.path == b));
+    assert_eq!(
+        resident(&evs[2]),
+        (vec![b.clone(), a.clone()], LoadHow::BesideOld)
+    );
+    load(&h, &a, true);
+    let evs = load_events(&h);
+    match &evs[1] {
+        EngineEvent::Ready { info } => {
+            assert_eq!((&info.path, info.load_time), (&a, Duration::ZERO))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        resident(&evs[2]),
+        (vec![a.clone(), b.clone()], LoadHow::Reused)
+    );
+    // A repeated A/B: B is still resident.
+    load(&h, &b, true);
+    assert_eq!(
+        resident(&load_events(&h)[2]),
+        (vec![b.clone(), a.clone()], LoadHow::Reused)
+    );
+    // A plain switch back to A keeps only A.
+    load(&h, &a, false);
+    assert_eq!(
+        resident(&load_events(&h)[2]),
+        (vec![a.clone()], LoadHow::Reused)
+    );
+
+    // A corrupt file: the load fails, A is still loaded and answers.
+    let bad = dir.path().join("corrupt.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 not a model").unwrap();
+    load(&h, &bad, false);
+    let evs = load_events(&h);
+    assert!(
+        matches!(&evs[1], EngineEvent::LoadFailed { path, .. } if *path == bad),
+        "{evs:?}"
+    );
+    assert_eq!(resident(&evs[2]), (vec![a.clone()], LoadHow::FailedKeptOld));
+    h.send(EngineCmd::Generate {
+        req: 1,
+        messages: vec![Message::new(Role::User, "hi")],
+        params: GenParams {
+            max_tokens: 3,
+            ..Default::default()
+        },
+    });
+    loop {
+        match next(&h) {
+            EngineEvent::Finished { req: 1, stats, .. } => {
+                assert!(stats.generated_tokens > 0);
+                break;
+            }
+            EngineEvent::Prefilled { req: 1, .. } | EngineEvent::Token { req: 1, .. } => {}
+            other => panic!("the old model no longer answers: {other:?}"),
+        }
+    }
 }
 
 fn endless() -> GenParams {

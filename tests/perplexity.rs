@@ -19,7 +19,15 @@ fn perplexity_is_the_mean_nll_of_each_chunks_second_half() {
     let path = common::synth(dir.path(), &SynthSpec::new("llama"));
     let text = "the capital of France is Paris and the river is wide. ".repeat(6);
     let n_ctx = 16;
-    let mut engine = Engine::load(&path, &LoadOptions { n_ctx: 64 }, &Device::Cpu).unwrap();
+    let mut engine = Engine::load(
+        &path,
+        &LoadOptions {
+            n_ctx: 64,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut seen = Vec::new();
     let got = perplexity(&mut engine, &text, n_ctx, Some(3), |i, e| seen.push((i, e))).unwrap();
     assert_eq!(got.estimates.len(), 3);

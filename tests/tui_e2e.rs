@@ -1,10 +1,13 @@
 //! The real binary in tmux, as a person uses it: type a prompt, watch it stream, read the
 //! speed off the screen, shrink the terminal to 20x5, quit with Ctrl-C twice; end it with
-//! SIGTERM, SIGHUP, SIGINT and SIGQUIT mid-answer; start it with stdin not a terminal.
+//! SIGTERM, SIGHUP, SIGINT and SIGQUIT mid-answer; start it with stdin not a terminal; A/B
+//! two real models then chat on and end with SIGTERM mid-answer; reopen a session while an
+//! answer streams.
 mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tokentop::protocol::Role;
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux")
@@ -349,4 +352,227 @@ fn a_failing_engine_is_reported_in_the_title() {
     });
     assert!(end.contains("TOKENTOP_EXIT=0"), "{end}");
     assert_eq!(pane_format(&name, "#{alternate_on}"), "0");
+}
+
+/// Some text before the caret: tokens have arrived, not only the prefill started.
+fn streaming(t: &str) -> bool {
+    t.contains("answering…")
+        && t.lines().any(|l| {
+            l.split_once('▌')
+                .is_some_and(|(before, _)| before.trim_start_matches(['│', ' ']).trim().len() > 1)
+        })
+}
+
+/// A TOKENTOP_HOME whose model store holds (links to) the catalog's two real models, so the
+/// switcher offers both as on disk; sessions are written here, never in the shared home.
+fn home_with_models(models: &[&std::path::Path]) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join("models");
+    std::fs::create_dir_all(&store).unwrap();
+    for m in models {
+        std::os::unix::fs::symlink(m, store.join(m.file_name().unwrap())).unwrap();
+    }
+    home
+}
+
+/// Issue 9 item 1 end to end: an A/B of SmolLM2 against Gemma streams side by side, files
+/// both answers, and the normal answer after it gets its footer and is saved; then SIGTERM
+/// in the middle of another answer restores the terminal and keeps the part streamed.
+#[test]
+fn ab_then_a_normal_answer_then_sigterm() {
+    if !have_tmux() {
+        return;
+    }
+    let (Some(smol), Some(gemma)) = (common::smollm2(), common::gemma()) else {
+        return;
+    };
+    let home = home_with_models(&[&smol, &gemma]);
+    let name = format!("tokentop-ab-{}", std::process::id());
+    let cmd = ui_shell(
+        home.path(),
+        &format!("{} --temperature 0 -n 24", smol.display()),
+        "echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); ",
+    );
+    let _guard = start(&name, &cmd);
+    wait_for(&name, "the model to load", 60, |t| {
+        t.contains("loaded in") && t.contains("prompt ·")
+    });
+
+    // A/B the typed prompt against Gemma, picked by its row in the switcher.
+    tmux(&["send-keys", "-t", &name, "Name a color.", ""]);
+    tmux(&["send-keys", "-t", &name, "C-b"]);
+    wait_for(&name, "the A/B switcher", 10, |t| {
+        t.contains("gemma-3-270m")
+    });
+    let row = tokentop::catalog::Catalog::builtin()
+        .models
+        .iter()
+        .position(|m| m.id == "gemma-3-270m")
+        .unwrap();
+    for _ in 0..row {
+        tmux(&["send-keys", "-t", &name, "Down"]);
+    }
+    tmux(&["send-keys", "-t", &name, "Enter"]);
+    let scorecard = |t: &str| {
+        t.lines()
+            .find(|l| l.contains("╭ A/B · ") && l.contains(" · Esc closes "))
+            .map(str::to_string)
+    };
+    let live = wait_for(&name, "the A/B side by side", 60, |t| {
+        t.contains("A/B · Name a color.") || scorecard(t).is_some()
+    });
+    let done = wait_for(&name, "the A/B scorecard", 180, |t| scorecard(t).is_some());
+    // Two small models fit together: B was read beside A, and A came back without a read.
+    let card = scorecard(&done).unwrap();
+    assert!(
+        card.contains("B loaded beside A: both stay in memory; A was still in memory: no reload"),
+        "{done}"
+    );
+    // Caught while it ran (it may have finished between two looks): both sides are shown.
+    assert!(
+        !live.contains("A/B · Name a color.") || live.contains("B gemma-3-270m"),
+        "both sides are shown:\n{live}"
+    );
+    assert!(done.contains("A/B done"), "{done}");
+    tmux(&["send-keys", "-t", &name, "Escape"]);
+    // Typed at once, the prompt would follow the Escape in the same read and become Alt keys.
+    wait_for(&name, "the scorecard to close", 10, |t| {
+        scorecard(t).is_none()
+    });
+
+    // The normal answer after it: footer on screen and saved with its prompt.
+    tmux(&["send-keys", "-t", &name, "Say hello.", "Enter"]);
+    let after = wait_for(&name, "the answer after the A/B", 120, |t| {
+        !t.contains("answering…")
+            && t.lines()
+                .skip_while(|l| !l.contains("Say hello."))
+                .any(|l| l.contains(" · decode "))
+    });
+    assert!(!after.contains('▌'), "no caret left:\n{after}");
+    let sessions = tokentop::session::list(&home.path().join("sessions"));
+    assert_eq!(sessions.len(), 1);
+    let saved = tokentop::session::load(&sessions[0]).unwrap();
+    let roles: Vec<Role> = saved.iter().map(|e| e.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::System,
+            Role::System,
+            Role::System,
+            Role::User,
+            Role::Assistant
+        ],
+        "{saved:?}"
+    );
+    assert_eq!(saved[0].text, "**A/B** of: Name a color.");
+    assert!(saved[1].footer.is_some() && saved[2].footer.is_some());
+    assert_ne!(saved[1].model, saved[2].model);
+    assert_eq!(saved[3].text, "Say hello.");
+    assert!(saved[4].footer.is_some() && !saved[4].text.is_empty());
+
+    // SIGTERM mid-answer: the terminal comes back and the partial answer is kept.
+    tmux(&[
+        "send-keys",
+        "-t",
+        &name,
+        "Write the numbers from 1 to 300, separated by commas.",
+        "Enter",
+    ]);
+    wait_for(&name, "the answer to stream", 60, streaming);
+    let pid = tokentop_pid(&name);
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let end = wait_for(&name, "tokentop to exit", 20, |t| t.contains("TTY="));
+    assert!(end.contains("TOKENTOP_EXIT=143"), "{end}");
+    assert!(end.contains("TTY=icanon echo"), "raw mode is off:\n{end}");
+    assert_eq!(pane_format(&name, "#{alternate_on}"), "0");
+    assert_eq!(pane_format(&name, "#{cursor_flag}"), "1", "cursor shown");
+    let saved = tokentop::session::load(&sessions[0]).unwrap();
+    assert_eq!(saved.len(), 7, "{saved:?}");
+    assert!(saved[6].footer.is_none() && !saved[6].text.is_empty());
+}
+
+/// Issue 9 item 3 end to end: F4 and Enter on an older session while an answer streams. The
+/// older session's file is not changed by a single byte; the answer in flight is saved, as
+/// cancelled, into a session of its own.
+#[test]
+fn reopening_a_session_while_streaming_leaves_it_untouched() {
+    if !have_tmux() {
+        return;
+    }
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("sessions");
+    let mut old = tokentop::session::SessionFile::new(dir.clone());
+    old.append(&common::entry(Role::User, "an older question"))
+        .unwrap();
+    let mut answer = common::entry(Role::Assistant, "an older answer");
+    answer.model = "SmolLM2".into();
+    old.append(&answer).unwrap();
+    let old_path = old.path().unwrap().to_path_buf();
+    let before = std::fs::read(&old_path).unwrap();
+
+    let name = format!("tokentop-f4-{}", std::process::id());
+    let cmd = ui_shell(
+        home.path(),
+        &format!("{} --temperature 0 -n 4000", model.display()),
+        "",
+    );
+    let _guard = start(&name, &cmd);
+    wait_for(&name, "the model to load", 60, |t| {
+        t.contains("loaded in") && t.contains("prompt ·")
+    });
+    tmux(&[
+        "send-keys",
+        "-t",
+        &name,
+        "Write the numbers from 1 to 300, separated by commas.",
+        "Enter",
+    ]);
+    wait_for(&name, "the answer to stream", 60, streaming);
+    tmux(&["send-keys", "-t", &name, "F4"]);
+    wait_for(&name, "the session list", 10, |t| {
+        t.contains("an older question")
+    });
+    tmux(&["send-keys", "-t", &name, "Enter"]);
+    let shown = wait_for(&name, "the older session", 10, |t| t.contains("reopened"));
+    // Give late tokens of the stopped answer time to arrive: they must go nowhere.
+    std::thread::sleep(Duration::from_millis(1500));
+    let now = screen(&name);
+    assert!(
+        now.contains("an older answer") && !now.contains('▌'),
+        "{now}"
+    );
+    assert!(!shown.contains("answering…"), "{shown}");
+    assert_eq!(
+        std::fs::read(&old_path).unwrap(),
+        before,
+        "the reopened file is unchanged"
+    );
+
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    let end = wait_for(&name, "tokentop to exit", 10, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(end.contains("TOKENTOP_EXIT=0"), "{end}");
+    assert_eq!(std::fs::read(&old_path).unwrap(), before);
+    let sessions = tokentop::session::list(&dir);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let own = sessions.iter().find(|p| **p != old_path).unwrap();
+    let saved = tokentop::session::load(own).unwrap();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert!(saved[0].text.starts_with("Write the numbers"));
+    assert_eq!(
+        saved[1].footer.as_ref().map(|f| f.reason),
+        Some(tokentop::protocol::FinishReason::Cancelled),
+        "{saved:?}"
+    );
+    assert!(!saved[1].text.is_empty());
 }

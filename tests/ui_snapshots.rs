@@ -232,7 +232,7 @@ fn whole_screen_and_overlays() {
     insta::assert_snapshot!("switcher", draw(100, 30, &st, now, full));
     st.mode = Mode::Help;
     insta::assert_snapshot!("help", draw(100, 30, &st, now, full));
-    st.ab = Some(AbRun {
+    st.ab_last = Some(AbRun {
         prompt: "hi".into(),
         a: AbSide {
             model: "SmolLM2".into(),
@@ -250,6 +250,7 @@ fn whole_screen_and_overlays() {
             }),
         },
         phase: AbPhase::Done,
+        residency: Some("B loaded beside A: both stay in memory".into()),
     });
     st.mode = Mode::AbResult;
     insta::assert_snapshot!("ab", draw(100, 30, &st, now, full));
@@ -609,4 +610,74 @@ fn title_never_shows_loaded_in_beside_loading() {
     assert!(st.loading.is_some());
     let t = title(&st);
     assert!(t.contains("loading") && !t.contains("loaded in"), "{t}");
+}
+
+/// Issue 9 item 1: while an A/B runs, both answers stream side by side in the chat's place:
+/// A done with its footer, B writing with its live rate, and how B was loaded (item 18).
+#[test]
+fn ab_streams_side_by_side_with_live_rates() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    st.ab = Some(AbRun {
+        prompt: "What is the capital of France?".into(),
+        a: AbSide {
+            model: "SmolLM2".into(),
+            path: "/a".into(),
+            answer: "The capital of France is **Paris**.".into(),
+            footer: Some(footer(25.0, 9)),
+        },
+        b: AbSide {
+            model: "Gemma 3".into(),
+            path: "/b".into(),
+            answer: "Paris, on the Seine".into(),
+            footer: None,
+        },
+        phase: AbPhase::AnswerB,
+        residency: Some("B loaded beside A: both stay in memory".into()),
+    });
+    st.stream = Some(Stream {
+        pieces: 11,
+        prefilled_at: Some(now - Duration::from_secs(2)),
+        ttft: Some(Duration::from_millis(300)),
+        prompt_tokens: 12,
+        ..Stream::new(9, now - Duration::from_secs(3), GB / 2)
+    });
+    // 10 tokens after the first, in two seconds: 5.0 tok/s.
+    insta::assert_snapshot!("ab_live_answer_b", draw(100, 24, &st, now, full));
+    // B being loaded: A's answer stays, B says it is loading.
+    let ab = st.ab.as_mut().unwrap();
+    ab.phase = AbPhase::LoadB;
+    ab.b.answer.clear();
+    ab.residency = None;
+    st.stream = None;
+    insta::assert_snapshot!("ab_live_load_b", draw(100, 24, &st, now, full));
+}
+
+/// Issue 9 items 1 and 9: a finished A/B filed in the chat as notes, and turns dropped from
+/// a full context above the note that says so.
+#[test]
+fn chat_shows_ab_notes_and_dropped_turns() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let note = |text: &str, model: &str, f: Option<Footer>| ChatEntry {
+        role: Role::System,
+        text: text.into(),
+        model: model.into(),
+        footer: f,
+    };
+    st.chat.push(note("**A/B** of: Show me **Rust**", "", None));
+    st.chat
+        .push(note("A's answer", "SmolLM2 135M", Some(footer(25.0, 3))));
+    st.chat
+        .push(note("B's answer", "Gemma 3", Some(footer(12.0, 3))));
+    st.chat.push(note(
+        &format!(
+            "{} the oldest turn (\"Show me **Rust**\"), about 120 characters; the model no longer sees what is above.*",
+            tokentop::state::DROPPED_NOTE
+        ),
+        "",
+        None,
+    ));
+    assert_eq!(st.context_start(), 6);
+    insta::assert_snapshot!(draw(70, 34, &st, now, ui::render_chat));
 }

@@ -129,16 +129,23 @@ pub fn check_fits(
         .saturating_add(context_bytes)
         .saturating_add(256 << 20);
     if needed > available {
-        bail!(
+        return Err(DoesNotFit(format!(
             "the model needs about {:.1} GB of memory ({:.1} GB of weights, {:.1} GB for a {n_ctx}-token context) but only {:.1} GB is available; close other programs, lower --ctx or pick a smaller model or quantization",
             needed as f64 / 1e9,
             weight_bytes as f64 / 1e9,
             context_bytes as f64 / 1e9,
             available as f64 / 1e9
-        );
+        ))
+        .into());
     }
     Ok(())
 }
+
+/// `check_fits`'s refusal, as a type: the engine thread frees the model it holds and tries
+/// again when a new one does not fit beside it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DoesNotFit(pub String);
 
 /// What the generation loop reports as it goes; the callback's answer can stop it.
 pub enum GenEvent<'a> {

@@ -4,7 +4,7 @@
 pub mod input;
 
 use crate::protocol::{
-    EngineEvent, FinishReason, GenParams, GenStats, Message, ModelInfo, RequestId, Role,
+    EngineEvent, FinishReason, GenParams, GenStats, LoadHow, Message, ModelInfo, RequestId, Role,
 };
 use crate::telemetry::{BatteryUse, Details, Memory, Power, Snapshot};
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
@@ -27,6 +27,11 @@ pub struct Footer {
     pub peak_rss: u64,
 }
 
+/// How a note that turns left the context begins (see [`State::drop_oldest_turns`]).
+pub const DROPPED_NOTE: &str = "*Dropped from the context:";
+
+/// An entry of the conversation. `Role::System` entries in the chat are notes shown and saved
+/// but never sent to the model: an A/B run's prompt and answers, and what left the context.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatEntry {
     pub role: Role,
@@ -82,7 +87,7 @@ pub enum Mode {
     Sessions {
         selected: usize,
     },
-    /// Showing a finished A/B comparison.
+    /// Showing a finished A/B comparison (`State::ab_last`).
     AbResult,
 }
 
@@ -125,6 +130,28 @@ impl Stream {
         let secs = now.duration_since(first).as_secs_f64();
         (self.pieces > 1 && secs > 0.0).then(|| (self.pieces - 1) as f64 / secs)
     }
+
+    /// The footer of an answer stopped here, before the engine's own figures arrive: TTFT
+    /// and prefill from the `Prefilled` event, the live decode rate, the pieces received.
+    pub fn cancelled_footer(&self, now: Instant) -> Footer {
+        let ttft = self
+            .ttft
+            .unwrap_or_else(|| now.saturating_duration_since(self.started));
+        let evaluated = self.prompt_tokens.saturating_sub(self.cached_tokens);
+        Footer {
+            ttft,
+            prefill_rate: if ttft.is_zero() {
+                0.0
+            } else {
+                evaluated as f64 / ttft.as_secs_f64()
+            },
+            decode_rate: self.live_rate(now).unwrap_or(0.0),
+            tokens: self.pieces,
+            reason: FinishReason::Cancelled,
+            joules: self.energy_known.then_some(self.energy_j),
+            peak_rss: self.peak_rss,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,6 +177,9 @@ pub struct AbRun {
     pub a: AbSide,
     pub b: AbSide,
     pub phase: AbPhase,
+    /// How B was loaded and how A came back (resident beside the other, or swapped), once
+    /// known, in words.
+    pub residency: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +218,8 @@ pub enum Effect {
     },
     Load {
         path: PathBuf,
+        /// Keep the model loaded now resident beside the new one when both fit (A/B).
+        keep_previous: bool,
     },
     Fetch {
         id: String,
@@ -227,7 +259,23 @@ pub struct State {
     /// Battery energy spent since start, and how much of it while generating.
     pub battery_use: BatteryUse,
     pub kv_bytes: usize,
+    /// The A/B run in progress (its answers stream side by side).
     pub ab: Option<AbRun>,
+    /// The last finished A/B run, for its scorecard.
+    pub ab_last: Option<AbRun>,
+    /// The catalog model being downloaded because the user picked it, while it is still
+    /// their choice: picking another model meanwhile means it is not loaded when it lands.
+    pub fetching: Option<String>,
+    /// The models the engine holds, the active one first.
+    pub resident: Vec<PathBuf>,
+    /// A switch that failed and the model being read again in its place: the failure is
+    /// still shown once that model is back.
+    failed_switch: Option<String>,
+    /// A/B just finished: the `Resident` event of A's return notes its residency.
+    ab_back_pending: bool,
+    /// The context is full (the prompt was refused, or an answer filled it): the prompt's
+    /// tokens and the context's size when known. Ctrl-D then drops the oldest turns.
+    pub overflow: Option<(usize, usize)>,
     pub sessions: Vec<SessionSummary>,
     pub next_req: RequestId,
     pub quit_armed: bool,
@@ -262,6 +310,12 @@ impl State {
             battery_use: BatteryUse::default(),
             kv_bytes: 0,
             ab: None,
+            ab_last: None,
+            fetching: None,
+            resident: Vec::new(),
+            failed_switch: None,
+            ab_back_pending: false,
+            overflow: None,
             sessions: Vec::new(),
             next_req: 1,
             quit_armed: false,
@@ -280,17 +334,109 @@ impl State {
             .map_or("no model".into(), |m| m.name.clone())
     }
 
-    /// Messages for the engine: the system prompt and the conversation so far.
+    /// Where the conversation the model sees begins: after the last note of dropped turns.
+    pub fn context_start(&self) -> usize {
+        self.chat
+            .iter()
+            .rposition(is_drop_note)
+            .map_or(0, |i| i + 1)
+    }
+
+    /// Messages for the engine: the system prompt and the conversation so far, without the
+    /// turns dropped from the context and without notes.
     pub fn messages(&self) -> Vec<Message> {
         self.system_prompt
             .iter()
             .map(|s| Message::new(Role::System, s.clone()))
             .chain(
-                self.chat
+                self.chat[self.context_start()..]
                     .iter()
+                    .filter(|e| e.role != Role::System)
                     .map(|e| Message::new(e.role, e.text.clone())),
             )
             .collect()
+    }
+
+    /// Ctrl-D when the context is full: the oldest turns leave the context (they stay on
+    /// screen, above a note that says what was dropped, and in the session file). As many
+    /// go as the refused prompt needs, judged by characters against its token count, and
+    /// at least one; the prompt stays in the input line to send again.
+    pub fn drop_oldest_turns(&mut self) -> Vec<Effect> {
+        let Some((prompt_tokens, holds)) = self.overflow else {
+            self.status = "the context is not full: nothing to drop".into();
+            return vec![];
+        };
+        if self.stream.is_some() || self.ab.is_some() {
+            self.status = "wait for the current answer (Esc stops it)".into();
+            return vec![];
+        }
+        let start = self.context_start();
+        // Turns in the context: each begins with a prompt.
+        let turn_starts: Vec<usize> = (start..self.chat.len())
+            .filter(|&i| self.chat[i].role == Role::User)
+            .collect();
+        if turn_starts.is_empty() {
+            self.status =
+                "no turns left to drop: the prompt alone does not fit; shorten it or raise --ctx"
+                    .into();
+            return vec![];
+        }
+        let chars = |r: std::ops::Range<usize>| -> usize {
+            self.chat[r]
+                .iter()
+                .filter(|e| e.role != Role::System)
+                .map(|e| e.text.chars().count())
+                .sum()
+        };
+        let total = chars(start..self.chat.len()) + self.input.text.chars().count();
+        // Keep at most this share of the characters: the share of the refused prompt's
+        // tokens that fits, with a margin for the answer and the estimate.
+        let share = if prompt_tokens > 0 && holds > 0 {
+            (holds as f64 / prompt_tokens as f64 * 0.8).min(0.8)
+        } else {
+            0.5
+        };
+        let mut cut = 1; // turns to drop
+        while cut < turn_starts.len() {
+            let end = turn_starts[cut];
+            let left = total - chars(start..end);
+            if (left as f64) <= share * total as f64 {
+                break;
+            }
+            cut += 1;
+        }
+        let end = turn_starts.get(cut).copied().unwrap_or(self.chat.len());
+        let kept = total.saturating_sub(chars(start..end));
+        let first = self.chat[turn_starts[0]]
+            .text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .chars()
+            .take(40)
+            .collect::<String>();
+        let what = if cut == 1 {
+            format!("the oldest turn (\"{first}\")")
+        } else {
+            format!("the {cut} oldest turns, from \"{first}\"")
+        };
+        let note = ChatEntry {
+            role: Role::System,
+            text: format!(
+                "{DROPPED_NOTE} {what}, about {} characters; the model no longer sees what is above.*",
+                total - kept
+            ),
+            model: String::new(),
+            footer: None,
+        };
+        self.chat.insert(end, note.clone());
+        // The count falls by the share of the characters that went; the next answer gives
+        // the exact figure.
+        self.context = (self.context as f64 * kept as f64 / total.max(1) as f64) as usize;
+        self.overflow = None;
+        self.status = format!("dropped {what}; Enter sends the prompt again");
+        vec![Effect::SaveEntry(note)]
     }
 
     /// Tokens of context in use: the answer being written, else the conversation after the
@@ -331,6 +477,36 @@ impl State {
             self.status.clear();
         }
         self.loading = Some((label, Instant::now()));
+    }
+
+    /// Ends the answer being streamed here and now, as cancelled, before something replaces
+    /// the chat or the model (an A/B run, a reopened session, a new conversation): the engine
+    /// is told to stop, the answer keeps what streamed with a cancelled footer, and the turn
+    /// is saved into the current session. Its late events belong to no conversation now and
+    /// are dropped. An A/B run in progress is given up, and A is loaded back if B was in.
+    fn detach_stream(&mut self) -> Vec<Effect> {
+        let mut fx = vec![];
+        if let Some(s) = self.stream.take() {
+            fx.push(Effect::Cancel { req: s.req });
+            if self.ab.is_none() {
+                let f = s.cancelled_footer(Instant::now());
+                if let Some(e) = self.chat.last_mut().filter(|e| e.role == Role::Assistant) {
+                    e.footer = Some(f);
+                }
+                self.context = s.prompt_tokens + s.pieces;
+                fx.extend(self.save_turn());
+            }
+        }
+        if let Some(ab) = self.ab.take() {
+            if matches!(ab.phase, AbPhase::LoadB | AbPhase::AnswerB) {
+                self.begin_loading(ab.a.model.clone());
+                fx.push(Effect::Load {
+                    path: ab.a.path,
+                    keep_previous: true,
+                });
+            }
+        }
+        fx
     }
 
     fn cancel(&mut self) -> Vec<Effect> {
@@ -396,17 +572,23 @@ impl State {
 
     /// Begins an A/B run of the last prompt (or the input) against `b`.
     fn start_ab(&mut self, b: &SwitchItem) -> Vec<Effect> {
+        if self.loading.is_some() || self.ab.is_some() {
+            self.status = "wait for the model to load".into();
+            return vec![];
+        }
+        // An answer streaming now is finished (as cancelled) and saved first.
+        let mut fx = self.detach_stream();
         let prompt = if !self.input.text.trim().is_empty() {
             self.input.take()
         } else if let Some(p) = self.chat.iter().rev().find(|e| e.role == Role::User) {
             p.text.clone()
         } else {
             self.status = "type a prompt first, then A/B it".into();
-            return vec![];
+            return fx;
         };
         let (Some(a), Some(b_path)) = (&self.model, &b.path) else {
             self.status = "A/B needs a loaded model and a downloaded second model".into();
-            return vec![];
+            return fx;
         };
         self.ab = Some(AbRun {
             prompt: prompt.clone(),
@@ -423,9 +605,11 @@ impl State {
                 footer: None,
             },
             phase: AbPhase::AnswerA,
+            residency: None,
         });
         self.status = format!("A/B: {} first", a.name);
-        self.start_request(vec![Message::new(Role::User, prompt)])
+        fx.extend(self.start_request(vec![Message::new(Role::User, prompt)]));
+        fx
     }
 
     fn choose_model(&mut self, i: usize, for_ab: bool) -> Vec<Effect> {
@@ -436,22 +620,47 @@ impl State {
         if for_ab {
             return self.start_ab(&item);
         }
-        let mut effects = self.cancel();
+        // A model picked during an A/B run ends the run: its answer is stopped and dropped
+        // (the run is not filed), and the picked model is loaded instead of the run's next.
+        let mut stopped = vec![];
+        if self.ab.take().is_some() {
+            if let Some(s) = self.stream.take() {
+                stopped.push(Effect::Cancel { req: s.req });
+            }
+            self.loading = None;
+            self.status = "A/B stopped".into();
+        }
         match (&item.path, &item.id) {
             (Some(path), _) => {
+                let mut effects = stopped;
+                effects.extend(self.cancel());
+                // A download picked before is no longer the choice.
+                self.fetching = None;
                 self.begin_loading(item.label.clone());
-                effects.push(Effect::Load { path: path.clone() });
+                effects.push(Effect::Load {
+                    path: path.clone(),
+                    keep_previous: false,
+                });
+                effects
             }
             (None, Some(_)) if self.offline => {
                 self.status = format!("{} needs download, offline", item.label);
+                stopped
+            }
+            (None, Some(id)) if self.fetching.as_ref() == Some(id) => {
+                self.status = format!("{} is downloading already", item.label);
+                stopped
             }
             (None, Some(id)) => {
+                let mut effects = stopped;
+                effects.extend(self.cancel());
+                self.fetching = Some(id.clone());
                 self.begin_loading(format!("downloading {}", item.label));
                 effects.push(Effect::Fetch { id: id.clone() });
+                effects
             }
-            (None, None) => {}
+            (None, None) => stopped,
         }
-        effects
     }
 }
 
@@ -484,24 +693,41 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
             on_telemetry(st, snap);
             vec![]
         }
-        Msg::Fetched { id, result } => match result {
-            Ok(path) => {
-                for item in st
-                    .switcher
-                    .iter_mut()
-                    .filter(|i| i.id.as_deref() == Some(&id))
-                {
-                    item.path = Some(path.clone());
+        Msg::Fetched { id, result } => {
+            // Loaded only if it is still the user's choice; otherwise it waits in the
+            // switcher and nothing in progress (a load, an answer) is disturbed.
+            let wanted = st.fetching.as_deref() == Some(id.as_str());
+            if wanted {
+                st.fetching = None;
+            }
+            match result {
+                Ok(path) => {
+                    for item in st
+                        .switcher
+                        .iter_mut()
+                        .filter(|i| i.id.as_deref() == Some(&id))
+                    {
+                        item.path = Some(path.clone());
+                    }
+                    if !wanted {
+                        st.status = format!("{id} downloaded; Ctrl-O loads it");
+                        return vec![];
+                    }
+                    st.begin_loading(id);
+                    vec![Effect::Load {
+                        path,
+                        keep_previous: false,
+                    }]
                 }
-                st.begin_loading(id);
-                vec![Effect::Load { path }]
+                Err(e) => {
+                    if wanted {
+                        st.loading = None;
+                    }
+                    st.status = format!("download of {id} failed: {e}");
+                    vec![]
+                }
             }
-            Err(e) => {
-                st.loading = None;
-                st.status = format!("download failed: {e}");
-                vec![]
-            }
-        },
+        }
         Msg::SessionList(list) => {
             st.sessions = list;
             st.mode = Mode::Sessions { selected: 0 };
@@ -510,6 +736,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
         Msg::SessionLoaded { path, entries } => {
             st.chat = entries;
             st.context = 0;
+            st.overflow = None;
             st.scroll = 0;
             st.status = format!("reopened {}", path.display());
             vec![]
@@ -520,6 +747,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::EngineStopped(why) => {
             let mut fx = vec![];
+            st.fetching = None;
             if let Some(req) = st.stream.as_ref().map(|s| s.req) {
                 // Like a failed request: a partial answer is kept (and saved), an empty one
                 // is taken back with its prompt returned to the input line.
@@ -542,6 +770,7 @@ pub fn update(st: &mut State, msg: Msg) -> Vec<Effect> {
             st.ab = None;
             st.loading = None;
             st.model = None;
+            st.resident.clear();
             st.kv_bytes = 0;
             st.status = format!("the engine stopped: {why}; Ctrl-O loads a model again");
             fx
@@ -615,7 +844,12 @@ fn on_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
                 }
                 KeyCode::Enter if n > 0 => {
                     st.mode = Mode::Chat;
-                    let mut fx = st.cancel();
+                    // The answer in flight is saved into its own session before the chat
+                    // is replaced; none of its tokens reach the reopened one.
+                    let mut fx = st.detach_stream();
+                    if !fx.is_empty() {
+                        st.status = "answer stopped".into();
+                    }
                     fx.push(Effect::OpenSession(st.sessions[selected].path.clone()));
                     return fx;
                 }
@@ -665,20 +899,17 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
             };
         }
         KeyCode::Char('n') if ctrl(&k, 'n') => {
-            let mut fx = st.cancel();
             // An answer cut by Ctrl-N is saved (as far as it got) before the chat goes.
-            if st.stream.is_some() && st.ab.is_none() {
-                fx.extend(st.save_turn());
-                // Its late events belong to no conversation now: they are dropped.
-                st.stream = None;
-            }
+            let mut fx = st.detach_stream();
             st.chat.clear();
             st.context = 0;
+            st.overflow = None;
             st.status = "new conversation".into();
             fx.push(Effect::NewSession);
             return fx;
         }
         KeyCode::Char('u') if ctrl(&k, 'u') => st.input.clear(),
+        KeyCode::Char('d') if ctrl(&k, 'd') => return st.drop_oldest_turns(),
         KeyCode::Char(c) if !k.modifiers.contains(KeyModifiers::CONTROL) => {
             let mut b = [0u8; 4];
             st.input.insert(c.encode_utf8(&mut b));
@@ -713,21 +944,36 @@ fn footer(stats: &GenStats, reason: FinishReason, stream: &Stream) -> Footer {
 fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
     let current = st.stream.as_ref().map(|s| s.req);
     match ev {
-        EngineEvent::Loading { .. } => vec![],
+        EngineEvent::Loading { path } => {
+            // The engine reading back the model a failed switch had to free.
+            if st.loading.is_none() {
+                st.begin_loading(file_label(&path));
+            }
+            vec![]
+        }
         EngineEvent::Ready { info } => {
             st.loading = None;
-            st.status = format!("loaded in {:.1}s", info.load_time.as_secs_f64());
+            st.status = match st.failed_switch.take() {
+                Some(why) => format!("{why}; {} is loaded again", info.name),
+                None => format!("loaded in {:.1}s", info.load_time.as_secs_f64()),
+            };
             st.kv_bytes = 0;
             st.context = 0;
+            st.overflow = None;
             st.model = Some(info);
             ab_after_load(st)
         }
         EngineEvent::LoadFailed { error, .. } => {
             st.loading = None;
             st.status = format!("load failed: {error}");
-            if st.ab.is_some() {
-                st.ab = None;
+            if let Some(ab) = st.ab.take() {
+                st.status = format!("A/B stopped: {} failed to load: {error}", ab.b.model);
             }
+            vec![]
+        }
+        EngineEvent::Resident { models, how } => {
+            on_resident(st, &models, how);
+            st.resident = models;
             vec![]
         }
         // Events of a replaced request are dropped.
@@ -779,6 +1025,13 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
                 }
             }
             st.context = stats.prompt_tokens + stats.generated_tokens;
+            if reason == FinishReason::ContextFull {
+                let n_ctx = st.model.as_ref().map_or(0, |m| m.n_ctx);
+                st.overflow = Some((st.context, n_ctx));
+                if st.ab.is_none() {
+                    st.status = "the context is full — Ctrl-D drops the oldest turns, Ctrl-N starts a new conversation".into();
+                }
+            }
             st.last = Some(Footer {
                 tokens: stats.prompt_tokens + stats.generated_tokens,
                 ..f.clone()
@@ -794,7 +1047,10 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
         EngineEvent::Failed { error, .. } => {
             st.stream = None;
             st.status = if crate::protocol::is_context_overflow(&error) {
-                format!("error: {error} — Ctrl-N starts a new conversation")
+                st.overflow = Some(overflow_sizes(&error));
+                format!(
+                    "error: {error} — Ctrl-D drops the oldest turns, Ctrl-N starts a new conversation"
+                )
             } else {
                 format!("error: {error}")
             };
@@ -826,6 +1082,97 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
     }
 }
 
+/// A file's name, for a model known only by its path.
+fn file_label(path: &std::path::Path) -> String {
+    path.file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+}
+
+fn is_drop_note(e: &ChatEntry) -> bool {
+    e.role == Role::System && e.text.starts_with(DROPPED_NOTE)
+}
+
+/// (prompt tokens, context size) from the engine's refusal "the prompt is N tokens but the
+/// context holds M …"; (0, 0) when the words differ.
+fn overflow_sizes(error: &str) -> (usize, usize) {
+    let after = |key: &str| -> usize {
+        error
+            .split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        after("the prompt is "),
+        after(&format!("{} ", crate::protocol::CONTEXT_HOLDS)),
+    )
+}
+
+/// What the engine holds after a load: a failed switch either kept the old model (the title
+/// stays true) or freed it, in which case it is being read back or nothing is loaded; an A/B
+/// run records whether its two models stay resident together.
+fn on_resident(st: &mut State, models: &[PathBuf], how: LoadHow) {
+    let name = st.model.as_ref().map(|m| m.name.clone());
+    match how {
+        LoadHow::FailedKeptOld => {
+            if let Some(name) = &name {
+                st.status.push_str(&format!(" — still on {name}"));
+            }
+        }
+        LoadHow::FailedReloadingOld => {
+            st.failed_switch = Some(st.status.clone());
+            st.model = None;
+            st.status.push_str(" — reading the previous model back");
+        }
+        LoadHow::FailedNone => {
+            st.model = None;
+            st.status
+                .push_str(" — no model is loaded: Ctrl-O opens the model switcher");
+        }
+        _ => {}
+    }
+    if models.is_empty() {
+        st.model = None;
+    }
+    // The run in progress, or the one that just finished with A's return.
+    let ab = if st.ab.is_some() {
+        st.ab.as_mut()
+    } else if std::mem::take(&mut st.ab_back_pending) {
+        st.ab_last.as_mut()
+    } else {
+        None
+    };
+    let Some(ab) = ab else {
+        if how == LoadHow::Reused && st.loading.is_none() {
+            if let Some(name) = name {
+                st.status = format!("switched to {name} (already in memory)");
+            }
+        }
+        return;
+    };
+    let words = match (&ab.phase, how) {
+        (AbPhase::AnswerB, LoadHow::Reused) => "B was still in memory: no reload",
+        (AbPhase::AnswerB, LoadHow::BesideOld) => "B loaded beside A: both stay in memory",
+        (AbPhase::AnswerB, LoadHow::Swapped) => {
+            "A and B do not fit in memory together: A was freed for B"
+        }
+        (AbPhase::Done, LoadHow::Reused) => "A was still in memory: no reload",
+        (AbPhase::Done, LoadHow::Swapped | LoadHow::Fresh | LoadHow::BesideOld) => {
+            "A was read back from disk"
+        }
+        _ => return,
+    };
+    let r = ab.residency.get_or_insert_with(String::new);
+    if !r.is_empty() {
+        r.push_str("; ");
+    }
+    r.push_str(words);
+    if ab.phase == AbPhase::Done {
+        st.status = format!("A/B done: {r} (Esc closes the scorecard)");
+    }
+}
+
 fn ab_after_answer(st: &mut State, f: Footer) -> Vec<Effect> {
     let ab = st.ab.as_mut().expect("A/B run");
     match ab.phase {
@@ -834,14 +1181,20 @@ fn ab_after_answer(st: &mut State, f: Footer) -> Vec<Effect> {
             ab.phase = AbPhase::LoadB;
             let (label, path) = (ab.b.model.clone(), ab.b.path.clone());
             st.begin_loading(label);
-            vec![Effect::Load { path }]
+            vec![Effect::Load {
+                path,
+                keep_previous: true,
+            }]
         }
         AbPhase::AnswerB => {
             ab.b.footer = Some(f);
             ab.phase = AbPhase::LoadBack;
             let (label, path) = (ab.a.model.clone(), ab.a.path.clone());
             st.begin_loading(label);
-            vec![Effect::Load { path }]
+            vec![Effect::Load {
+                path,
+                keep_previous: true,
+            }]
         }
         _ => vec![],
     }
@@ -862,7 +1215,7 @@ fn ab_after_load(st: &mut State) -> Vec<Effect> {
             ab.phase = AbPhase::Done;
             st.mode = Mode::AbResult;
             st.status = "A/B done (Esc closes the scorecard)".into();
-            vec![]
+            finish_ab(st)
         }
         _ => vec![],
     }
@@ -892,4 +1245,32 @@ fn on_telemetry(st: &mut State, snap: Snapshot) {
     st.memory = Some(snap.memory);
     st.power = snap.power;
     st.details = snap.details;
+}
+
+/// Files a finished A/B run: its prompt and both answers go into the chat as notes (shown and
+/// saved to the session, never sent to the model, so the conversation goes on with A as
+/// before), and the run is kept for the scorecard. The residency note comes with the
+/// `Resident` event that follows this `Ready`, so the run is moved to `ab_last` then too.
+fn finish_ab(st: &mut State) -> Vec<Effect> {
+    let Some(ab) = st.ab.take() else {
+        return vec![];
+    };
+    let mut notes = vec![ChatEntry {
+        role: Role::System,
+        text: format!("**A/B** of: {}", ab.prompt),
+        model: String::new(),
+        footer: None,
+    }];
+    for side in [&ab.a, &ab.b] {
+        notes.push(ChatEntry {
+            role: Role::System,
+            text: side.answer.clone(),
+            model: side.model.clone(),
+            footer: side.footer.clone(),
+        });
+    }
+    st.chat.extend(notes.iter().cloned());
+    st.ab_last = Some(ab);
+    st.ab_back_pending = true;
+    notes.into_iter().map(Effect::SaveEntry).collect()
 }

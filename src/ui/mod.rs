@@ -1,5 +1,6 @@
 //! Views: read-only render functions of the state. No IO here.
 
+pub mod ab;
 pub mod markdown;
 
 use crate::catalog::Catalog;
@@ -59,7 +60,7 @@ pub fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
-fn block<'a>(title: &'a str, ctx: &Ctx) -> Block<'a> {
+pub(crate) fn block<'a>(title: &'a str, ctx: &Ctx) -> Block<'a> {
     Block::bordered()
         .border_type(BorderType::Rounded)
         .border_style(Style::default().fg(ctx.theme.border))
@@ -95,7 +96,11 @@ pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
     } else {
         body
     };
-    render_chat(f, chat_area, st, ctx);
+    if st.ab.is_some() {
+        ab::render_live(f, chat_area, st, ctx);
+    } else {
+        render_chat(f, chat_area, st, ctx);
+    }
     render_input(f, input, st, ctx);
     match &st.mode {
         Mode::Chat => {}
@@ -105,7 +110,7 @@ pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
         }
         Mode::Sessions { selected } => render_sessions(f, area, st, *selected, ctx),
         Mode::AbResult => {
-            if let Some(ab) = &st.ab {
+            if let Some(ab) = &st.ab_last {
                 render_ab(f, area, ab, ctx);
             }
         }
@@ -711,6 +716,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("Ctrl-B / F3", "A/B: the last prompt on another model"),
     ("F4", "reopen a saved session"),
     ("Ctrl-N", "new conversation"),
+    ("Ctrl-D", "context full: drop the oldest turns from it"),
     ("Ctrl-E", "export the conversation to Markdown"),
     ("Ctrl-Y", "copy the last answer (OSC 52)"),
     ("PgUp / PgDn / wheel", "scroll"),
@@ -871,7 +877,12 @@ fn render_ab(f: &mut Frame, area: Rect, ab: &AbRun, ctx: &Ctx) {
         area.height.saturating_sub(2),
     );
     f.render_widget(Clear, r);
-    let b = block(" A/B · Esc closes ", ctx);
+    // How the two models were held (both resident, or swapped), once the engine said.
+    let title = match &ab.residency {
+        Some(r) => format!(" A/B · {r} · Esc closes "),
+        None => " A/B · Esc closes ".into(),
+    };
+    let b = block(&title, ctx);
     let inner = b.inner(r);
     f.render_widget(b, r);
     let [answers, card] =

@@ -176,7 +176,14 @@ pub fn report(i: usize, o: &Outcome) {
 }
 
 pub fn load_and_answer(path: &Path) -> Outcome {
-    let mut e = match Engine::load(path, &LoadOptions { n_ctx: 256 }, &Device::Cpu) {
+    let mut e = match Engine::load(
+        path,
+        &LoadOptions {
+            n_ctx: 256,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    ) {
         Ok(e) => e,
         Err(e) => return Outcome::Error(format!("{e:#}")),
     };
