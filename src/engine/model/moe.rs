@@ -282,7 +282,6 @@ mod tests {
     /// The device route picks the same experts with the same weights as the host route.
     #[test]
     fn tensor_routing_matches_host_routing() {
-        let dev = Device::Cpu;
         let logits = values((7, 16), 4.0, 1);
         let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
         let (ids, w) = route(&probs, 3).unwrap();
