@@ -420,8 +420,10 @@ async fn event_loop(
                 ui::retitle(&mut msgs, &io.catalog);
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
-                // Clocks in the view (load timer, live rate) move once a second at least.
-                if last_second.elapsed() >= Duration::from_secs(1) {
+                // Clocks in the view (load timer, live rate) move once a second at least;
+                // idle, nothing moves, so nothing is drawn.
+                let clocks = st.loading.is_some() || st.stream.is_some();
+                if clocks && last_second.elapsed() >= Duration::from_secs(1) {
                     last_second = Instant::now();
                     dirty = true;
                 }

@@ -610,3 +610,100 @@ fn title_never_shows_loaded_in_beside_loading() {
     let t = title(&st);
     assert!(t.contains("loading") && !t.contains("loaded in"), "{t}");
 }
+
+/// Rows of a TestBackend screen, as text.
+fn rows(t: &Terminal<TestBackend>) -> Vec<String> {
+    let buf = t.backend().buffer();
+    (0..buf.area.height)
+        .map(|y| {
+            (0..buf.area.width)
+                .map(|x| buf[(x, y)].symbol())
+                .collect::<String>()
+        })
+        .collect()
+}
+
+/// Only the lines on screen are wrapped and drawn (issue 9 item 10), yet every window of the
+/// chat, at any scroll and width, is the same rows as the whole chat drawn at once.
+#[test]
+fn chat_window_is_the_same_rows_as_the_whole_chat() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let para = "A long line of prose that wraps at narrow widths, with **bold** and `code` in it. ";
+    for i in 0..12 {
+        st.chat
+            .push(common::entry(Role::User, &format!("question {i}")));
+        let mut a = common::entry(
+            Role::Assistant,
+            &format!(
+                "## Part {i}\n\n{}\n\n- one\n- two\n\n```rust\nfn f() {{}}\n```\n\nend {i}",
+                para.repeat(i % 4 + 1)
+            ),
+        );
+        a.footer = Some(footer(30.0, 100));
+        st.chat.push(a);
+    }
+    let theme = Theme::default();
+    for width in [23u16, 40, 77] {
+        let tall_cache = ui::LineCache::default();
+        let ctx = Ctx {
+            theme: &theme,
+            profiles: &[],
+            now,
+            cache: &tall_cache,
+        };
+        // Tall enough for the whole chat: nothing is scrolled away.
+        let mut t = Terminal::new(TestBackend::new(width, 2000)).unwrap();
+        st.scroll = 0;
+        t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+        assert_eq!(tall_cache.max_scroll(), 0);
+        let all = rows(&t);
+        let total = all.iter().rposition(|r| !r.trim().is_empty()).unwrap() + 2;
+        let cache = ui::LineCache::default();
+        let ctx = Ctx {
+            cache: &cache,
+            ..ctx
+        };
+        let h = 15usize;
+        let mut t = Terminal::new(TestBackend::new(width, h as u16)).unwrap();
+        for scroll in [0usize, 1, 7, 100, total - h - 1, total - h] {
+            st.scroll = scroll as u16;
+            t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+            assert_eq!(cache.max_scroll() as usize, total - h, "width {width}");
+            let top = total - h - scroll;
+            assert_eq!(
+                rows(&t),
+                all[top..top + h],
+                "width {width}, scroll {scroll}"
+            );
+        }
+    }
+}
+
+/// A 10 MB conversation (over 65,535 wrapped rows) still shows its end at the bottom, and a
+/// frame drawn again from the cache is the same.
+#[test]
+fn ten_megabyte_chat_shows_its_end() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let para = "Memory bandwidth bounds decode; the roofline says how fast it can be. ".repeat(6);
+    let answer = format!("{}\n\nTHE END", format!("{para}\n\n").repeat(24_000));
+    assert!(answer.len() > 10_000_000);
+    let mut a = common::entry(Role::Assistant, &answer);
+    a.footer = Some(footer(30.0, 100));
+    st.chat.push(a);
+    let (theme, cache) = (Theme::default(), ui::LineCache::default());
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &[],
+        now,
+        cache: &cache,
+    };
+    let mut t = Terminal::new(TestBackend::new(100, 30)).unwrap();
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    let first = rows(&t);
+    assert!(first.iter().any(|r| r.contains("THE END")), "{first:#?}");
+    assert_eq!(cache.max_scroll(), u16::MAX, "the scroll limit saturates");
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    assert_eq!(rows(&t), first);
+}

@@ -10,7 +10,7 @@ use crate::telemetry::{Battery, Charge, GpuMemory, Memory, Power};
 use crate::theme::Theme;
 use ratatui::layout::{Constraint, Layout, Position, Rect};
 use ratatui::style::{Modifier, Style};
-use ratatui::text::{Line, Span, Text};
+use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, BorderType, Clear, Paragraph, Row, Sparkline, Table, Wrap};
 use ratatui::Frame;
 use std::path::Path;
@@ -26,8 +26,9 @@ pub struct Ctx<'a> {
     pub cache: &'a LineCache,
 }
 
-/// A memo of each chat entry's lines, keyed by a hash of its text and whether it has a
-/// footer.
+/// A memo of each chat entry's lines and of how many rows each line wraps to at the
+/// width last drawn, so a frame neither re-renders the markdown of finished entries nor
+/// re-wraps the whole chat: it sums cached row counts and wraps only the lines on screen.
 #[derive(Default)]
 pub struct LineCache {
     entries: std::cell::RefCell<Vec<Option<CachedEntry>>>,
@@ -42,14 +43,56 @@ impl LineCache {
     }
 }
 
-/// (text hash, has footer, lines)
-type CachedEntry = (u64, bool, Vec<Line<'static>>);
+/// One entry's rendered lines, with the rows each takes at `width`.
+struct CachedEntry {
+    key: EntryKey,
+    lines: Vec<Line<'static>>,
+    width: u16,
+    heights: Vec<usize>,
+    rows: usize,
+}
 
-fn text_hash(text: &str) -> u64 {
+impl CachedEntry {
+    fn new(key: EntryKey, lines: Vec<Line<'static>>, width: u16) -> Self {
+        let heights: Vec<usize> = lines.iter().map(|l| wrapped_rows(l, width)).collect();
+        let rows = heights.iter().sum();
+        Self {
+            key,
+            lines,
+            width,
+            heights,
+            rows,
+        }
+    }
+
+    fn rewrap(&mut self, width: u16) {
+        if self.width != width {
+            *self = Self::new(self.key, std::mem::take(&mut self.lines), width);
+        }
+    }
+}
+
+/// Rows a line takes in a paragraph of `width` wrapped without trimming. A paragraph wraps
+/// each line on its own, so a window of lines wraps the same as the whole chat.
+fn wrapped_rows(line: &Line<'static>, width: u16) -> usize {
+    Paragraph::new(line.clone())
+        .wrap(Wrap { trim: false })
+        .line_count(width)
+        .max(1)
+}
+
+/// What identifies an entry's text without reading all of it each frame: where it lives,
+/// its length, its first and last 4 KB, and whether it has a footer. Finished entries are
+/// never edited in place, only replaced (a reopened session) or removed.
+type EntryKey = (usize, usize, u64, bool);
+
+fn entry_key(e: &ChatEntry) -> EntryKey {
     use std::hash::{Hash, Hasher};
+    let b = e.text.as_bytes();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+    b[..b.len().min(4096)].hash(&mut h);
+    b[b.len().saturating_sub(4096)..].hash(&mut h);
+    (b.as_ptr() as usize, b.len(), h.finish(), e.footer.is_some())
 }
 
 /// Width of the telemetry column.
@@ -276,37 +319,68 @@ fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> 
 
 pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let n = st.chat.len();
+    if n == 0 || area.width == 0 {
+        ctx.cache.max_scroll.set(0);
+        let hint = Line::styled(
+            "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
+            Style::default().fg(ctx.theme.dim),
+        );
+        f.render_widget(Paragraph::new(hint).wrap(Wrap { trim: false }), area);
+        return;
+    }
+    let width = area.width;
     let mut cache = ctx.cache.entries.borrow_mut();
-    cache.resize(n, None);
-    let mut lines: Vec<Line> = Vec::new();
+    cache.resize_with(n, || None);
+    let mut total = 0usize;
     for (i, e) in st.chat.iter().enumerate() {
         let streaming = st.stream.is_some() && st.ab.is_none() && i + 1 == n;
-        let key = (text_hash(&e.text), e.footer.is_some());
-        match &cache[i] {
-            Some((len, foot, cached)) if !streaming && (*len, *foot) == key => {
-                lines.extend(cached.iter().cloned())
-            }
+        let key = entry_key(e);
+        let slot = &mut cache[i];
+        match slot {
+            Some(c) if !streaming && c.key == key => c.rewrap(width),
             _ => {
-                let fresh = entry_lines(e, streaming, ctx);
-                lines.extend(fresh.iter().cloned());
-                cache[i] = (!streaming).then_some((key.0, key.1, fresh));
+                let mut c = CachedEntry::new(key, entry_lines(e, streaming, ctx), width);
+                if streaming {
+                    // Never reused: the next frame's text differs.
+                    c.key.0 = 0;
+                }
+                *slot = Some(c);
+            }
+        }
+        total += slot.as_ref().map_or(0, |c| c.rows);
+    }
+    let height = area.height as usize;
+    let max_scroll = total.saturating_sub(height);
+    ctx.cache
+        .max_scroll
+        .set(max_scroll.min(u16::MAX as usize) as u16);
+    let top = max_scroll - (st.scroll as usize).min(max_scroll);
+    // Only the lines that reach the window are handed to the paragraph.
+    let mut window: Vec<Line> = Vec::new();
+    let mut row = 0usize;
+    let mut skip = 0usize;
+    'entries: for c in cache.iter().flatten() {
+        if row + c.rows <= top {
+            row += c.rows;
+            continue;
+        }
+        for (line, h) in c.lines.iter().zip(&c.heights) {
+            if row + h <= top {
+                row += h;
+                continue;
+            }
+            if window.is_empty() {
+                skip = top - row;
+            }
+            window.push(line.clone());
+            row += h;
+            if row >= top + height {
+                break 'entries;
             }
         }
     }
-    let text = if lines.is_empty() {
-        Text::from(vec![Line::styled(
-            "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
-            Style::default().fg(ctx.theme.dim),
-        )])
-    } else {
-        Text::from(lines)
-    };
-    let p = Paragraph::new(text).wrap(Wrap { trim: false });
-    let total = p.line_count(area.width) as u16;
-    let max_scroll = total.saturating_sub(area.height);
-    ctx.cache.max_scroll.set(max_scroll);
-    let y = max_scroll.saturating_sub(st.scroll.min(max_scroll));
-    f.render_widget(p.scroll((y, 0)), area);
+    let p = Paragraph::new(window).wrap(Wrap { trim: false });
+    f.render_widget(p.scroll((skip.min(u16::MAX as usize) as u16, 0)), area);
 }
 
 pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
