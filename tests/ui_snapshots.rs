@@ -707,3 +707,57 @@ fn ten_megabyte_chat_shows_its_end() {
     t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
     assert_eq!(rows(&t), first);
 }
+
+/// A prompt line longer than the box scrolls sideways and one taller than the box scrolls
+/// down, so the cursor is always inside the box on the character it edits (issue 9 item 11).
+#[test]
+fn long_and_tall_prompts_keep_the_cursor_in_the_box() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let theme = Theme::default();
+    let cache = ui::LineCache::default();
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &[],
+        now,
+        cache: &cache,
+    };
+    let shot = |st: &State| {
+        let mut t = Terminal::new(TestBackend::new(30, 5)).unwrap();
+        t.draw(|f| ui::render_input(f, f.area(), st, &ctx)).unwrap();
+        let pos = t.get_cursor_position().unwrap();
+        (rows(&t), pos)
+    };
+    // One long line, the cursor at its end: the end is shown and the cursor just after it.
+    let long: String = (0..60).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    st.input.insert(&long);
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains(&long[long.len() - 27..]), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (28, 1), "{r:#?}");
+    // The cursor moved back to the start: the start is shown again, cursor on 'a'.
+    st.input.home();
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains(&long[..28]), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (1, 1));
+    // Wide characters count two columns.
+    st.input.clear();
+    st.input.insert(&"日本".repeat(20));
+    let (r, pos) = shot(&st);
+    assert!(r[1].replace(' ', "").contains("日本日本日本"), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (28, 1), "{r:#?}");
+    // Ten lines in a box of 3: the cursor's line is shown, on the box's last row.
+    st.input.clear();
+    let tall: Vec<String> = (1..=10).map(|i| format!("line {i}")).collect();
+    st.input.insert(&tall.join("\n"));
+    let (r, pos) = shot(&st);
+    assert!(
+        r[3].contains("line 10") && r[1].contains("line 8"),
+        "{r:#?}"
+    );
+    assert_eq!((pos.x, pos.y), (8, 3));
+    // Back to line 2 (the editor's own moves): the view follows the cursor up.
+    st.input.cursor = st.input.text.find("line 2").unwrap();
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains("line 1") && r[2].contains("line 2"), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (1, 2));
+}

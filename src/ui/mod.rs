@@ -391,11 +391,23 @@ pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     };
     let b = block(title, ctx);
     let inner = b.inner(area);
-    f.render_widget(Paragraph::new(st.input.text.as_str()).block(b), area);
+    // The text scrolls so the cursor stays in the box: sideways for a long line (by display
+    // columns, so wide characters count as two), down for more lines than the box holds.
+    let (line, _) = st.input.cursor_line_col();
+    let before = &st.input.text[..st.input.cursor];
+    let col = Span::raw(before.rsplit('\n').next().unwrap_or("")).width();
+    let x_off = (col + 1).saturating_sub(inner.width as usize);
+    let y_off = (line + 1).saturating_sub(inner.height as usize);
+    let clamp = |v: usize| v.min(u16::MAX as usize) as u16;
+    f.render_widget(
+        Paragraph::new(st.input.text.as_str())
+            .scroll((clamp(y_off), clamp(x_off)))
+            .block(b),
+        area,
+    );
     if st.mode == Mode::Chat && inner.width > 0 && inner.height > 0 {
-        let (line, col) = st.input.cursor_line_col();
-        let x = inner.x + (col as u16).min(inner.width - 1);
-        let y = inner.y + (line as u16).min(inner.height - 1);
+        let x = inner.x + clamp(col - x_off).min(inner.width - 1);
+        let y = inner.y + clamp(line - y_off).min(inner.height - 1);
         f.set_cursor_position(Position::new(x, y));
     }
 }
