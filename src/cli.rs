@@ -363,19 +363,24 @@ pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
 
 pub fn list(catalog: &Catalog) -> Result<()> {
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  LOCAL\n",
-        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE"
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} LOCAL\n",
+        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS"
     );
     for m in &catalog.models {
         let local = fetch::local_path(m).map_or("-".to_string(), |p| p.display().to_string());
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {}{}\n",
             m.id,
             m.arch,
             m.params_b,
             m.active_params_b,
             m.quant,
             m.size as f64 / 1e9,
+            if m.tags.is_empty() {
+                "-".to_string()
+            } else {
+                m.tags.join(",")
+            },
             local,
             if m.id == catalog.default {
                 "  (default)"
