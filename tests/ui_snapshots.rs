@@ -761,3 +761,15 @@ fn long_and_tall_prompts_keep_the_cursor_in_the_box() {
     assert!(r[1].contains("line 1") && r[2].contains("line 2"), "{r:#?}");
     assert_eq!((pos.x, pos.y), (1, 2));
 }
+
+/// Tables drawn as tables, links with their URL, quotes with a bar (issue 9 item 12).
+#[test]
+fn chat_pane_with_table_link_and_quote() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    st.chat = vec![common::entry(
+        Role::Assistant,
+        "| model | tok/s |\n|---|--:|\n| SmolLM2 | 24.1 |\n| Gemma 3 270M | 9.5 |\n\nRead [the guide](https://example.com/guide).\n\n> Measure, then trust.",
+    )];
+    insta::assert_snapshot!(draw(60, 14, &st, now, ui::render_chat));
+}
