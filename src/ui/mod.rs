@@ -850,6 +850,44 @@ pub fn fits(item: &SwitchItem, st: &State) -> Option<bool> {
     Some(item.size + item.size / 20 <= available)
 }
 
+/// Whether the model being loaded is still being downloaded (the loading label says so).
+pub fn is_downloading(st: &State) -> bool {
+    st.loading
+        .as_ref()
+        .is_some_and(|(label, _)| label.starts_with("downloading"))
+}
+
+/// A download's progress in one line: "pip: x · 120.5 / 253.1 MB · 48% · 5.2 MB/s · ETA 25s".
+pub fn download_text(p: &crate::catalog::fetch::DownloadProgress) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let pct = if p.total > 0 {
+        format!(" · {:.0}%", 100.0 * p.done as f64 / p.total as f64)
+    } else {
+        String::new()
+    };
+    let eta = p.eta.map_or(String::new(), |d| {
+        let s = d.as_secs();
+        if s >= 3600 {
+            format!(" · ETA {}h{:02}m", s / 3600, s / 60 % 60)
+        } else if s >= 60 {
+            format!(" · ETA {}m{:02}s", s / 60, s % 60)
+        } else {
+            format!(" · ETA {s}s")
+        }
+    });
+    let what = if p.what.is_empty() {
+        String::new()
+    } else {
+        format!("{} · ", p.what)
+    };
+    format!(
+        "{what}{:.1} / {:.1} MB{pct} · {:.1} MB/s{eta}",
+        mb(p.done),
+        mb(p.total),
+        p.rate / 1e6
+    )
+}
+
 fn render_switcher(
     f: &mut Frame,
     area: Rect,
@@ -912,8 +950,15 @@ fn render_switcher(
     .header(
         Row::new(["model", "size", "params", "tags", "", "memory"])
             .style(Style::default().fg(t.dim)),
-    )
-    .block(block(title, ctx));
+    );
+    let mut b = block(title, ctx);
+    if is_downloading(st) && !st.status.is_empty() {
+        b = b.title_bottom(Span::styled(
+            format!(" {} ", st.status),
+            Style::default().fg(t.good),
+        ));
+    }
+    let table = table.block(b);
     f.render_widget(table, r);
 }
 
