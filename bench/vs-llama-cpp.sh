@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # tokentop bench against llama-bench on the same GGUFs and thread count, interleaved rep by
 # rep, printing t/s per test and the ratio. Usage:
-#   bench/vs-llama-cpp.sh [-r REPS] [-t THREADS] [-p 512] [-n 128] MODEL...
+#   bench/vs-llama-cpp.sh [-r REPS] [-t THREADS] [-p 512] [-n 128] [-d 0,4096] MODEL...
 # MODEL is a catalog id or a .gguf path. llama.cpp comes from ../shared/tools/llama-ref, or
 # from $LLAMA_BIN (a folder holding llama-bench) when that build cannot run on this CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-reps=5 threads=$(nproc) pp=512 tg=128
-while getopts "r:t:p:n:" o; do
-  case $o in r) reps=$OPTARG;; t) threads=$OPTARG;; p) pp=$OPTARG;; n) tg=$OPTARG;; *) exit 2;; esac
+reps=5 threads=$(nproc) pp=512 tg=128 depth=0
+while getopts "r:t:p:n:d:" o; do
+  case $o in r) reps=$OPTARG;; t) threads=$OPTARG;; p) pp=$OPTARG;; n) tg=$OPTARG;; d) depth=$OPTARG;; *) exit 2;; esac
 done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || set -- smollm2-135m gemma-3-270m
@@ -28,8 +28,8 @@ out=$(mktemp -d)
 for model in "$@"; do
   path=$("$tt" pull "$model" 2>/dev/null)
   for rep in $(seq "$reps"); do
-    "$lb" -m "$path" -p "$pp" -n "$tg" -t "$threads" -r 1 -o jsonl 2>/dev/null | sed "s|^|llama.cpp\t$model\t|" >> "$out/rows"
-    "$tt" bench -m "$path" -p "$pp" -n "$tg" -t "$threads" -r 1 -o jsonl | sed "s|^|tokentop\t$model\t|" >> "$out/rows"
+    "$lb" -m "$path" -p "$pp" -n "$tg" -d "$depth" -t "$threads" -r 1 -o jsonl 2>/dev/null | sed "s|^|llama.cpp\t$model\t|" >> "$out/rows"
+    "$tt" bench -m "$path" -p "$pp" -n "$tg" -d "$depth" -t "$threads" -r 1 -o jsonl | sed "s|^|tokentop\t$model\t|" >> "$out/rows"
   done
 done
 python3 - "$out/rows" "$threads" <<'PY'
@@ -39,6 +39,8 @@ for line in open(sys.argv[1]):
     tool, model, js = line.rstrip("\n").split("\t", 2)
     r = json.loads(js)
     test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+    if r.get("n_depth"):
+        test += f" @ d{r['n_depth']}"
     rows.setdefault((model, test), {}).setdefault(tool, []).append(r["avg_ts"])
 print(f"| model | test | threads | llama.cpp t/s | tokentop t/s | tokentop / llama.cpp |")
 print("|---|---|---|---|---|---|")

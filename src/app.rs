@@ -41,46 +41,73 @@ pub struct AppConfig {
     pub system: Option<String>,
 }
 
-/// Models the switcher offers: the catalog (local or downloadable), then other GGUFs in
-/// the model store, then the model given on the command line.
+/// Models the switcher offers: the catalog (local or downloadable; a local one tagged with
+/// where it is when that is not tokentop's store), then other GGUFs in the model store, in
+/// other tools' stores (Ollama, LM Studio, the Hugging Face cache; tagged with the store),
+/// then the model given on the command line.
 pub fn switch_items(catalog: &Catalog, extra: &[PathBuf]) -> Vec<SwitchItem> {
+    use crate::catalog::discover::{self, Origin};
+    let found = discover::scan().found;
     let mut items: Vec<SwitchItem> = catalog
         .models
         .iter()
-        .map(|m| SwitchItem {
-            label: m.id.clone(),
-            id: Some(m.id.clone()),
-            path: fetch::local_path(m),
-            size: m.size,
-            params_b: m.params_b,
-            active_params_b: m.active_params_b,
-            moe: m.is_moe(),
-            tags: m.tags.clone(),
+        .map(|m| {
+            let local = fetch::locate(m, &found);
+            let mut tags = m.tags.clone();
+            if let Some((_, origin)) = &local {
+                if *origin != Origin::Store {
+                    tags.push(origin.label().into());
+                }
+            }
+            SwitchItem {
+                label: m.id.clone(),
+                id: Some(m.id.clone()),
+                path: local.map(|(p, _)| p),
+                size: m.size,
+                params_b: m.params_b,
+                active_params_b: m.active_params_b,
+                moe: m.is_moe(),
+                tags,
+            }
         })
         .collect();
-    let mut local: Vec<PathBuf> = crate::catalog::store_dir()
+    // (path, label, size of all parts, source tag)
+    type Extra<'a> = (PathBuf, Option<String>, Option<u64>, &'a str);
+    let mut local: Vec<Extra> = crate::catalog::store_dir()
         .ok()
         .and_then(|d| std::fs::read_dir(d).ok())
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| (e.path(), None, None, "local")))
+                .collect()
+        })
         .unwrap_or_default();
-    local.extend(extra.iter().cloned());
-    for p in local {
-        let is_gguf = p.extension().is_some_and(|x| x == "gguf");
+    local.extend(found.iter().map(|f| {
+        (
+            f.path.clone(),
+            Some(f.id.clone()),
+            Some(f.size),
+            f.origin.label(),
+        )
+    }));
+    local.extend(extra.iter().map(|p| (p.clone(), None, None, "local")));
+    for (p, label, size, source) in local {
+        let is_gguf = label.is_some() || p.extension().is_some_and(|x| x == "gguf");
         let known = items
             .iter()
             .any(|i| i.path.as_ref().and_then(|x| x.canonicalize().ok()) == p.canonicalize().ok());
         if is_gguf && !known && p.is_file() {
             items.push(SwitchItem {
-                label: p
-                    .file_name()
-                    .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+                label: label.unwrap_or_else(|| {
+                    p.file_name()
+                        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+                }),
                 id: None,
-                size: std::fs::metadata(&p).map_or(0, |m| m.len()),
+                size: size.unwrap_or_else(|| std::fs::metadata(&p).map_or(0, |m| m.len())),
                 path: Some(p),
                 params_b: 0.0,
                 active_params_b: 0.0,
                 moe: false,
-                tags: vec!["local".into()],
+                tags: vec![source.into()],
             });
         }
     }

@@ -57,6 +57,10 @@ pub struct Row {
     pub ttft_ms: f64,
     pub peak_rss_bytes: Option<u64>,
     pub joules_per_token: Option<f64>,
+    /// Opening the file and loading the weights onto the device, once per model (llama-bench
+    /// has no such column).
+    #[serde(default)]
+    pub load_ms: f64,
 }
 
 impl Row {
@@ -165,6 +169,7 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
     let device = default_device();
     let mut rows = Vec::new();
     for path in &args.models {
+        let load_start = Instant::now();
         let mut g = Gguf::open(path)?;
         let max_depth = args.depth.iter().max().copied().unwrap_or(0);
         let longest = args
@@ -182,6 +187,7 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
                 format!("depth {max_depth} + {longest} tokens exceed any model's context")
             })?;
         let mut model = Model::load(&mut g, needed, &device)?;
+        let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
         if model.n_ctx < needed {
             bail!(
                 "{}: depth {max_depth} + {longest} tokens exceed the model's context of {}",
@@ -255,6 +261,7 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
                     peak_rss_bytes: peak_rss(),
                     joules_per_token: joules
                         .map(|j| j.iter().sum::<f64>() / (tokens * j.len() as f64)),
+                    load_ms,
                 });
             }
         }
@@ -376,21 +383,21 @@ pub fn format(rows: &[Row], output: Output) -> Result<String> {
             .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
             .collect::<Result<String, _>>()?,
         Output::Csv => {
-            let mut s = String::from("build_commit,cpu_info,backends,model_filename,model_type,model_size,model_n_params,n_threads,n_prompt,n_gen,n_depth,test_time,avg_ns,stddev_ns,avg_ts,stddev_ts,ttft_ms,peak_rss_bytes,joules_per_token\n");
+            let mut s = String::from("build_commit,cpu_info,backends,model_filename,model_type,model_size,model_n_params,n_threads,n_prompt,n_gen,n_depth,test_time,avg_ns,stddev_ns,avg_ts,stddev_ts,ttft_ms,peak_rss_bytes,joules_per_token,load_ms\n");
             for r in rows {
                 let opt = |v: Option<String>| v.unwrap_or_default();
                 s.push_str(&format!(
-                    "\"{}\",\"{}\",\"{}\",\"{}\",\"{}\",{},{},{},{},{},{},\"{}\",{},{},{:.6},{:.6},{:.3},{},{}\n",
+                    "\"{}\",\"{}\",\"{}\",\"{}\",\"{}\",{},{},{},{},{},{},\"{}\",{},{},{:.6},{:.6},{:.3},{},{},{:.1}\n",
                     r.build_commit, r.cpu_info, r.backends, r.model_filename, r.model_type, r.model_size, r.model_n_params,
                     r.n_threads, r.n_prompt, r.n_gen, r.n_depth, r.test_time, r.avg_ns, r.stddev_ns, r.avg_ts, r.stddev_ts,
-                    r.ttft_ms, opt(r.peak_rss_bytes.map(|x| x.to_string())), opt(r.joules_per_token.map(|x| format!("{x:.4}")))
+                    r.ttft_ms, opt(r.peak_rss_bytes.map(|x| x.to_string())), opt(r.joules_per_token.map(|x| format!("{x:.4}"))), r.load_ms
                 ));
             }
             s
         }
         Output::Md => {
-            let mut s = String::from("| model                          |       size |     params | backend    | threads |            test |                  t/s |  TTFT ms |   peak RSS |    J/tok |\n");
-            s.push_str("| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: | -------: | ---------: | -------: |\n");
+            let mut s = String::from("| model                          |       size |     params | backend    | threads |            test |                  t/s |  TTFT ms |   peak RSS |    J/tok | load s |\n");
+            s.push_str("| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: | -------: | ---------: | -------: | -----: |\n");
             for r in rows {
                 let params = if r.model_n_params >= 1_000_000_000 {
                     format!("{:.2} B", r.model_n_params as f64 / 1e9)
@@ -403,7 +410,7 @@ pub fn format(rows: &[Row], output: Output) -> Result<String> {
                     format!("{:.2} MiB", r.model_size as f64 / (1u64 << 20) as f64)
                 };
                 s.push_str(&format!(
-                    "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} | {:>8.1} | {:>10} | {:>8} |\n",
+                    "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} | {:>8.1} | {:>10} | {:>8} | {:>6.2} |\n",
                     r.model_type,
                     size,
                     params,
@@ -414,6 +421,7 @@ pub fn format(rows: &[Row], output: Output) -> Result<String> {
                     r.ttft_ms,
                     r.peak_rss_bytes.map_or("n/a".into(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)),
                     r.joules_per_token.map_or("n/a".into(), |j| format!("{j:.3}")),
+                    r.load_ms / 1e3,
                 ));
             }
             s

@@ -6,7 +6,7 @@ use crate::protocol::{
     EngineCmd, EngineEvent, GenParams, LoadOptions, Message, ModelInfo, RequestId, Role,
 };
 use crate::stats::ollama_block;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -48,6 +48,25 @@ pub enum Cmd {
     Probe,
     /// Benchmark like llama-bench: pp/tg tests, t/s as mean ± stddev, plus TTFT, peak RSS, J/token.
     Bench(BenchCli),
+    /// Perplexity of a model on a text file, with llama-perplexity's method and output.
+    Perplexity(PerplexityCli),
+}
+
+#[derive(Debug, Args)]
+pub struct PerplexityCli {
+    /// Catalog id or path to a .gguf file.
+    #[arg(short, long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The text to score (UTF-8).
+    #[arg(short = 'f', long = "file")]
+    pub file: std::path::PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512, allow_negative_numbers = true,
+          value_parser = count("context", 4, MAX_TOKENS_ARG))]
+    pub ctx: usize,
+    /// Score at most this many chunks (default: all the text holds).
+    #[arg(long, allow_negative_numbers = true, value_parser = count("chunks", 1, usize::MAX))]
+    pub chunks: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -361,15 +380,27 @@ pub fn model_path(catalog: &Catalog, arg: Option<&str>) -> Result<PathBuf> {
     }
 }
 
+/// The catalog, each model with where it is on this machine (SOURCE: store, hf-cache,
+/// ollama, lmstudio), then the GGUFs of other tools' stores that are no catalog model,
+/// by the id `run` accepts. What a store holds that cannot be used is one warning line each.
 pub fn list(catalog: &Catalog) -> Result<()> {
+    let found = crate::catalog::discover::scan();
+    for w in &found.warnings {
+        note!("tokentop: warning: {w}");
+    }
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} LOCAL\n",
-        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS"
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} {:<8}  LOCAL\n",
+        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS", "SOURCE"
     );
+    let mut used = Vec::new();
     for m in &catalog.models {
-        let local = fetch::local_path(m).map_or("-".to_string(), |p| p.display().to_string());
+        let local = fetch::locate(m, &found.found);
+        let (source, path) = local.as_ref().map_or(("-", "-".to_string()), |(p, o)| {
+            used.push(p.clone());
+            (o.label(), p.display().to_string())
+        });
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {:<8}  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
@@ -381,12 +412,27 @@ pub fn list(catalog: &Catalog) -> Result<()> {
             } else {
                 m.tags.join(",")
             },
-            local,
+            source,
+            path,
             if m.id == catalog.default {
                 "  (default)"
             } else {
                 ""
             }
+        ));
+    }
+    for f in found.found.iter().filter(|f| !used.contains(&f.path)) {
+        out.push_str(&format!(
+            "{:<32} {:<8} {:>9} {:>9} {:<8} {:>8.1}G  {:<15} {:<8}  {}\n",
+            f.id,
+            "-",
+            "-",
+            "-",
+            "-",
+            f.size as f64 / 1e9,
+            "-",
+            f.origin.label(),
+            f.path.display()
         ));
     }
     print_out(&out)
@@ -613,6 +659,34 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         Some(signal) => Err(QuietExit(128 + signal).into()),
         None => Ok(()),
     }
+}
+
+pub fn perplexity(catalog: &Catalog, p: &PerplexityCli) -> Result<()> {
+    let text =
+        std::fs::read(&p.file).with_context(|| format!("cannot read {}", p.file.display()))?;
+    let text = String::from_utf8(text)
+        .map_err(|e| anyhow!("{} is not UTF-8 text ({e})", p.file.display()))?;
+    let path = model_path(catalog, Some(&p.model))?;
+    let device = crate::engine::default_device();
+    let opts = LoadOptions { n_ctx: p.ctx };
+    let mut engine = crate::engine::Engine::load(&path, &opts, &device)?;
+    let result = crate::perplexity::perplexity(&mut engine, &text, p.ctx, p.chunks, |i, est| {
+        // Printed as it goes, like llama-perplexity: a run over a long text takes minutes.
+        let _ = print_out(&format!("[{}]{est:.4},", i + 1));
+    })?;
+    print_out(&format!(
+        "\nFinal estimate: PPL = {:.4} +/- {:.5}\n",
+        result.ppl, result.error
+    ))?;
+    note!(
+        "perplexity: {} on {}: {} tokens, {} chunks of {}",
+        path.display(),
+        p.file.display(),
+        result.tokens,
+        result.estimates.len(),
+        p.ctx
+    );
+    Ok(())
 }
 
 pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cli;
 pub mod engine;
 pub mod offline;
+pub mod perplexity;
 pub mod private;
 pub mod protocol;
 pub mod roofline;

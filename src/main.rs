@@ -45,6 +45,7 @@ fn real_main(args: Cli) -> anyhow::Result<()> {
         Some(Cmd::Ui(args)) => cli::ui(catalog, &args),
         Some(Cmd::Probe) => cli::probe(),
         Some(Cmd::Bench(b)) => cli::bench(&catalog, &b),
+        Some(Cmd::Perplexity(p)) => cli::perplexity(&catalog, &p),
         Some(Cmd::Run(run)) => cli::run(&catalog, &run),
         Some(Cmd::Pull { model }) => {
             let path = cli::model_path(&catalog, Some(&model))?;

@@ -5,8 +5,8 @@
 //! `before_*_download` first and is skipped with one line. Without the promise the same
 //! checks make a machine without a network fail at once instead of after retries and long
 //! timeouts: a route lookup (which sends nothing) tells "no network at all" apart, and the
-//! Hugging Face host gets one connection attempt of a few seconds before hf-hub, whose
-//! client waits 30 s to connect and forever to read, is handed the download.
+//! Hugging Face host gets one connection attempt of a few seconds before the download
+//! (catalog/hf.rs, which waits 10 s to connect and 60 s for each read) starts.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,16 +78,25 @@ fn check(what: &'static str) -> Result<(), Skipped> {
     Ok(())
 }
 
-/// Before hf-hub downloads: offline, no route, or one quick failed connection skips it.
+/// Before Hugging Face downloads: offline, no route, or one quick failed connection skips
+/// it (a loopback `HF_ENDPOINT`, a local mirror, needs no route).
 pub fn before_hf_download() -> Result<(), Skipped> {
     let what = "Hugging Face download";
-    check(what)?;
     let endpoint =
         std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
     let target = proxy().unwrap_or(endpoint);
     let Some((host, port)) = host_port(&target) else {
-        return Ok(()); // Not understood here: let hf-hub report it.
+        check(what)?;
+        return Ok(()); // Not understood here: let the download report it.
     };
+    // A mirror on this machine needs no route to the internet.
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback || is_offline() {
+        check(what)?;
+    }
     match connect_quickly(&host, port, QUICK) {
         Ok(()) => Ok(()),
         Err(e) => Err(Skipped {
@@ -113,7 +122,7 @@ pub fn has_route() -> bool {
     try_route("0.0.0.0:0", "192.0.2.1:443") || try_route("[::]:0", "[2001:db8::1]:443")
 }
 
-/// The proxy ureq (hf-hub's client) would use, from the same variables in the same order.
+/// The proxy ureq (the download client) would use, from the same variables in the same order.
 fn proxy() -> Option<String> {
     [
         "ALL_PROXY",

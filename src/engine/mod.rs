@@ -271,6 +271,26 @@ impl Engine {
         self.model.kv_cache_bytes()
     }
 
+    /// Scores a token sequence from an empty cache: the logits (rows, vocab) of every token
+    /// from index `from` on, computed in prefill chunks. Leaves the cache empty.
+    pub fn score(&mut self, tokens: &[u32], from: usize) -> Result<Tensor> {
+        self.reset();
+        let mut rows = Vec::new();
+        let mut done = 0;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let end = done + chunk.len();
+            if end > from {
+                let skip = from.saturating_sub(done);
+                rows.push(self.model.forward_all(chunk, skip).map_err(gpu_hint)?);
+            } else {
+                self.model.forward(chunk).map_err(gpu_hint)?;
+            }
+            done = end;
+        }
+        self.reset();
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// Forgets the conversation in the KV cache.
     pub fn reset(&mut self) {
         self.model.truncate_cache(0);

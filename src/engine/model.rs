@@ -9,9 +9,11 @@
 use super::gguf::Gguf;
 use super::kernels::{self, Kind, Packed};
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
+
+mod moe;
 
 /// The architectures this engine runs, by their GGUF `general.architecture` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,6 +528,15 @@ enum Act {
     GeluTanh,
 }
 
+impl Act {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Act::Silu => x.silu()?,
+            Act::GeluTanh => x.gelu()?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 enum GateUp {
     Separate {
@@ -561,74 +572,23 @@ impl Mlp {
                 )
             }
         };
-        let gate = match self.act {
-            Act::Silu => gate.silu()?,
-            Act::GeluTanh => gate.gelu()?,
-        };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&(self.act.apply(&gate)? * up)?)
     }
 }
 
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
-    Moe {
-        router: Matrix,
-        experts: Vec<Mlp>,
-        top_k: usize,
-    },
+    Moe(moe::Moe),
 }
 
 impl Ffn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Ffn::Dense(mlp) => mlp.forward(x),
-            Ffn::Moe {
-                router,
-                experts,
-                top_k,
-            } => moe_forward(router, experts, *top_k, x),
+            Ffn::Moe(m) => m.forward(x),
         }
     }
-}
-
-/// Softmax router, top-k experts per token, weights renormalised over the chosen k
-/// (Mixtral and Qwen3-MoE both route this way).
-fn moe_forward(router: &Matrix, experts: &[Mlp], top_k: usize, x: &Tensor) -> Result<Tensor> {
-    let (b, seq, d) = x.dims3()?;
-    let xs = x.reshape((b * seq, d))?;
-    let probs = candle_nn::ops::softmax_last_dim(&router.forward(&xs)?)?;
-    // On a GPU this copy is one synchronisation per MoE layer and forward pass. Running every
-    // expert on every token to avoid it (routing weights kept on the device) was tried and
-    // dropped: at decode, reading all experts' weights costs far more than the sync (16x the
-    // expert bytes for 128 experts / 8 used). The next step is candle's CUDA
-    // `indexed_moe_forward` on stacked experts, measured on a GPU.
-    let probs: Vec<Vec<f32>> = probs.to_vec2()?;
-    let mut rows = vec![Vec::<u32>::new(); experts.len()];
-    let mut weights = vec![Vec::<f32>::new(); experts.len()];
-    for (row, p) in probs.iter().enumerate() {
-        let mut idx: Vec<usize> = (0..p.len()).collect();
-        idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
-        let chosen = &idx[..top_k.min(idx.len())];
-        let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
-        for &e in chosen {
-            rows[e].push(row as u32);
-            weights[e].push(p[e] / sum);
-        }
-    }
-    let mut out = xs.zeros_like()?;
-    for (e, expert) in experts.iter().enumerate() {
-        if rows[e].is_empty() {
-            continue;
-        }
-        let idx = Tensor::new(rows[e].as_slice(), x.device())?;
-        let w = Tensor::new(weights[e].as_slice(), x.device())?.reshape(((), 1))?;
-        let y = expert
-            .forward(&xs.index_select(&idx, 0)?)?
-            .broadcast_mul(&w)?;
-        out = out.index_add(&idx, &y, 0)?;
-    }
-    Ok(out.reshape((b, seq, d))?)
 }
 
 #[derive(Debug, Clone)]
@@ -786,7 +746,7 @@ impl Model {
                 }
             };
             let ffn = if hp.n_expert > 1 {
-                load_moe(g, &p, &hp, act, dev)?
+                Ffn::Moe(moe::Moe::load(g, &p, &hp, act, dev)?)
             } else {
                 let (gate_up, n_ff) = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
                     let n_ff = ff_width(g, &format!("{p}.ffn_gate.weight"), e, 1)?;
@@ -866,7 +826,32 @@ impl Model {
 
     /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
     /// the logits of the last one as a (vocab,) f32 tensor.
+    /// Runs `tokens` after the cached ones and returns the logits of the last.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let seq = tokens.len();
+        let x = self.hidden(tokens)?;
+        Ok(self.logits(&x.i((0, seq - 1..seq, ..))?)?.squeeze(0)?)
+    }
+
+    /// Runs `tokens` after the cached ones and returns the logits of every one of them from
+    /// index `from` on, as (tokens.len() - from, vocab) rows (perplexity needs them all).
+    pub fn forward_all(&mut self, tokens: &[u32], from: usize) -> Result<Tensor> {
+        let seq = tokens.len();
+        if from >= seq {
+            bail!("forward_all: no logits asked for ({from} of {seq} tokens skipped)");
+        }
+        let x = self.hidden(tokens)?;
+        self.logits(&x.i((0, from..seq, ..))?)
+    }
+
+    /// The logits (rows, vocab) of hidden states (rows, d).
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = norm(x, &self.output_norm, self.hp.rms_eps)?;
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The hidden states (1, seq, d) of `tokens` after the last layer; fills the cache.
+    fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let pos = self.cached_len();
         let seq = tokens.len();
         if seq == 0 {
@@ -895,10 +880,7 @@ impl Model {
             }
             x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, masks[slot].as_ref())?;
         }
-        let last = x.i((.., seq - 1, ..))?;
-        let last = norm(&last, &self.output_norm, self.hp.rms_eps)?;
-        let logits = self.output.forward(&last)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(x)
     }
 }
 
@@ -943,90 +925,6 @@ fn check_finite(g: &Gguf, name: &str, t: &Tensor) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn load_moe(g: &mut Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Result<Ffn> {
-    let (n, e) = (hp.n_expert, hp.n_embd);
-    let router = Matrix::new(fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?)?;
-    if hp.n_expert_used == 0 || hp.n_expert_used > n {
-        bail!(
-            "{}: expert_used_count is {} but it must be between 1 and expert_count {n}",
-            g.path.display(),
-            hp.n_expert_used
-        );
-    }
-    let mut experts = Vec::with_capacity(n);
-    if g.has_tensor(&format!("{p}.ffn_gate_exps.weight")) {
-        let name = |n: &str| format!("{p}.{n}_exps.weight");
-        let n_ff = match g.tensor_dims(&name("ffn_gate")) {
-            Some(&[_, rows, _]) if rows > 0 => rows,
-            other => bail!(
-                "{}: tensor {} has shape {other:?} but the model's hyper-parameters need [{n}, feed_forward_length, {e}]",
-                g.path.display(),
-                name("ffn_gate")
-            ),
-        };
-        let gate = split_experts(fetch(g, &name("ffn_gate"), &[n, n_ff, e], dev)?, dev)?;
-        let up = split_experts(fetch(g, &name("ffn_up"), &[n, n_ff, e], dev)?, dev)?;
-        let down = split_experts(fetch(g, &name("ffn_down"), &[n, e, n_ff], dev)?, dev)?;
-        for ((gate, up), down) in gate.into_iter().zip(up).zip(down) {
-            experts.push(Mlp {
-                gate_up: GateUp::Separate { gate, up },
-                down,
-                act,
-            });
-        }
-    } else {
-        // Older Mixtral GGUFs store one tensor per expert.
-        for x in 0..n {
-            let name = |n: &str| format!("{p}.{n}.{x}.weight");
-            let n_ff = ff_width(g, &name("ffn_gate"), e, 1)?;
-            let t = |g: &mut Gguf, n: &str, shape: [usize; 2]| -> Result<Matrix> {
-                Matrix::new(fetch(g, &name(n), &shape, dev)?)
-            };
-            experts.push(Mlp {
-                gate_up: GateUp::Separate {
-                    gate: t(g, "ffn_gate", [n_ff, e])?,
-                    up: t(g, "ffn_up", [n_ff, e])?,
-                },
-                down: t(g, "ffn_down", [e, n_ff])?,
-                act,
-            });
-        }
-    }
-    Ok(Ffn::Moe {
-        router,
-        experts,
-        top_k: hp.n_expert_used,
-    })
-}
-
-/// Splits a stacked (n_expert, rows, cols) quantized tensor into one matrix per expert; the
-/// blocks of each expert are contiguous, so this is a byte split.
-fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
-    let dims = stacked.shape().dims().to_vec();
-    let [n, rows, cols] = dims[..] else {
-        bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
-    };
-    let dtype = stacked.dtype();
-    let data = stacked.data()?;
-    if n == 0 || data.len() % n != 0 {
-        bail!(
-            "stacked expert tensor of shape {dims:?} holds {} bytes",
-            data.len()
-        );
-    }
-    let per = data.len() / n;
-    (0..n)
-        .map(|e| {
-            Matrix::new(qtensor_from_ggml(
-                dtype,
-                &data[e * per..(e + 1) * per],
-                vec![rows, cols],
-                dev,
-            )?)
-        })
-        .collect()
 }
 
 /// Additive mask (seq, pos+seq): 0 where query i may see key j, -inf elsewhere.

@@ -22,6 +22,111 @@ pub struct SynthSpec {
     /// SentencePiece vocabulary (Gemma style) instead of byte-level BPE.
     pub sentencepiece: bool,
     pub seed: u64,
+    /// Layer widths: tiny by default; `SynthDims::preset` gives the shapes of real models.
+    pub dims: SynthDims,
+    /// Quantize like llama.cpp's Q4_K_M: Q6_K for the output and for `attn_v` / `ffn_down` in
+    /// the layers llama.cpp gives more bits; `dtype` elsewhere.
+    pub k_mix: bool,
+}
+
+/// The widths of a synthetic model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthDims {
+    pub n_embd: usize,
+    pub n_ff: usize,
+    /// Feed-forward width of one expert (MoE only).
+    pub expert_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl Default for SynthDims {
+    fn default() -> Self {
+        Self {
+            n_embd: N_EMBD,
+            n_ff: N_FF,
+            expert_ff: N_FF,
+            n_head: N_HEAD,
+            n_kv_head: N_KV_HEAD,
+            head_dim: HEAD_DIM,
+        }
+    }
+}
+
+/// The shape of a model users run.
+pub struct Preset {
+    pub name: &'static str,
+    pub arch: &'static str,
+    pub dims: SynthDims,
+    /// (count, used per token).
+    pub experts: Option<(usize, usize)>,
+}
+
+/// Real shapes users run, by name.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "llama-3.1-8b",
+        arch: "llama",
+        dims: SynthDims {
+            n_embd: 4096,
+            n_ff: 14336,
+            expert_ff: 0,
+            n_head: 32,
+            n_kv_head: 8,
+            head_dim: 128,
+        },
+        experts: None,
+    },
+    Preset {
+        name: "llama-3.1-70b",
+        arch: "llama",
+        dims: SynthDims {
+            n_embd: 8192,
+            n_ff: 28672,
+            expert_ff: 0,
+            n_head: 64,
+            n_kv_head: 8,
+            head_dim: 128,
+        },
+        experts: None,
+    },
+    Preset {
+        name: "qwen3-30b-a3b",
+        arch: "qwen3moe",
+        dims: SynthDims {
+            n_embd: 2048,
+            n_ff: 6144,
+            expert_ff: 768,
+            n_head: 32,
+            n_kv_head: 4,
+            head_dim: 128,
+        },
+        experts: Some((128, 8)),
+    },
+];
+
+impl SynthDims {
+    /// The spec of a named preset (see `PRESETS`) with `n_layer` layers.
+    pub fn preset(name: &str, n_layer: usize) -> Option<SynthSpec> {
+        let p = PRESETS.iter().find(|p| p.name == name)?;
+        let mut spec = SynthSpec::new(p.arch);
+        spec.dims = p.dims;
+        spec.n_layer = n_layer;
+        spec.context_length = 8192;
+        spec.experts = p.experts.map(|(count, used)| SynthExperts {
+            count,
+            used,
+            stacked: true,
+        });
+        Some(spec)
+    }
+}
+
+/// llama.cpp's `use_more_bits` (src/llama-quant.cpp): the first and last eighth of the layers
+/// and every third one between get more bits in Q4_K_M.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +159,8 @@ impl SynthSpec {
             context_length: 512,
             sentencepiece: arch == "gemma3",
             seed: 7,
+            dims: SynthDims::default(),
+            k_mix: false,
         }
     }
 
@@ -62,6 +169,14 @@ impl SynthSpec {
         let dev = Device::Cpu;
         let mut rng = SplitMix(self.seed);
         let arch = self.arch.as_str();
+        let SynthDims {
+            n_embd,
+            n_ff,
+            expert_ff,
+            n_head,
+            n_kv_head,
+            head_dim,
+        } = self.dims;
         let k = |s: &str| format!("{arch}.{s}");
         let mut md: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(arch.into())),
@@ -71,15 +186,15 @@ impl SynthSpec {
             ),
             (k("block_count"), Value::U32(self.n_layer as u32)),
             (k("context_length"), Value::U32(self.context_length as u32)),
-            (k("embedding_length"), Value::U32(N_EMBD as u32)),
-            (k("feed_forward_length"), Value::U32(N_FF as u32)),
-            (k("attention.head_count"), Value::U32(N_HEAD as u32)),
-            (k("attention.head_count_kv"), Value::U32(N_KV_HEAD as u32)),
-            (k("attention.key_length"), Value::U32(HEAD_DIM as u32)),
-            (k("attention.value_length"), Value::U32(HEAD_DIM as u32)),
+            (k("embedding_length"), Value::U32(n_embd as u32)),
+            (k("feed_forward_length"), Value::U32(n_ff as u32)),
+            (k("attention.head_count"), Value::U32(n_head as u32)),
+            (k("attention.head_count_kv"), Value::U32(n_kv_head as u32)),
+            (k("attention.key_length"), Value::U32(head_dim as u32)),
+            (k("attention.value_length"), Value::U32(head_dim as u32)),
             (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
             (k("rope.freq_base"), Value::F32(10_000.0)),
-            (k("rope.dimension_count"), Value::U32(HEAD_DIM as u32)),
+            (k("rope.dimension_count"), Value::U32(head_dim as u32)),
         ];
         if arch == "gemma3" {
             md.push((k("attention.sliding_window"), Value::U32(WINDOW as u32)));
@@ -87,7 +202,10 @@ impl SynthSpec {
         if let Some(e) = self.experts {
             md.push((k("expert_count"), Value::U32(e.count as u32)));
             md.push((k("expert_used_count"), Value::U32(e.used as u32)));
-            md.push((k("expert_feed_forward_length"), Value::U32(N_FF as u32)));
+            md.push((
+                k("expert_feed_forward_length"),
+                Value::U32(expert_ff as u32),
+            ));
         }
         let vocab = if self.sentencepiece {
             sentencepiece_vocab(&mut md)
@@ -112,24 +230,30 @@ impl SynthSpec {
             Ok(QTensor::quantize(&((noise * 0.1)? + 1.0)?, GgmlDType::F32)?)
         };
         let dt = self.dtype;
-        tensors.push(("token_embd.weight".into(), q(&[vocab, N_EMBD], dt)?));
-        tensors.push(("output_norm.weight".into(), ones(N_EMBD, &mut q)?));
+        tensors.push(("token_embd.weight".into(), q(&[vocab, n_embd], dt)?));
+        tensors.push(("output_norm.weight".into(), ones(n_embd, &mut q)?));
         // Small models tie the output to the embedding; keep one arch of each kind.
         if !matches!(arch, "gemma3" | "qwen3") {
-            tensors.push(("output.weight".into(), q(&[vocab, N_EMBD], dt)?));
+            let out = if self.k_mix { GgmlDType::Q6K } else { dt };
+            tensors.push(("output.weight".into(), q(&[vocab, n_embd], out)?));
         }
-        let (qd, kvd) = (N_HEAD * HEAD_DIM, N_KV_HEAD * HEAD_DIM);
+        let (qd, kvd) = (n_head * head_dim, n_kv_head * head_dim);
         for i in 0..self.n_layer {
             let p = |n: &str| format!("blk.{i}.{n}");
-            tensors.push((p("attn_norm.weight"), ones(N_EMBD, &mut q)?));
-            tensors.push((p("ffn_norm.weight"), ones(N_EMBD, &mut q)?));
-            tensors.push((p("attn_output.weight"), q(&[N_EMBD, qd], dt)?));
-            if arch == "phi3" {
-                tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, N_EMBD], dt)?));
+            let big = if self.k_mix && use_more_bits(i, self.n_layer) {
+                GgmlDType::Q6K
             } else {
-                tensors.push((p("attn_q.weight"), q(&[qd, N_EMBD], dt)?));
-                tensors.push((p("attn_k.weight"), q(&[kvd, N_EMBD], dt)?));
-                tensors.push((p("attn_v.weight"), q(&[kvd, N_EMBD], dt)?));
+                dt
+            };
+            tensors.push((p("attn_norm.weight"), ones(n_embd, &mut q)?));
+            tensors.push((p("ffn_norm.weight"), ones(n_embd, &mut q)?));
+            tensors.push((p("attn_output.weight"), q(&[n_embd, qd], dt)?));
+            if arch == "phi3" {
+                tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, n_embd], dt)?));
+            } else {
+                tensors.push((p("attn_q.weight"), q(&[qd, n_embd], dt)?));
+                tensors.push((p("attn_k.weight"), q(&[kvd, n_embd], dt)?));
+                tensors.push((p("attn_v.weight"), q(&[kvd, n_embd], big)?));
             }
             if arch == "qwen2" {
                 tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
@@ -137,46 +261,57 @@ impl SynthSpec {
                 tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
             }
             if matches!(arch, "qwen3" | "qwen3moe" | "gemma3") {
-                tensors.push((p("attn_q_norm.weight"), ones(HEAD_DIM, &mut q)?));
-                tensors.push((p("attn_k_norm.weight"), ones(HEAD_DIM, &mut q)?));
+                tensors.push((p("attn_q_norm.weight"), ones(head_dim, &mut q)?));
+                tensors.push((p("attn_k_norm.weight"), ones(head_dim, &mut q)?));
             }
             if arch == "gemma3" {
-                tensors.push((p("post_attention_norm.weight"), ones(N_EMBD, &mut q)?));
-                tensors.push((p("post_ffw_norm.weight"), ones(N_EMBD, &mut q)?));
+                tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
+                tensors.push((p("post_ffw_norm.weight"), ones(n_embd, &mut q)?));
             }
             match self.experts {
                 Some(e) => {
                     tensors.push((
                         p("ffn_gate_inp.weight"),
-                        q(&[e.count, N_EMBD], GgmlDType::F32)?,
+                        q(&[e.count, n_embd], GgmlDType::F32)?,
                     ));
                     if e.stacked {
-                        tensors.push((p("ffn_gate_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
-                        tensors.push((p("ffn_up_exps.weight"), q(&[e.count, N_FF, N_EMBD], dt)?));
-                        tensors.push((p("ffn_down_exps.weight"), q(&[e.count, N_EMBD, N_FF], dt)?));
+                        tensors.push((
+                            p("ffn_gate_exps.weight"),
+                            q(&[e.count, expert_ff, n_embd], dt)?,
+                        ));
+                        tensors.push((
+                            p("ffn_up_exps.weight"),
+                            q(&[e.count, expert_ff, n_embd], dt)?,
+                        ));
+                        tensors.push((
+                            p("ffn_down_exps.weight"),
+                            q(&[e.count, n_embd, expert_ff], big)?,
+                        ));
                     } else {
                         for x in 0..e.count {
                             tensors.push((
                                 p(&format!("ffn_gate.{x}.weight")),
-                                q(&[N_FF, N_EMBD], dt)?,
+                                q(&[expert_ff, n_embd], dt)?,
                             ));
-                            tensors
-                                .push((p(&format!("ffn_up.{x}.weight")), q(&[N_FF, N_EMBD], dt)?));
+                            tensors.push((
+                                p(&format!("ffn_up.{x}.weight")),
+                                q(&[expert_ff, n_embd], dt)?,
+                            ));
                             tensors.push((
                                 p(&format!("ffn_down.{x}.weight")),
-                                q(&[N_EMBD, N_FF], dt)?,
+                                q(&[n_embd, expert_ff], big)?,
                             ));
                         }
                     }
                 }
                 None if arch == "phi3" => {
-                    tensors.push((p("ffn_up.weight"), q(&[2 * N_FF, N_EMBD], dt)?));
-                    tensors.push((p("ffn_down.weight"), q(&[N_EMBD, N_FF], dt)?));
+                    tensors.push((p("ffn_up.weight"), q(&[2 * n_ff, n_embd], dt)?));
+                    tensors.push((p("ffn_down.weight"), q(&[n_embd, n_ff], big)?));
                 }
                 None => {
-                    tensors.push((p("ffn_gate.weight"), q(&[N_FF, N_EMBD], dt)?));
-                    tensors.push((p("ffn_up.weight"), q(&[N_FF, N_EMBD], dt)?));
-                    tensors.push((p("ffn_down.weight"), q(&[N_EMBD, N_FF], dt)?));
+                    tensors.push((p("ffn_gate.weight"), q(&[n_ff, n_embd], dt)?));
+                    tensors.push((p("ffn_up.weight"), q(&[n_ff, n_embd], dt)?));
+                    tensors.push((p("ffn_down.weight"), q(&[n_embd, n_ff], big)?));
                 }
             }
         }

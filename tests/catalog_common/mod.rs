@@ -45,6 +45,11 @@ impl Sandbox {
             .env("TOKENTOP_HOME", self.path("home"))
             .env_remove("TOKENTOP_CATALOG")
             .env("HF_HOME", self.path("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HUGGINGFACE_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            // No other tool's store of this machine shows up in the tests' `list`.
+            .env("OLLAMA_MODELS", self.path("ollama"))
             .env_remove("HF_HUB_OFFLINE")
             .env_remove("TOKENTOP_OFFLINE")
             .env("HF_ENDPOINT", "http://127.0.0.1:9")

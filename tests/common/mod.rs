@@ -35,17 +35,19 @@ pub fn gemma() -> Option<PathBuf> {
     real_model("gemma-3-270m", "TOKENTOP_TEST_GEMMA")
 }
 
-use tokentop::engine::synth::{SynthExperts, SynthSpec};
+use candle_core::quantized::GgmlDType;
+use tokentop::engine::synth::{SynthDims, SynthExperts, SynthSpec};
 
 /// Writes a synthetic model into `dir` and returns its path.
 pub fn synth(dir: &std::path::Path, spec: &SynthSpec) -> PathBuf {
     let name = format!(
-        "{}{}.gguf",
+        "{}{}-{:?}.gguf",
         spec.arch,
         spec.experts.map_or(String::new(), |e| format!(
             "-moe{}",
             if e.stacked { "" } else { "-split" }
-        ))
+        )),
+        spec.dtype
     );
     let path = dir.join(name);
     spec.write(&path).expect("writing a synthetic GGUF");
@@ -66,6 +68,18 @@ pub fn all_specs() -> Vec<SynthSpec> {
         used: 2,
         stacked: false,
     });
+    // K-quant experts (blocks of 256 weights, so widths of 256: 4 heads of 64): on a CUDA device these are
+    // the ones routed there (see engine/model/moe.rs).
+    let mut k_moe = SynthSpec::new("qwen3moe");
+    k_moe.dtype = GgmlDType::Q4K;
+    k_moe.dims = SynthDims {
+        n_embd: 256,
+        n_ff: 256,
+        expert_ff: 256,
+        n_head: 4,
+        n_kv_head: 2,
+        head_dim: 64,
+    };
     vec![
         SynthSpec::new("llama"),
         mixtral,
@@ -73,6 +87,7 @@ pub fn all_specs() -> Vec<SynthSpec> {
         SynthSpec::new("qwen2"),
         SynthSpec::new("qwen3"),
         SynthSpec::new("qwen3moe"),
+        k_moe,
         SynthSpec::new("gemma3"),
         SynthSpec::new("phi3"),
     ]

@@ -1,0 +1,368 @@
+//! Mixture-of-experts feed-forward (Qwen3-MoE, Mixtral): a softmax router picks the top k
+//! experts per token and their outputs are summed with the chosen probabilities renormalised
+//! over those k.
+//!
+//! Two ways to run it, chosen at load by where the weights live:
+//! - on a CPU, one matrix per expert (tokentop's block kernels), routed on the host: the rows
+//!   of each expert are gathered and run as one batch;
+//! - on a CUDA GPU, the stacked (n_expert, rows, cols) tensors stay whole and candle's
+//!   `indexed_moe_forward` runs every (token, chosen expert) pair in one launch per projection,
+//!   with the routing (sort, gather, renormalise) done by tensor ops on the device, so a
+//!   forward pass never waits for the router's probabilities to reach the host.
+
+use super::{fetch, ff_width, Act, GateUp, Gguf, HParams, Matrix, Mlp};
+use anyhow::{bail, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{Device, Tensor, D};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub(super) struct Moe {
+    router: Matrix,
+    experts: Experts,
+    top_k: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Experts {
+    /// One MLP per expert, routed on the host.
+    Split(Vec<Mlp>),
+    /// Stacked tensors on a CUDA device, routed there.
+    Stacked {
+        gate: Arc<QTensor>,
+        up: Arc<QTensor>,
+        down: Arc<QTensor>,
+        act: Act,
+    },
+}
+
+/// The types candle's CUDA `indexed_moe_forward` handles correctly: the K-quants. Its Q8_0
+/// kernel steps from one expert to the next by `n * k / 256` blocks (QK_K) where Q8_0 blocks
+/// hold 32 weights (candle-kernels 0.11.1, quantized.cu `indexed_moe_forward`), so every
+/// expert but the first would read the wrong weights; legacy types have no kernel. Those are
+/// split per expert and routed on the host even on a GPU.
+fn device_routed(dev: &Device, dtypes: &[GgmlDType]) -> bool {
+    dev.is_cuda()
+        && dtypes.iter().all(|d| {
+            matches!(
+                d,
+                GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            )
+        })
+}
+
+impl Moe {
+    pub(super) fn load(
+        g: &mut Gguf,
+        p: &str,
+        hp: &HParams,
+        act: Act,
+        dev: &Device,
+    ) -> Result<Self> {
+        let (n, e) = (hp.n_expert, hp.n_embd);
+        let router = Matrix::new(fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?)?;
+        if hp.n_expert_used == 0 || hp.n_expert_used > n {
+            bail!(
+                "{}: expert_used_count is {} but it must be between 1 and expert_count {n}",
+                g.path.display(),
+                hp.n_expert_used
+            );
+        }
+        let experts = if g.has_tensor(&format!("{p}.ffn_gate_exps.weight")) {
+            let name = |n: &str| format!("{p}.{n}_exps.weight");
+            let n_ff = match g.tensor_dims(&name("ffn_gate")) {
+                Some(&[_, rows, _]) if rows > 0 => rows,
+                other => bail!(
+                    "{}: tensor {} has shape {other:?} but the model's hyper-parameters need [{n}, feed_forward_length, {e}]",
+                    g.path.display(),
+                    name("ffn_gate")
+                ),
+            };
+            let gate = fetch(g, &name("ffn_gate"), &[n, n_ff, e], dev)?;
+            let up = fetch(g, &name("ffn_up"), &[n, n_ff, e], dev)?;
+            let down = fetch(g, &name("ffn_down"), &[n, e, n_ff], dev)?;
+            if device_routed(dev, &[gate.dtype(), up.dtype(), down.dtype()]) {
+                Experts::Stacked {
+                    gate: Arc::new(gate),
+                    up: Arc::new(up),
+                    down: Arc::new(down),
+                    act,
+                }
+            } else {
+                let (gate, up, down) = (
+                    split_experts(gate, dev)?,
+                    split_experts(up, dev)?,
+                    split_experts(down, dev)?,
+                );
+                Experts::Split(
+                    gate.into_iter()
+                        .zip(up)
+                        .zip(down)
+                        .map(|((gate, up), down)| Mlp {
+                            gate_up: GateUp::Separate { gate, up },
+                            down,
+                            act,
+                        })
+                        .collect(),
+                )
+            }
+        } else {
+            // Older Mixtral GGUFs store one tensor per expert.
+            let mut experts = Vec::with_capacity(n);
+            for x in 0..n {
+                let name = |n: &str| format!("{p}.{n}.{x}.weight");
+                let n_ff = ff_width(g, &name("ffn_gate"), e, 1)?;
+                let t = |g: &mut Gguf, n: &str, shape: [usize; 2]| -> Result<Matrix> {
+                    Matrix::new(fetch(g, &name(n), &shape, dev)?)
+                };
+                experts.push(Mlp {
+                    gate_up: GateUp::Separate {
+                        gate: t(g, "ffn_gate", [n_ff, e])?,
+                        up: t(g, "ffn_up", [n_ff, e])?,
+                    },
+                    down: t(g, "ffn_down", [e, n_ff])?,
+                    act,
+                });
+            }
+            Experts::Split(experts)
+        };
+        Ok(Self {
+            router,
+            experts,
+            top_k: hp.n_expert_used,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, seq, d) = x.dims3()?;
+        let xs = x.reshape((b * seq, d))?;
+        let probs = candle_nn::ops::softmax_last_dim(&self.router.forward(&xs)?)?;
+        let out = match &self.experts {
+            Experts::Split(experts) => host_routed(experts, self.top_k, &xs, &probs)?,
+            Experts::Stacked {
+                gate,
+                up,
+                down,
+                act,
+            } => stacked_routed(
+                &probs,
+                self.top_k,
+                &xs,
+                [gate, up, down],
+                *act,
+                |w, x, ids| Ok(w.indexed_moe_forward(&fresh(x)?, ids)?),
+            )?,
+        };
+        Ok(out.reshape((b, seq, d))?)
+    }
+}
+
+/// Top-k routing by tensor ops, so it runs wherever `probs` (tokens, n_expert) lives: the
+/// chosen experts (tokens, k) as u32 and their probabilities renormalised over the k.
+pub(super) fn route(probs: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let ids = probs
+        .arg_sort_last_dim(false)?
+        .narrow(D::Minus1, 0, k)?
+        .contiguous()?;
+    let w = probs.contiguous()?.gather(&ids, D::Minus1)?;
+    let w = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?;
+    Ok((ids, w))
+}
+
+/// The device route: `mm(w, x, ids)` multiplies, for each token t and its j-th chosen expert
+/// e = ids[t, j], the row x[t, j] (or x[t, 0] when x has one row per token) by expert e's
+/// matrix in the stacked `w`, giving (tokens, k, rows) — candle's `indexed_moe_forward`.
+fn stacked_routed(
+    probs: &Tensor,
+    top_k: usize,
+    xs: &Tensor,
+    [gate, up, down]: [&QTensor; 3],
+    act: Act,
+    mm: impl Fn(&QTensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (ids, w) = route(probs, top_k)?;
+    // (tokens, 1, d): every chosen expert of a token reads the same row.
+    let xs = xs.unsqueeze(1)?;
+    let g = mm(gate, &xs, &ids)?;
+    let u = mm(up, &xs, &ids)?;
+    // (tokens, k, n_ff): each (token, expert) pair reads its own row.
+    let h = (act.apply(&g)? * u)?;
+    let y = mm(down, &h, &ids)?;
+    Ok(y.broadcast_mul(&w.unsqueeze(D::Minus1)?)?.sum(1)?)
+}
+
+/// candle's CUDA `indexed_moe_forward` reads its input from the start of its buffer, so it
+/// must be given a contiguous tensor that owns its storage from offset 0.
+fn fresh(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        Ok(x.copy()?)
+    }
+}
+
+/// The host route: the probabilities are read back, the rows each expert was chosen for are
+/// gathered and run through it as one batch, and the weighted outputs are added back.
+fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Result<Tensor> {
+    let probs: Vec<Vec<f32>> = probs.to_vec2()?;
+    let mut rows = vec![Vec::<u32>::new(); experts.len()];
+    let mut weights = vec![Vec::<f32>::new(); experts.len()];
+    for (row, p) in probs.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..p.len()).collect();
+        idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let chosen = &idx[..top_k.min(idx.len())];
+        let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+        for &e in chosen {
+            rows[e].push(row as u32);
+            weights[e].push(p[e] / sum);
+        }
+    }
+    let mut out = xs.zeros_like()?;
+    for (e, expert) in experts.iter().enumerate() {
+        if rows[e].is_empty() {
+            continue;
+        }
+        let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
+        let w = Tensor::new(weights[e].as_slice(), xs.device())?.reshape(((), 1))?;
+        let y = expert
+            .forward(&xs.index_select(&idx, 0)?)?
+            .broadcast_mul(&w)?;
+        out = out.index_add(&idx, &y, 0)?;
+    }
+    Ok(out)
+}
+
+/// Splits a stacked (n_expert, rows, cols) quantized tensor into one matrix per expert; the
+/// blocks of each expert are contiguous, so this is a byte split.
+fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
+    let dims = stacked.shape().dims().to_vec();
+    let [n, rows, cols] = dims[..] else {
+        bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
+    };
+    let dtype = stacked.dtype();
+    let data = stacked.data()?;
+    if n == 0 || data.len() % n != 0 {
+        bail!(
+            "stacked expert tensor of shape {dims:?} holds {} bytes",
+            data.len()
+        );
+    }
+    let per = data.len() / n;
+    (0..n)
+        .map(|e| {
+            Matrix::new(qtensor_from_ggml(
+                dtype,
+                &data[e * per..(e + 1) * per],
+                vec![rows, cols],
+                dev,
+            )?)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device route picks the same experts with the same weights as the host route.
+    #[test]
+    fn tensor_routing_matches_host_routing() {
+        let dev = Device::Cpu;
+        let logits = Tensor::randn(0f32, 2.0, (7, 16), &dev).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+        let (ids, w) = route(&probs, 3).unwrap();
+        let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+        let w: Vec<Vec<f32>> = w.to_vec2().unwrap();
+        for (row, p) in probs.to_vec2::<f32>().unwrap().iter().enumerate() {
+            let mut idx: Vec<usize> = (0..p.len()).collect();
+            idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let sum: f32 = idx[..3].iter().map(|&e| p[e]).sum();
+            for j in 0..3 {
+                assert_eq!(ids[row][j] as usize, idx[j], "row {row}");
+                assert!((w[row][j] - p[idx[j]] / sum).abs() < 1e-6, "row {row}");
+            }
+            assert!((w[row].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+
+    /// What `indexed_moe_forward` computes, on the CPU from dequantized weights.
+    fn indexed_reference(w: &QTensor, x: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let w = w.dequantize(&Device::Cpu)?;
+        let ids: Vec<Vec<u32>> = ids.to_vec2()?;
+        let mut rows = Vec::new();
+        for (t, chosen) in ids.iter().enumerate() {
+            for (j, &e) in chosen.iter().enumerate() {
+                let xr = x.get(t)?.get(if x.dim(1)? == 1 { 0 } else { j })?;
+                let we = w.get(e as usize)?;
+                rows.push(we.matmul(&xr.unsqueeze(1)?)?.squeeze(1)?);
+            }
+        }
+        Ok(Tensor::stack(&rows, 0)?.reshape((ids.len(), ids[0].len(), ()))?)
+    }
+
+    /// The device route (stacked experts, one indexed matmul per projection) gives the host
+    /// route's output on the same Q4_K experts.
+    #[test]
+    fn stacked_route_matches_host_route() {
+        let dev = Device::Cpu;
+        let (n_exp, d, ff, k, tokens) = (6, 256, 512, 2, 5);
+        let q = |shape: (usize, usize, usize)| {
+            let t = Tensor::randn(0f32, 0.05, shape, &dev).unwrap();
+            QTensor::quantize(&t, GgmlDType::Q4K).unwrap()
+        };
+        let (gate, up, down) = (q((n_exp, ff, d)), q((n_exp, ff, d)), q((n_exp, d, ff)));
+        let xs = Tensor::randn(0f32, 1.0, (tokens, d), &dev).unwrap();
+        let logits = Tensor::randn(0f32, 2.0, (tokens, n_exp), &dev).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+        let device = stacked_routed(
+            &probs,
+            k,
+            &xs,
+            [&gate, &up, &down],
+            Act::Silu,
+            indexed_reference,
+        )
+        .unwrap();
+        let split = |t: &QTensor| {
+            let data = t.data().unwrap();
+            let dims = t.shape().dims().to_vec();
+            split_experts(
+                qtensor_from_ggml(t.dtype(), &data, dims, &dev).unwrap(),
+                &dev,
+            )
+            .unwrap()
+        };
+        let experts: Vec<Mlp> = split(&gate)
+            .into_iter()
+            .zip(split(&up))
+            .zip(split(&down))
+            .map(|((gate, up), down)| Mlp {
+                gate_up: GateUp::Separate { gate, up },
+                down,
+                act: Act::Silu,
+            })
+            .collect();
+        let host = host_routed(&experts, k, &xs, &probs).unwrap();
+        let scale = host
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (device - &host)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // The host route quantizes activations (q8_K) for candle's Q4_K kernel; the
+        // reference multiplies dequantized weights in f32.
+        assert!(
+            diff < 0.02 * scale,
+            "routes differ by {diff} (outputs up to {scale})"
+        );
+    }
+}
