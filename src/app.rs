@@ -418,6 +418,7 @@ async fn event_loop(
     let mut tick = tokio::time::interval(FRAME);
     let mut dirty = true;
     let mut last_second = Instant::now();
+    let mut progress_shown = String::new();
     let mut last_draw = Instant::now() - STREAM_FRAME;
     let cache = ui::LineCache::default();
     loop {
@@ -452,12 +453,28 @@ async fn event_loop(
                     engine_events = io.engine.take_events();
                 }
                 ui::retitle(&mut msgs, &io.catalog);
+                // The download ended: its last progress line goes (any other status stays).
+                if !progress_shown.is_empty() && !ui::is_downloading(&st) {
+                    if st.status == progress_shown {
+                        msgs.push(Msg::Status(String::new()));
+                    }
+                    progress_shown.clear();
+                }
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
-                // Clocks in the view (load timer, live rate) move once a second at least.
-                if last_second.elapsed() >= Duration::from_secs(1) {
+                // Clocks in the view (load timer, live rate) move once a second at least;
+                // idle, nothing moves, so nothing is drawn.
+                let clocks = st.loading.is_some() || st.stream.is_some();
+                if clocks && last_second.elapsed() >= Duration::from_secs(1) {
                     last_second = Instant::now();
                     dirty = true;
+                    // A download's bytes, rate and ETA, for the title and the switcher.
+                    if ui::is_downloading(&st) {
+                        if let Some(p) = fetch::download_progress() {
+                            progress_shown = ui::download_text(&p);
+                            msgs.push(Msg::Status(progress_shown.clone()));
+                        }
+                    }
                 }
             }
         }

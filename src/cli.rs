@@ -389,8 +389,8 @@ pub fn list(catalog: &Catalog) -> Result<()> {
         note!("tokentop: warning: {w}");
     }
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<8}  LOCAL\n",
-        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "SOURCE"
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} {:<8}  LOCAL\n",
+        "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS", "SOURCE"
     );
     let mut used = Vec::new();
     for m in &catalog.models {
@@ -400,13 +400,18 @@ pub fn list(catalog: &Catalog) -> Result<()> {
             (o.label(), p.display().to_string())
         });
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<8}  {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {:<8}  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
             m.active_params_b,
             m.quant,
             m.size as f64 / 1e9,
+            if m.tags.is_empty() {
+                "-".to_string()
+            } else {
+                m.tags.join(",")
+            },
             source,
             path,
             if m.id == catalog.default {
@@ -418,13 +423,14 @@ pub fn list(catalog: &Catalog) -> Result<()> {
     }
     for f in found.found.iter().filter(|f| !used.contains(&f.path)) {
         out.push_str(&format!(
-            "{:<32} {:<8} {:>9} {:>9} {:<8} {:>8.1}G  {:<8}  {}\n",
+            "{:<32} {:<8} {:>9} {:>9} {:<8} {:>8.1}G  {:<15} {:<8}  {}\n",
             f.id,
             "-",
             "-",
             "-",
             "-",
             f.size as f64 / 1e9,
+            "-",
             f.origin.label(),
             f.path.display()
         ));

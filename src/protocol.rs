@@ -130,6 +130,8 @@ pub struct ModelInfo {
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Eos,
+    /// A base model's completion reached a paragraph end (a blank line).
+    ParagraphEnd,
     MaxTokens,
     Cancelled,
     ContextFull,
@@ -139,6 +141,7 @@ impl FinishReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Eos => "eos",
+            FinishReason::ParagraphEnd => "paragraph end",
             FinishReason::MaxTokens => "max tokens",
             FinishReason::Cancelled => "cancelled",
             FinishReason::ContextFull => "context full",

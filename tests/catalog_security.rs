@@ -385,7 +385,7 @@ fn list_never_reports_a_path_outside_the_store_or_hf_cache() {
             .find(|l| l.starts_with(&format!("{id} ")))
             .unwrap_or_else(|| panic!("{id} not listed: {list}"))
             .split_whitespace()
-            .nth(7)
+            .nth(8)
             .unwrap()
             .to_string()
     };

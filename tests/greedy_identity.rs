@@ -33,12 +33,20 @@ fn pinned(which: usize) -> Option<&'static str> {
     p
 }
 
-fn greedy(model: &std::path::Path) -> String {
+const PROMPT: &str = "Write a short poem about the sea.";
+
+/// Gemma 3 270M is a base model, now given plain completion; its text was pinned with Gemma's
+/// chat template around the prompt, so that text is given as the prompt (the same tokens:
+/// control tokens are special, BOS is added by the tokenizer).
+const GEMMA_PROMPT: &str =
+    "<start_of_turn>user\nWrite a short poem about the sea.<end_of_turn>\n<start_of_turn>model\n";
+
+fn greedy(model: &std::path::Path, prompt: &str) -> String {
     let out = common::tokentop(&[
         "run",
         model.to_str().unwrap(),
         "--prompt",
-        "Write a short poem about the sea.",
+        prompt,
         "--temperature",
         "0",
         "-n",
@@ -57,7 +65,7 @@ fn smollm2_greedy_text_is_unchanged() {
     let (Some(want), Some(path)) = (pinned(0), common::smollm2()) else {
         return;
     };
-    assert_eq!(greedy(&path), want);
+    assert_eq!(greedy(&path, PROMPT), want);
 }
 
 #[test]
@@ -65,5 +73,5 @@ fn gemma_greedy_text_is_unchanged() {
     let (Some(want), Some(path)) = (pinned(1), common::gemma()) else {
         return;
     };
-    assert_eq!(greedy(&path), want);
+    assert_eq!(greedy(&path, GEMMA_PROMPT), want);
 }

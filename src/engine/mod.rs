@@ -201,13 +201,25 @@ impl Engine {
         model::Arch::from_gguf_name(&arch)?;
         let tokenizer = ModelTokenizer::for_model(&g)?;
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
-        let template = ChatTemplate::new(
-            g.get_str("tokenizer.chat_template"),
-            &path.display().to_string(),
-            &arch,
-            token(tokenizer.bos),
-            token(tokenizer.eos),
-        )?;
+        let source = g.get_str("tokenizer.chat_template");
+        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        let base = source.is_none()
+            && template::is_base_model(
+                g.get_str("general.name"),
+                g.get_str("general.finetune"),
+                &file,
+            );
+        let template = if base {
+            ChatTemplate::plain(&path.display().to_string())
+        } else {
+            ChatTemplate::new(
+                source,
+                &path.display().to_string(),
+                &arch,
+                token(tokenizer.bos),
+                token(tokenizer.eos),
+            )?
+        };
         let hp = model::HParams::from_gguf(&g)?;
         let n_ctx = hp.context_len(opts.n_ctx);
         check_fits(
@@ -395,6 +407,10 @@ impl Engine {
         }) == Flow::Stop;
 
         let mut stream = TokenStream::default();
+        // A base model continues text with no end of turn: it stops at the end of its first
+        // paragraph (a blank line after some text), else it writes to max tokens.
+        let plain = self.template.plain;
+        let (mut has_text, mut tail) = (false, String::new());
         let reason = loop {
             stats.generated_tokens += 1;
             last_at = Instant::now();
@@ -402,13 +418,25 @@ impl Engine {
                 break FinishReason::Eos;
             }
             history.push(next);
+            let mut paragraph_end = false;
             if let Some(text) = stream.push(&self.tokenizer, next)? {
                 if on_event(GenEvent::Token(&text)) == Flow::Stop {
                     stop_requested = true;
                 }
+                if plain {
+                    // Only the last few characters are kept: enough to see "\n\n".
+                    tail.push_str(&text);
+                    let cut = tail.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+                    tail.drain(..cut);
+                    has_text |= !text.trim().is_empty();
+                    paragraph_end = has_text && tail.ends_with("\n\n");
+                }
             }
             if stop_requested {
                 break FinishReason::Cancelled;
+            }
+            if paragraph_end && !params.ignore_eos {
+                break FinishReason::ParagraphEnd;
             }
             if stats.generated_tokens >= params.max_tokens {
                 break FinishReason::MaxTokens;

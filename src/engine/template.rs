@@ -29,6 +29,48 @@ pub struct ChatTemplate {
     eos: String,
     /// True when the file had no template and a built-in one is used.
     pub is_fallback: bool,
+    /// A base model's plain completion: no template, the conversation as one text.
+    pub plain: bool,
+}
+
+/// Whether a GGUF without a chat template is a base (pretrained, not instruction-tuned) model:
+/// neither its name, its fine-tune label nor its file name has an instruct marker such as
+/// "it", "instruct" or "chat". Such a model gets plain completion, not a made-up template.
+pub fn is_base_model(name: Option<&str>, finetune: Option<&str>, file: &str) -> bool {
+    const MARKERS: [&str; 8] = [
+        "it",
+        "instruct",
+        "chat",
+        "sft",
+        "dpo",
+        "rlhf",
+        "orpo",
+        "assistant",
+    ];
+    ![name.unwrap_or(""), finetune.unwrap_or(""), file]
+        .iter()
+        .flat_map(|s| s.split(|c: char| !c.is_ascii_alphanumeric()))
+        .any(|w| MARKERS.contains(&w.to_ascii_lowercase().as_str()))
+}
+
+/// The text a base model continues: the conversation's texts one after the other, a blank
+/// line between them (the system prompt first, if any); the last one is kept as typed, since
+/// a trailing space or newline changes what comes next. The tokenizer adds BOS.
+pub fn plain_prompt(messages: &[Message]) -> String {
+    let n = messages.len();
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if i + 1 == n {
+                m.content.as_str()
+            } else {
+                m.content.trim_end()
+            }
+        })
+        .filter(|c| !c.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 impl ChatTemplate {
@@ -80,10 +122,26 @@ impl ChatTemplate {
             bos,
             eos,
             is_fallback,
+            plain: false,
         })
     }
 
+    /// Plain completion for a base model (see [`is_base_model`]).
+    pub fn plain(origin: &str) -> Self {
+        Self {
+            env: Environment::new(),
+            origin: origin.to_string(),
+            bos: String::new(),
+            eos: String::new(),
+            is_fallback: false,
+            plain: true,
+        }
+    }
+
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        if self.plain {
+            return Ok(plain_prompt(messages));
+        }
         let tmpl = self.env.get_template("chat")?;
         let msgs: Vec<_> = messages
             .iter()
@@ -248,6 +306,46 @@ mod tests {
         assert!(
             err.contains("evil.gguf is 262145 bytes, over the 256 KB"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn base_models_are_told_by_name_and_get_plain_completion() {
+        // The real files' metadata (general.name, general.finetune, file name).
+        assert!(is_base_model(
+            Some("Gemma 3 270m"),
+            None,
+            "gemma-3-270m-q4_k_m.gguf"
+        ));
+        assert!(!is_base_model(
+            Some("Gemma 3 270m It"),
+            None,
+            "gemma-3-270m-it-Q4_K_M.gguf"
+        ));
+        assert!(!is_base_model(
+            Some("Smollm2 135M 8k Lc100K Mix1 Ep2"),
+            Some("8k-lc100k-mix1-ep2"),
+            "SmolLM2-135M-Instruct.Q4_1.gguf"
+        ));
+        assert!(!is_base_model(None, None, "Qwen2.5-0.5B-Chat.Q8_0.gguf"));
+        // "it" only as a word: "Llama-3.1-8B" and "unit" are not instruct markers.
+        assert!(is_base_model(None, None, "Meta-Llama-3.1-8B-Q4_K_M.gguf"));
+        let t = ChatTemplate::plain("m.gguf");
+        assert!(t.plain && !t.is_fallback);
+        let out = t.render(&msgs(), true).unwrap();
+        assert_eq!(
+            out, "Be brief.\n\nHi\n\nHello!\n\nCapital of France?",
+            "no role markers, no made-up turns"
+        );
+        // An answer's trailing blank line is not doubled; the last text keeps its newline.
+        let m = [
+            Message::new(Role::User, "Once upon a time"),
+            Message::new(Role::Assistant, " there was a fox.\n\n"),
+            Message::new(Role::User, "The end\n"),
+        ];
+        assert_eq!(
+            t.render(&m, true).unwrap(),
+            "Once upon a time\n\n there was a fox.\n\nThe end\n"
         );
     }
 

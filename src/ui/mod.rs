@@ -11,7 +11,7 @@ use crate::telemetry::{Battery, Charge, GpuMemory, Memory, Power};
 use crate::theme::Theme;
 use ratatui::layout::{Constraint, Layout, Position, Rect};
 use ratatui::style::{Modifier, Style};
-use ratatui::text::{Line, Span, Text};
+use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, BorderType, Clear, Paragraph, Row, Sparkline, Table, Wrap};
 use ratatui::Frame;
 use std::path::Path;
@@ -27,8 +27,9 @@ pub struct Ctx<'a> {
     pub cache: &'a LineCache,
 }
 
-/// A memo of each chat entry's lines, keyed by a hash of its text and whether it has a
-/// footer.
+/// A memo of each chat entry's lines and of how many rows each line wraps to at the
+/// width last drawn, so a frame neither re-renders the markdown of finished entries nor
+/// re-wraps the whole chat: it sums cached row counts and wraps only the lines on screen.
 #[derive(Default)]
 pub struct LineCache {
     entries: std::cell::RefCell<Vec<Option<CachedEntry>>>,
@@ -43,14 +44,56 @@ impl LineCache {
     }
 }
 
-/// (text hash, has footer, lines)
-type CachedEntry = (u64, bool, Vec<Line<'static>>);
+/// One entry's rendered lines, with the rows each takes at `width`.
+struct CachedEntry {
+    key: EntryKey,
+    lines: Vec<Line<'static>>,
+    width: u16,
+    heights: Vec<usize>,
+    rows: usize,
+}
 
-fn text_hash(text: &str) -> u64 {
+impl CachedEntry {
+    fn new(key: EntryKey, lines: Vec<Line<'static>>, width: u16) -> Self {
+        let heights: Vec<usize> = lines.iter().map(|l| wrapped_rows(l, width)).collect();
+        let rows = heights.iter().sum();
+        Self {
+            key,
+            lines,
+            width,
+            heights,
+            rows,
+        }
+    }
+
+    fn rewrap(&mut self, width: u16) {
+        if self.width != width {
+            *self = Self::new(self.key, std::mem::take(&mut self.lines), width);
+        }
+    }
+}
+
+/// Rows a line takes in a paragraph of `width` wrapped without trimming. A paragraph wraps
+/// each line on its own, so a window of lines wraps the same as the whole chat.
+fn wrapped_rows(line: &Line<'static>, width: u16) -> usize {
+    Paragraph::new(line.clone())
+        .wrap(Wrap { trim: false })
+        .line_count(width)
+        .max(1)
+}
+
+/// What identifies an entry's text without reading all of it each frame: where it lives,
+/// its length, its first and last 4 KB, and whether it has a footer. Finished entries are
+/// never edited in place, only replaced (a reopened session) or removed.
+type EntryKey = (usize, usize, u64, bool);
+
+fn entry_key(e: &ChatEntry) -> EntryKey {
     use std::hash::{Hash, Hasher};
+    let b = e.text.as_bytes();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+    b[..b.len().min(4096)].hash(&mut h);
+    b[b.len().saturating_sub(4096)..].hash(&mut h);
+    (b.as_ptr() as usize, b.len(), h.finish(), e.footer.is_some())
 }
 
 /// Width of the telemetry column.
@@ -281,37 +324,68 @@ fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> 
 
 pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let n = st.chat.len();
+    if n == 0 || area.width == 0 {
+        ctx.cache.max_scroll.set(0);
+        let hint = Line::styled(
+            "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
+            Style::default().fg(ctx.theme.dim),
+        );
+        f.render_widget(Paragraph::new(hint).wrap(Wrap { trim: false }), area);
+        return;
+    }
+    let width = area.width;
     let mut cache = ctx.cache.entries.borrow_mut();
-    cache.resize(n, None);
-    let mut lines: Vec<Line> = Vec::new();
+    cache.resize_with(n, || None);
+    let mut total = 0usize;
     for (i, e) in st.chat.iter().enumerate() {
         let streaming = st.stream.is_some() && st.ab.is_none() && i + 1 == n;
-        let key = (text_hash(&e.text), e.footer.is_some());
-        match &cache[i] {
-            Some((len, foot, cached)) if !streaming && (*len, *foot) == key => {
-                lines.extend(cached.iter().cloned())
-            }
+        let key = entry_key(e);
+        let slot = &mut cache[i];
+        match slot {
+            Some(c) if !streaming && c.key == key => c.rewrap(width),
             _ => {
-                let fresh = entry_lines(e, streaming, ctx);
-                lines.extend(fresh.iter().cloned());
-                cache[i] = (!streaming).then_some((key.0, key.1, fresh));
+                let mut c = CachedEntry::new(key, entry_lines(e, streaming, ctx), width);
+                if streaming {
+                    // Never reused: the next frame's text differs.
+                    c.key.0 = 0;
+                }
+                *slot = Some(c);
+            }
+        }
+        total += slot.as_ref().map_or(0, |c| c.rows);
+    }
+    let height = area.height as usize;
+    let max_scroll = total.saturating_sub(height);
+    ctx.cache
+        .max_scroll
+        .set(max_scroll.min(u16::MAX as usize) as u16);
+    let top = max_scroll - (st.scroll as usize).min(max_scroll);
+    // Only the lines that reach the window are handed to the paragraph.
+    let mut window: Vec<Line> = Vec::new();
+    let mut row = 0usize;
+    let mut skip = 0usize;
+    'entries: for c in cache.iter().flatten() {
+        if row + c.rows <= top {
+            row += c.rows;
+            continue;
+        }
+        for (line, h) in c.lines.iter().zip(&c.heights) {
+            if row + h <= top {
+                row += h;
+                continue;
+            }
+            if window.is_empty() {
+                skip = top - row;
+            }
+            window.push(line.clone());
+            row += h;
+            if row >= top + height {
+                break 'entries;
             }
         }
     }
-    let text = if lines.is_empty() {
-        Text::from(vec![Line::styled(
-            "Type a prompt and press Enter. ? or F1 for help, Ctrl-O to switch models.",
-            Style::default().fg(ctx.theme.dim),
-        )])
-    } else {
-        Text::from(lines)
-    };
-    let p = Paragraph::new(text).wrap(Wrap { trim: false });
-    let total = p.line_count(area.width) as u16;
-    let max_scroll = total.saturating_sub(area.height);
-    ctx.cache.max_scroll.set(max_scroll);
-    let y = max_scroll.saturating_sub(st.scroll.min(max_scroll));
-    f.render_widget(p.scroll((y, 0)), area);
+    let p = Paragraph::new(window).wrap(Wrap { trim: false });
+    f.render_widget(p.scroll((skip.min(u16::MAX as usize) as u16, 0)), area);
 }
 
 pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
@@ -322,11 +396,23 @@ pub fn render_input(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     };
     let b = block(title, ctx);
     let inner = b.inner(area);
-    f.render_widget(Paragraph::new(st.input.text.as_str()).block(b), area);
+    // The text scrolls so the cursor stays in the box: sideways for a long line (by display
+    // columns, so wide characters count as two), down for more lines than the box holds.
+    let (line, _) = st.input.cursor_line_col();
+    let before = &st.input.text[..st.input.cursor];
+    let col = Span::raw(before.rsplit('\n').next().unwrap_or("")).width();
+    let x_off = (col + 1).saturating_sub(inner.width as usize);
+    let y_off = (line + 1).saturating_sub(inner.height as usize);
+    let clamp = |v: usize| v.min(u16::MAX as usize) as u16;
+    f.render_widget(
+        Paragraph::new(st.input.text.as_str())
+            .scroll((clamp(y_off), clamp(x_off)))
+            .block(b),
+        area,
+    );
     if st.mode == Mode::Chat && inner.width > 0 && inner.height > 0 {
-        let (line, col) = st.input.cursor_line_col();
-        let x = inner.x + (col as u16).min(inner.width - 1);
-        let y = inner.y + (line as u16).min(inner.height - 1);
+        let x = inner.x + clamp(col - x_off).min(inner.width - 1);
+        let y = inner.y + clamp(line - y_off).min(inner.height - 1);
         f.set_cursor_position(Position::new(x, y));
     }
 }
@@ -770,6 +856,44 @@ pub fn fits(item: &SwitchItem, st: &State) -> Option<bool> {
     Some(item.size + item.size / 20 <= available)
 }
 
+/// Whether the model being loaded is still being downloaded (the loading label says so).
+pub fn is_downloading(st: &State) -> bool {
+    st.loading
+        .as_ref()
+        .is_some_and(|(label, _)| label.starts_with("downloading"))
+}
+
+/// A download's progress in one line: "pip: x · 120.5 / 253.1 MB · 48% · 5.2 MB/s · ETA 25s".
+pub fn download_text(p: &crate::catalog::fetch::DownloadProgress) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let pct = if p.total > 0 {
+        format!(" · {:.0}%", 100.0 * p.done as f64 / p.total as f64)
+    } else {
+        String::new()
+    };
+    let eta = p.eta.map_or(String::new(), |d| {
+        let s = d.as_secs();
+        if s >= 3600 {
+            format!(" · ETA {}h{:02}m", s / 3600, s / 60 % 60)
+        } else if s >= 60 {
+            format!(" · ETA {}m{:02}s", s / 60, s % 60)
+        } else {
+            format!(" · ETA {s}s")
+        }
+    });
+    let what = if p.what.is_empty() {
+        String::new()
+    } else {
+        format!("{} · ", p.what)
+    };
+    format!(
+        "{what}{:.1} / {:.1} MB{pct} · {:.1} MB/s{eta}",
+        mb(p.done),
+        mb(p.total),
+        p.rate / 1e6
+    )
+}
+
 fn render_switcher(
     f: &mut Frame,
     area: Rect,
@@ -832,8 +956,15 @@ fn render_switcher(
     .header(
         Row::new(["model", "size", "params", "tags", "", "memory"])
             .style(Style::default().fg(t.dim)),
-    )
-    .block(block(title, ctx));
+    );
+    let mut b = block(title, ctx);
+    if is_downloading(st) && !st.status.is_empty() {
+        b = b.title_bottom(Span::styled(
+            format!(" {} ", st.status),
+            Style::default().fg(t.good),
+        ));
+    }
+    let table = table.block(b);
     f.render_widget(table, r);
 }
 
