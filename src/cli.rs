@@ -543,7 +543,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    note!("tokentop: chat with {} — /reset forgets the conversation, /bye or Ctrl-D quits, Ctrl-C stops an answer", info.name);
+    note!("tokentop: chat with {} — /reset forgets the conversation, /drop its oldest exchange, /bye or Ctrl-D quits, Ctrl-C stops an answer", info.name);
     let stdin = std::io::stdin();
     let mut first = true;
     loop {
@@ -561,6 +561,15 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
                 note!("tokentop: conversation cleared");
                 continue;
             }
+            "/drop" => {
+                match drop_oldest_exchange(&mut history) {
+                    Some(chars) => note!(
+                        "tokentop: dropped the oldest exchange ({chars} characters); send the prompt again"
+                    ),
+                    None => note!("tokentop: nothing to drop"),
+                }
+                continue;
+            }
             _ => {}
         }
         if let Err(e) = ask(&mut history, line, first) {
@@ -569,7 +578,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
                 return Err(e);
             }
             if crate::protocol::is_context_overflow(&format!("{e:#}")) {
-                note!("tokentop: {e:#} — /reset starts a new conversation");
+                note!("tokentop: {e:#} — /drop forgets the oldest exchange, /reset starts a new conversation");
             } else {
                 note!("tokentop: {e:#}");
             }
@@ -577,6 +586,18 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
         first = false;
     }
     Ok(())
+}
+
+/// Removes the oldest user turn and the answers after it (system prompts stay); returns the
+/// characters removed, or None when there is no exchange to drop.
+fn drop_oldest_exchange(history: &mut Vec<Message>) -> Option<usize> {
+    let start = history.iter().position(|m| m.role == Role::User)?;
+    let end = history[start + 1..]
+        .iter()
+        .position(|m| m.role == Role::User)
+        .map_or(history.len(), |i| start + 1 + i);
+    let dropped: Vec<Message> = history.drain(start..end).collect();
+    Some(dropped.iter().map(|m| m.content.chars().count()).sum())
 }
 
 /// Prints the tokens of `req` as they come and the stats block at the end; returns the text.

@@ -58,7 +58,10 @@ fn real_gemma_base_completes_plainly_and_stops_at_a_paragraph_end() {
     };
     let mut engine = Engine::load(
         &path,
-        &LoadOptions { n_ctx: 2048 },
+        &LoadOptions {
+            n_ctx: 2048,
+            ..Default::default()
+        },
         &candle_core::Device::Cpu,
     )
     .unwrap();

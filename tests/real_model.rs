@@ -145,6 +145,43 @@ fn chat_repl_names_reset_when_the_context_is_full() {
     assert_eq!(stderr.matches("eval rate:").count(), 2, "{stderr}");
 }
 
+/// A refused prompt offers /drop; /drop forgets the oldest exchange (the first prompt and its
+/// answer), and the same prompt then fits and is answered.
+#[test]
+fn chat_repl_drops_the_oldest_exchange_to_make_room() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let mut child = repl(&path, &["-n", "8", "--ctx", "64"]);
+    use std::io::Write;
+    let mid = "the cat sat on the mat the cat sat on the mat";
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("Hi\nHello there\n{mid}\n/drop\n{mid}\n/bye\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let refusal = stderr
+        .lines()
+        .position(|l| l.contains("context holds 64") && l.contains("/drop forgets the oldest"))
+        .unwrap_or_else(|| panic!("no refusal offering /drop:\n{stderr}"));
+    let lines: Vec<&str> = stderr.lines().collect();
+    let dropped = lines
+        .iter()
+        .position(|l| l.contains("dropped the oldest exchange ("))
+        .unwrap_or_else(|| panic!("no drop of \"Hi\" and its answer:\n{stderr}"));
+    assert!(dropped > refusal);
+    // Answered: Hi, Hello there, and the prompt again after the drop.
+    let answers: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("eval rate:"))
+        .collect();
+    assert_eq!(answers.len(), 3, "{stderr}");
+    assert!(answers[2] > dropped, "{stderr}");
+}
+
 /// `tokentop run MODEL` as a line-by-line chat (greedy), with its pipes open.
 fn repl(path: &std::path::Path, extra: &[&str]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_tokentop"))
