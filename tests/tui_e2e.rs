@@ -76,16 +76,12 @@ fn chat_in_tmux_streams_and_shows_speed() {
         return;
     };
     let home = tempfile::tempdir().unwrap();
-    let name = format!("tokentop-e2e-{}", std::process::id());
-    let cmd = ui_shell(
+    let (name, _guard) = launch(
+        "e2e",
         home.path(),
         &format!("{} --temperature 0 -n 48", model.display()),
         "",
     );
-    let _guard = start(&name, &cmd);
-    wait_for(&name, "the model to load", 60, |t| {
-        t.contains("loaded in") && t.contains("prompt ·")
-    });
 
     tmux(&[
         "send-keys",
@@ -179,6 +175,22 @@ fn ui_shell(home: &std::path::Path, args: &str, after: &str) -> String {
     )
 }
 
+/// Run after tokentop by `ui_shell`: prints the terminal's line discipline, which a restored
+/// terminal has back in canonical mode with echo.
+const TTY_AFTER: &str =
+    "echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); ";
+
+/// Starts `tokentop ui ARGS` (see `ui_shell`) in a tmux session named after `tag` and waits
+/// for the model to load; returns the session's name and the guard that ends it.
+fn launch(tag: &str, home: &std::path::Path, args: &str, after: &str) -> (String, Session) {
+    let name = format!("tokentop-{tag}-{}", std::process::id());
+    let guard = start(&name, &ui_shell(home, args, after));
+    wait_for(&name, "the model to load", 60, |t| {
+        t.contains("loaded in") && t.contains("prompt ·")
+    });
+    (name, guard)
+}
+
 /// Starts `cmd` in a new detached tmux session of 110x34.
 fn start(name: &str, cmd: &str) -> Session {
     tmux(&[
@@ -226,17 +238,13 @@ fn signals_while_streaming_restore_the_terminal() {
     };
     for (signal, code) in [("TERM", 143), ("HUP", 129), ("INT", 130), ("QUIT", 131)] {
         let home = tempfile::tempdir().unwrap();
-        let name = format!("tokentop-sig{signal}-{}", std::process::id());
         // After tokentop, the shell prints its status and the terminal's line discipline.
-        let cmd = ui_shell(
+        let (name, _guard) = launch(
+            &format!("sig{signal}"),
             home.path(),
             &format!("{} --temperature 0 -n 4000", model.display()),
-            "echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); ",
+            TTY_AFTER,
         );
-        let _guard = start(&name, &cmd);
-        wait_for(&name, "the model to load", 60, |t| {
-            t.contains("loaded in") && t.contains("prompt ·")
-        });
         assert_eq!(pane_format(&name, "#{alternate_on}"), "1");
         tmux(&[
             "send-keys",
@@ -387,16 +395,12 @@ fn ab_then_a_normal_answer_then_sigterm() {
         return;
     };
     let home = home_with_models(&[&smol, &gemma]);
-    let name = format!("tokentop-ab-{}", std::process::id());
-    let cmd = ui_shell(
+    let (name, _guard) = launch(
+        "ab",
         home.path(),
         &format!("{} --temperature 0 -n 24", smol.display()),
-        "echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo); ",
+        TTY_AFTER,
     );
-    let _guard = start(&name, &cmd);
-    wait_for(&name, "the model to load", 60, |t| {
-        t.contains("loaded in") && t.contains("prompt ·")
-    });
 
     // A/B the typed prompt against Gemma, picked by its row in the switcher.
     tmux(&["send-keys", "-t", &name, "Name a color.", ""]);
@@ -517,16 +521,12 @@ fn reopening_a_session_while_streaming_leaves_it_untouched() {
     let old_path = old.path().unwrap().to_path_buf();
     let before = std::fs::read(&old_path).unwrap();
 
-    let name = format!("tokentop-f4-{}", std::process::id());
-    let cmd = ui_shell(
+    let (name, _guard) = launch(
+        "f4",
         home.path(),
         &format!("{} --temperature 0 -n 4000", model.display()),
         "",
     );
-    let _guard = start(&name, &cmd);
-    wait_for(&name, "the model to load", 60, |t| {
-        t.contains("loaded in") && t.contains("prompt ·")
-    });
     tmux(&[
         "send-keys",
         "-t",
@@ -615,12 +615,7 @@ fn a_ten_megabyte_session_reopens_and_answers_keys() {
         file.append(&a).unwrap();
         size += a.text.len();
     }
-    let name = format!("tokentop-long-{}", std::process::id());
-    let cmd = ui_shell(home.path(), &model.display().to_string(), "");
-    let _guard = start(&name, &cmd);
-    wait_for(&name, "the model to load", 60, |t| {
-        t.contains("loaded in") && t.contains("prompt ·")
-    });
+    let (name, _guard) = launch("long", home.path(), &model.display().to_string(), "");
     tmux(&["send-keys", "-t", &name, "F4"]);
     wait_for(&name, "the session list", 20, |t| {
         t.contains("sessions (Enter")
