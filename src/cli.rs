@@ -467,7 +467,8 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     // An engine panic is reported as one error line rather than a panic message.
     let _hook = crate::app::PanicHook::install(false);
     let engine = EngineHandle::spawn();
-    let info = load(&engine, path, args.gen.ctx)?;
+    let mut info = load(&engine, path, args.gen.ctx)?;
+    info.name = catalog.model_title(&info.path);
     note!(
         "tokentop: {} ({}, {}, {:.0}M params, {}-token context) loaded in {:.2}s",
         info.name,

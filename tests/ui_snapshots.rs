@@ -466,7 +466,7 @@ fn power_pane_on_battery() {
 fn model_title_is_the_catalog_name_or_a_cleaned_file_name() {
     use tokentop::catalog::Catalog;
     let catalog = Catalog::builtin();
-    let title = |p: &str| ui::model_title(&catalog, std::path::Path::new(p));
+    let title = |p: &str| catalog.model_title(std::path::Path::new(p));
     // A catalog file anywhere on disk takes the catalog's display name.
     assert_eq!(
         title("/x/store/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -476,7 +476,7 @@ fn model_title_is_the_catalog_name_or_a_cleaned_file_name() {
         default: "x".into(),
         models: Vec::new(),
     };
-    let clean = |p: &str| ui::model_title(&empty, std::path::Path::new(p));
+    let clean = |p: &str| empty.model_title(std::path::Path::new(p));
     assert_eq!(
         clean("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
         "SmolLM2 135M Instruct Q4_1"

@@ -14,7 +14,6 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, BorderType, Clear, Paragraph, Row, Sparkline, Table, Wrap};
 use ratatui::Frame;
-use std::path::Path;
 use std::time::Instant;
 
 /// What the views need besides the state.
@@ -160,71 +159,11 @@ pub fn render(f: &mut Frame, st: &State, ctx: &Ctx) {
     }
 }
 
-/// The name the title shows for a model file: the catalog's display name when the file is a
-/// catalog entry, else the file name cleaned up ("SmolLM2-135M-Instruct.Q4_1.gguf" reads
-/// "SmolLM2 135M Instruct Q4_1"). GGUF's `general.name` is often a training-run label
-/// ("Smollm2 135M 8k Lc100K Mix1 Ep2"), so it is not used.
-pub fn model_title(catalog: &Catalog, path: &Path) -> String {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy())
-        .unwrap_or_default();
-    if let Some(m) = catalog.models.iter().find(|m| m.file == file) {
-        return m.name.clone();
-    }
-    let stem = file.strip_suffix(".gguf").unwrap_or(&file);
-    // Quant names keep their underscores ("Q4_K_M"); elsewhere '_' separates words.
-    let is_quant = |w: &str| {
-        let u = w.to_ascii_uppercase();
-        let u = u.strip_prefix('I').unwrap_or(&u);
-        (u.starts_with('Q') && u[1..].starts_with(|c: char| c.is_ascii_digit()))
-            || ["F16", "F32", "BF16", "MXFP4"].contains(&u)
-    };
-    // '.' separates words except in a version ("Llama-3.1" stays "3.1").
-    let b = stem.as_bytes();
-    let spaced: String = stem
-        .char_indices()
-        .map(|(i, c)| {
-            let digit = |j: Option<usize>| j.and_then(|j| b.get(j)).is_some_and(u8::is_ascii_digit);
-            match c {
-                '.' if digit(i.checked_sub(1)) && digit(Some(i + 1)) => '.',
-                '.' | '-' => ' ',
-                c => c,
-            }
-        })
-        .collect();
-    let mut words: Vec<String> = spaced
-        .split(' ')
-        .filter(|w| !w.is_empty())
-        .flat_map(|w| {
-            if is_quant(w) {
-                vec![w.to_string()]
-            } else {
-                w.split('_')
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
-        })
-        .collect();
-    // A split GGUF's "-00001-of-00003" is not part of the name.
-    if let [.., a, of, b] = words.as_slice() {
-        let part = |w: &str| w.len() == 5 && w.bytes().all(|c| c.is_ascii_digit());
-        if of == "of" && part(a) && part(b) {
-            words.truncate(words.len() - 3);
-        }
-    }
-    if words.is_empty() {
-        return file.into_owned();
-    }
-    words.join(" ")
-}
-
-/// Gives a freshly loaded model its [`model_title`] before the state sees it.
+/// Gives a freshly loaded model its [`Catalog::model_title`] before the state sees it.
 pub fn retitle(msgs: &mut [crate::state::Msg], catalog: &Catalog) {
     for m in msgs {
         if let crate::state::Msg::Engine(crate::protocol::EngineEvent::Ready { info }) = m {
-            info.name = model_title(catalog, &info.path);
+            info.name = catalog.model_title(&info.path);
         }
     }
 }
