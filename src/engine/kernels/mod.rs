@@ -129,36 +129,81 @@ pub fn matmul_many(mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<f32>> {
 
 /// `matmul_many` with a given instruction set, which the caller has checked this CPU runs.
 fn matmul_many_with(isa: Isa, mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<f32>> {
-    let (kind, k) = (mats[0].kind, mats[0].k);
+    let jobs: Vec<Job> = mats.iter().map(|&w| Job { w, x }).collect();
+    debug_assert!(mats.iter().all(|p| x.len() == m * p.k));
+    matmul_jobs_with(isa, &jobs)
+}
+
+/// One matrix and the rows (m × k, m = x.len() / k) it multiplies.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub w: &'a Packed,
+    pub x: &'a [f32],
+}
+
+/// Several matrices of one kind and width, each on its own rows, in one parallel region
+/// (llama.cpp's mul_mat_id: every expert a token chose, and in prefill every token an expert
+/// was chosen by, without a region per expert). Jobs sharing an input slice quantize it
+/// once. Returns each job's m × n output.
+pub fn matmul_jobs(jobs: &[Job]) -> Vec<Vec<f32>> {
+    let isa = isa().expect("Kind::from_dtype picks the block kernels only where one runs");
+    matmul_jobs_with(isa, jobs)
+}
+
+fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
+    let Some(first) = jobs.first() else {
+        return Vec::new();
+    };
+    let (kind, k) = (first.w.kind, first.w.k);
     assert!(
-        mats.iter().all(|p| p.kind == kind && p.k == k),
+        jobs.iter()
+            .all(|j| j.w.kind == kind && j.w.k == k && j.x.len() % k == 0),
         "one kind and width"
     );
     let nb = k / QK;
-    let mut acts = vec![Q8Block::default(); m * nb];
-    for (a, xs) in acts.chunks_mut(nb).zip(x.chunks(k)) {
-        quantize_activations(xs, a);
-    }
-    let mut ys: Vec<Vec<f32>> = mats.iter().map(|p| vec![0f32; m * p.n]).collect();
-    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
-    // Work items are groups of four rows, numbered across the matrices.
-    let starts: Vec<usize> = mats
+    // Quantized activations, once per distinct input slice.
+    let mut inputs: Vec<(*const f32, usize)> = Vec::new();
+    let mut acts: Vec<Vec<Q8Block>> = Vec::new();
+    let which: Vec<usize> = jobs
         .iter()
-        .scan(0, |acc, p| {
+        .map(|j| {
+            let key = (j.x.as_ptr(), j.x.len());
+            inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
+                let mut a = vec![Q8Block::default(); j.x.len() / k * nb];
+                for (a, xs) in a.chunks_mut(nb).zip(j.x.chunks(k)) {
+                    quantize_activations(xs, a);
+                }
+                inputs.push(key);
+                acts.push(a);
+                acts.len() - 1
+            })
+        })
+        .collect();
+    let ms: Vec<usize> = jobs.iter().map(|j| j.x.len() / k).collect();
+    let mut ys: Vec<Vec<f32>> = jobs
+        .iter()
+        .zip(&ms)
+        .map(|(j, &m)| vec![0f32; m * j.w.n])
+        .collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // Work items are groups of four rows, numbered across the jobs.
+    let starts: Vec<usize> = jobs
+        .iter()
+        .scan(0, |acc, j| {
             let s = *acc;
-            *acc += p.n.div_ceil(4);
+            *acc += j.w.n.div_ceil(4);
             Some(s)
         })
         .collect();
-    let total: usize = mats.iter().map(|p| p.n.div_ceil(4)).sum();
+    let total: usize = jobs.iter().map(|j| j.w.n.div_ceil(4)).sum();
     candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
         for g in groups {
             let t = starts.partition_point(|&s| s <= g) - 1;
-            let (w, out) = (mats[t], outs[t]);
+            let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
             let n = w.n;
             let gi = g - starts[t];
             let j0 = gi * 4;
-            // SAFETY: element (i, j) of matrix t's output belongs to this task for j in
+            // SAFETY: element (i, j) of job t's output belongs to this task for j in
             // j0..j0+4; each output holds m * n values.
             let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
             let act = |i: usize| &acts[i * nb..(i + 1) * nb];
