@@ -155,6 +155,36 @@ pub struct GenStats {
     pub total: Duration,
     /// Bytes the KV cache buffers occupy at the end.
     pub kv_bytes: usize,
+    /// What a remote server reported about the same answer (its own clocks), beside the
+    /// rates above, which a remote backend measures on the client from the stream.
+    pub server: Option<ServerStats>,
+}
+
+/// Timings a remote server reports for one answer, from its own clocks: llama-server's
+/// `timings`, Ollama's `eval_count`/`eval_duration`/`prompt_eval_*`, or OpenAI/vLLM `usage`
+/// (token counts only, no durations).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerStats {
+    /// Where the numbers come from: "llama-server timings", "ollama", "usage".
+    pub source: String,
+    pub prompt_tokens: Option<usize>,
+    pub cached_tokens: Option<usize>,
+    pub prompt_eval: Option<Duration>,
+    pub generated_tokens: Option<usize>,
+    pub decode: Option<Duration>,
+}
+
+impl ServerStats {
+    /// Prompt tokens per second by the server's clock, when it reports a duration.
+    pub fn prompt_rate(&self) -> Option<f64> {
+        Some(rate(self.prompt_tokens?, self.prompt_eval?)).filter(|r| *r > 0.0)
+    }
+
+    /// Generated tokens per second by the server's clock (the server's own definition:
+    /// llama-server and Ollama count every generated token over their decode time).
+    pub fn decode_rate(&self) -> Option<f64> {
+        Some(rate(self.generated_tokens?, self.decode?)).filter(|r| *r > 0.0)
+    }
 }
 
 impl GenStats {
