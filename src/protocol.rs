@@ -172,18 +172,27 @@ pub struct ServerStats {
     pub prompt_eval: Option<Duration>,
     pub generated_tokens: Option<usize>,
     pub decode: Option<Duration>,
+    /// Rates the server states itself (llama-server's `prompt_per_second` and
+    /// `predicted_per_second`, which leave the first token out): shown as given.
+    pub stated_prompt_rate: Option<f64>,
+    pub stated_decode_rate: Option<f64>,
 }
 
 impl ServerStats {
-    /// Prompt tokens per second by the server's clock, when it reports a duration.
+    /// Prompt tokens per second by the server's clock: as it states it, else its count
+    /// over its duration.
     pub fn prompt_rate(&self) -> Option<f64> {
-        Some(rate(self.prompt_tokens?, self.prompt_eval?)).filter(|r| *r > 0.0)
+        self.stated_prompt_rate
+            .or_else(|| Some(rate(self.prompt_tokens?, self.prompt_eval?)))
+            .filter(|r| *r > 0.0 && r.is_finite())
     }
 
-    /// Generated tokens per second by the server's clock (the server's own definition:
-    /// llama-server and Ollama count every generated token over their decode time).
+    /// Generated tokens per second by the server's clock: as it states it, else its count
+    /// over its duration (Ollama's eval_count / eval_duration).
     pub fn decode_rate(&self) -> Option<f64> {
-        Some(rate(self.generated_tokens?, self.decode?)).filter(|r| *r > 0.0)
+        self.stated_decode_rate
+            .or_else(|| Some(rate(self.generated_tokens?, self.decode?)))
+            .filter(|r| *r > 0.0 && r.is_finite())
     }
 }
 

@@ -112,8 +112,7 @@ pub fn poll(agent: &ureq::Agent, base: &str) -> std::result::Result<Reading, Str
                     })
                     .collect();
                 r.notes.push(
-                    "Ollama exposes no request or token counters: rates and queues are n/a"
-                        .into(),
+                    "Ollama exposes no request or token counters: rates and queues are n/a".into(),
                 );
                 return Ok(r);
             }
@@ -396,11 +395,13 @@ fn render_server(s: &ServerView, frame: &mut ratatui::Frame, area: Rect) {
     } else {
         format!(" {} ", s.url)
     };
-    let block = Block::bordered().title(title).border_style(if s.down.is_some() {
-        Style::default().fg(Color::Red)
-    } else {
-        Style::default()
-    });
+    let block = Block::bordered()
+        .title(title)
+        .border_style(if s.down.is_some() {
+            Style::default().fg(Color::Red)
+        } else {
+            Style::default()
+        });
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [text, sparks] =
@@ -440,7 +441,9 @@ fn render_server(s: &ServerView, frame: &mut ratatui::Frame, area: Rect) {
 }
 
 /// One poller thread per server, each sending its reading once a period.
-fn start_pollers(urls: &[String]) -> Receiver<(usize, Instant, std::result::Result<Reading, String>)> {
+fn start_pollers(
+    urls: &[String],
+) -> Receiver<(usize, Instant, std::result::Result<Reading, String>)> {
     let (tx, rx) = channel();
     for (i, url) in urls.iter().enumerate() {
         let tx = tx.clone();
@@ -483,7 +486,12 @@ pub fn run(urls: &[String], batch: bool, iterations: u64) -> Result<()> {
                 got[i] = true;
             }
             done += 1;
-            let mut text = format!("tokentop top — {}\n", jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or(jiff::Timestamp::now()));
+            let mut text = format!(
+                "tokentop top — {}\n",
+                jiff::Timestamp::now()
+                    .round(jiff::Unit::Second)
+                    .unwrap_or(jiff::Timestamp::now())
+            );
             for s in &st.servers {
                 for l in s.lines() {
                     text.push_str(&l);

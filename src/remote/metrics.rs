@@ -125,25 +125,17 @@ pub fn parse(text: &str) -> std::io::Result<Metrics> {
             "requests_processing" | "num_requests_running" | "num_running_reqs" => {
                 add(&mut m.running)
             }
-            "requests_deferred" | "num_requests_waiting" | "num_queue_reqs" => {
-                add(&mut m.waiting)
-            }
+            "requests_deferred" | "num_requests_waiting" | "num_queue_reqs" => add(&mut m.waiting),
             "prompt_tokens_total" => add(&mut m.prompt_tokens),
-            "tokens_predicted_total" | "generation_tokens_total" => {
-                add(&mut m.generation_tokens)
-            }
+            "tokens_predicted_total" | "generation_tokens_total" => add(&mut m.generation_tokens),
             // The newer vLLM name wins over the deprecated one when both are there.
-            "kv_cache_usage_ratio" | "kv_cache_usage_perc" | "token_usage" => {
-                m.kv_usage = value
-            }
+            "kv_cache_usage_ratio" | "kv_cache_usage_perc" | "token_usage" => m.kv_usage = value,
             "gpu_cache_usage_perc" => {
                 m.kv_usage = m.kv_usage.or(value);
             }
             "time_to_first_token_seconds" => hist(&mut m.ttft, &s.value),
             "inter_token_latency_seconds" => hist(&mut m.itl, &s.value),
-            "time_per_output_token_seconds" if m.itl.is_none() => {
-                hist(&mut m.itl, &s.value)
-            }
+            "time_per_output_token_seconds" if m.itl.is_none() => hist(&mut m.itl, &s.value),
             _ => {}
         }
     }

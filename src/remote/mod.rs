@@ -259,7 +259,11 @@ fn one_line(s: &str) -> String {
 pub fn server_message(body: &str) -> String {
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
         let e = &v["error"];
-        if let Some(m) = e["message"].as_str().or(e.as_str()).or(v["detail"].as_str()) {
+        if let Some(m) = e["message"]
+            .as_str()
+            .or(e.as_str())
+            .or(v["detail"].as_str())
+        {
             return one_line(m);
         }
     }
@@ -284,8 +288,7 @@ pub struct RemoteModel {
 
 /// Models from `GET /v1/models` (llama-server adds a `meta` block with sizes).
 pub fn parse_v1_models(body: &str) -> Result<Vec<RemoteModel>> {
-    let v: serde_json::Value =
-        serde_json::from_str(body).context("the model list is not JSON")?;
+    let v: serde_json::Value = serde_json::from_str(body).context("the model list is not JSON")?;
     let Some(data) = v["data"].as_array() else {
         bail!("the model list has no \"data\" array");
     };
@@ -391,10 +394,7 @@ mod tests {
 
     #[test]
     fn urls_are_normalized_and_checked() {
-        assert_eq!(
-            normalize_url("http://h:8080/v1/").unwrap(),
-            "http://h:8080"
-        );
+        assert_eq!(normalize_url("http://h:8080/v1/").unwrap(), "http://h:8080");
         assert_eq!(normalize_url("https://x.org").unwrap(), "https://x.org");
         assert!(normalize_url("ftp://x").is_err());
         assert!(normalize_url("http://").is_err());
@@ -412,10 +412,15 @@ mod tests {
     #[test]
     fn error_bodies_become_one_line() {
         assert_eq!(
-            server_message(r#"{"error":{"message":"File Not Found","type":"not_found_error","code":404}}"#),
+            server_message(
+                r#"{"error":{"message":"File Not Found","type":"not_found_error","code":404}}"#
+            ),
             "File Not Found"
         );
-        assert_eq!(server_message(r#"{"error":"model 'x' not found"}"#), "model 'x' not found");
+        assert_eq!(
+            server_message(r#"{"error":"model 'x' not found"}"#),
+            "model 'x' not found"
+        );
         assert_eq!(server_message(""), "no message");
     }
 

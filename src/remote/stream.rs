@@ -62,6 +62,8 @@ struct Timings {
     prompt_ms: Option<f64>,
     predicted_n: Option<usize>,
     predicted_ms: Option<f64>,
+    prompt_per_second: Option<f64>,
+    predicted_per_second: Option<f64>,
 }
 
 fn ms(x: f64) -> Option<Duration> {
@@ -109,6 +111,8 @@ pub fn parse_sse_data(data: &str) -> Result<Piece> {
             prompt_eval: t.prompt_ms.and_then(ms),
             generated_tokens: t.predicted_n,
             decode: t.predicted_ms.and_then(ms),
+            stated_prompt_rate: t.prompt_per_second,
+            stated_decode_rate: t.predicted_per_second,
         }),
         (None, Some(u)) => {
             let cached = u.prompt_tokens_details.and_then(|d| d.cached_tokens);
@@ -174,6 +178,7 @@ pub fn parse_ollama_line(line: &str) -> Result<Piece> {
             prompt_eval: l.prompt_eval_duration.map(Duration::from_nanos),
             generated_tokens: l.eval_count,
             decode: l.eval_duration.map(Duration::from_nanos),
+            ..Default::default()
         });
     }
     Ok(piece)

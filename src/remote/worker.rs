@@ -395,7 +395,10 @@ impl Job {
         };
         let url = format!("{}{path}", self.ep.url);
         let body = request_body(&self.model, self.kind, &self.messages, &self.params);
-        let mut req = self.agent.post(&url).set("Content-Type", "application/json");
+        let mut req = self
+            .agent
+            .post(&url)
+            .set("Content-Type", "application/json");
         if let Some(k) = &self.ep.api_key {
             req = req.set("Authorization", &format!("Bearer {k}"));
         }
@@ -463,7 +466,8 @@ impl Job {
                 Err(e) => Some(Err(e)),
             }
         });
-        let events = futures::executor::block_on_stream(futures::stream::iter(chunks).eventsource());
+        let events =
+            futures::executor::block_on_stream(futures::stream::iter(chunks).eventsource());
         for ev in events {
             if self.cancel.load(Ordering::SeqCst) {
                 return; // dropping the reader closes the connection
