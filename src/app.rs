@@ -393,6 +393,12 @@ async fn event_loop(
         st.status = format!("{e:#}");
     }
     let endpoint = cfg.endpoint.clone();
+    // A remote backend's server, polled once a second for the memory and power panes.
+    let mut server_top =
+        crate::top::TopState::new(&endpoint.iter().map(|e| e.url.clone()).collect::<Vec<_>>());
+    let server_polls = endpoint
+        .as_ref()
+        .map(|ep| crate::top::start_pollers(vec![ep.clone()]));
     let mut io = Io {
         engine,
         catalog: cfg.catalog,
@@ -455,6 +461,13 @@ async fn event_loop(
                 ui::retitle(&mut msgs, &io.catalog);
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
+                if let Some(rx) = &server_polls {
+                    for (i, at, r) in rx.try_iter() {
+                        server_top.update(i, at, r);
+                        st.remote = server_top.servers.first().cloned();
+                        dirty = true;
+                    }
+                }
                 // Clocks in the view (load timer, live rate) move once a second at least.
                 if last_second.elapsed() >= Duration::from_secs(1) {
                     last_second = Instant::now();

@@ -51,7 +51,13 @@ fn url_of(base: &str) -> Endpoint {
 
 /// Reads a server once; Err is why it is down.
 pub fn poll(agent: &ureq::Agent, base: &str) -> std::result::Result<Reading, String> {
-    let ep = url_of(base);
+    poll_endpoint(agent, &url_of(base))
+}
+
+/// [`poll`] with an endpoint's API key.
+pub fn poll_endpoint(agent: &ureq::Agent, ep: &Endpoint) -> std::result::Result<Reading, String> {
+    let ep = ep.clone();
+    let base = ep.url.as_str();
     let mut r = Reading::default();
     let metrics_text = remote::get(agent, &ep, "/metrics");
     let refused = |e: &anyhow::Error| {
@@ -440,21 +446,22 @@ fn render_server(s: &ServerView, frame: &mut ratatui::Frame, area: Rect) {
     );
 }
 
-/// One poller thread per server, each sending its reading once a period.
-fn start_pollers(
-    urls: &[String],
-) -> Receiver<(usize, Instant, std::result::Result<Reading, String>)> {
+/// A poll's result: server index, when, the reading or why the server is down.
+pub type Polled = (usize, Instant, std::result::Result<Reading, String>);
+
+/// One poller thread per server, each sending its reading once a period until the
+/// receiver is dropped.
+pub fn start_pollers(endpoints: Vec<Endpoint>) -> Receiver<Polled> {
     let (tx, rx) = channel();
-    for (i, url) in urls.iter().enumerate() {
+    for (i, ep) in endpoints.into_iter().enumerate() {
         let tx = tx.clone();
-        let url = url.clone();
         std::thread::Builder::new()
             .name(format!("tokentop-top-{i}"))
             .spawn(move || {
                 let agent = remote::agent(Duration::from_secs(2));
                 loop {
                     let t0 = Instant::now();
-                    let r = poll(&agent, &url);
+                    let r = poll_endpoint(&agent, &ep);
                     if tx.send((i, t0, r)).is_err() {
                         return;
                     }
@@ -474,7 +481,7 @@ pub fn run(urls: &[String], batch: bool, iterations: u64) -> Result<()> {
         .map(|u| remote::normalize_url(u))
         .collect::<Result<_>>()?;
     let mut st = TopState::new(&urls);
-    let rx = start_pollers(&urls);
+    let rx = start_pollers(urls.iter().map(|u| url_of(u)).collect());
     if batch {
         let mut done = 0;
         loop {

@@ -485,6 +485,14 @@ fn the_state_machine_drives_a_remote_server_and_a_kill_mid_answer_keeps_the_part
     let footer = last.footer.as_ref().expect("a footer");
     assert!(footer.tokens > 0);
     assert_eq!(saved.len(), 2, "prompt and answer saved");
+    // The status line says which rates are the client's and which the server's.
+    assert!(
+        st.status.starts_with("client: decode ")
+            && st.status.contains("server (llama-server timings): prompt ")
+            && !st.status.contains("decode n/a"),
+        "{}",
+        st.status
+    );
 
     // Killed mid-answer: the cut-stream message, the part kept and saved.
     saved.clear();

@@ -414,6 +414,9 @@ pub fn pool_split(m: &Memory, weights: u64, kv: u64) -> [(&'static str, u64); 4]
 }
 
 pub fn render_memory(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    if let Some(server) = &st.remote {
+        return render_remote(f, area, server, " server memory ", ctx);
+    }
     let t = ctx.theme;
     let Some(m) = &st.memory else {
         f.render_widget(
@@ -564,7 +567,68 @@ fn gpu_line(st: &State, ctx: &Ctx) -> Line<'static> {
     }
 }
 
+/// A remote backend's pane: what its server exposes (KV cache, requests, rates), n/a with
+/// the reason for the rest. Power is never exposed over HTTP by these servers.
+fn render_remote(
+    f: &mut Frame,
+    area: Rect,
+    server: &crate::top::ServerView,
+    title: &str,
+    ctx: &Ctx,
+) {
+    let dim = Style::default().fg(ctx.theme.dim);
+    let mut lines: Vec<Line> = if title.contains("power") {
+        vec![
+            Line::from(vec![
+                Span::styled("n/a", Style::default().fg(ctx.theme.warn)),
+                Span::styled(
+                    ": the server does not expose its power over HTTP (/metrics has none)",
+                    dim,
+                ),
+            ]),
+            Line::styled(format!("server {}", server.url), dim),
+        ]
+    } else {
+        // What matters most first: a short pane cuts the rest.
+        let all = server.lines();
+        let order = [
+            "KV cache",
+            "requests",
+            "generation",
+            "prompt",
+            "TTFT",
+            "ITL",
+            "note",
+            "models",
+        ];
+        let mut picked: Vec<Line> = all
+            .first()
+            .map(|l| Line::raw(l.clone()))
+            .into_iter()
+            .collect();
+        for key in order {
+            picked.extend(
+                all.iter()
+                    .skip(1)
+                    .filter(|l| l.trim_start().starts_with(key))
+                    .map(|l| Line::raw(l.trim_start().to_string())),
+            );
+        }
+        picked
+    };
+    lines.truncate(area.height.saturating_sub(2) as usize);
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: true })
+            .block(block(title, ctx)),
+        area,
+    );
+}
+
 pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    if let Some(server) = &st.remote {
+        return render_remote(f, area, server, " server power ", ctx);
+    }
     let t = ctx.theme;
     let b = block(" power ", ctx);
     let inner = b.inner(area);
