@@ -46,7 +46,7 @@ pub struct AppConfig {
 /// The backend's worker: the embedded engine, or a remote server's (same protocol).
 fn spawn_backend(endpoint: Option<&crate::remote::Endpoint>) -> EngineHandle {
     match endpoint {
-        Some(ep) => crate::remote::worker::spawn(ep.clone()),
+        Some(ep) => crate::remote::router::spawn(ep.clone()),
         None => EngineHandle::spawn(),
     }
 }
@@ -62,7 +62,7 @@ fn remote_items(ep: &crate::remote::Endpoint) -> Vec<SwitchItem> {
         .map(|m| SwitchItem {
             label: m.id.clone(),
             id: None,
-            path: Some(PathBuf::from(&m.id)),
+            path: Some(crate::remote::load_path(&m.id)),
             size: m.size.unwrap_or(0),
             params_b: m.params.map_or(0.0, |p| p as f64 / 1e9),
             active_params_b: m.params.map_or(0.0, |p| p as f64 / 1e9),
@@ -383,7 +383,12 @@ async fn event_loop(
     let mut st = State::new(
         cfg.params.clone(),
         match &cfg.endpoint {
-            Some(ep) => remote_items(ep),
+            Some(ep) => {
+                // The server's models, then the local ones (A/B can compare the two).
+                let mut items = remote_items(ep);
+                items.extend(switch_items(&cfg.catalog, &[]));
+                items
+            }
             None => switch_items(&cfg.catalog, std::slice::from_ref(&cfg.model)),
         },
     );

@@ -649,7 +649,7 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
     };
     // The model is fetched (with a progress bar) before the screen is taken over.
     let model = match &endpoint {
-        Some(ep) => PathBuf::from(ep.model.clone().unwrap_or_default()),
+        Some(ep) => crate::remote::load_path(ep.model.as_deref().unwrap_or_default()),
         None => model_path(&catalog, args.model.as_deref())?,
     };
     let profiles = crate::roofline::profiles(local_profile_path().ok().as_deref());

@@ -91,6 +91,7 @@ pub fn poll_endpoint(agent: &ureq::Agent, ep: &Endpoint) -> std::result::Result<
                 r.kind = Some(Kind::LlamaServer);
                 r.running = Some(r.running.unwrap_or(slots.busy as f64));
                 r.gen_total = Some(r.gen_total.unwrap_or(0.0) + slots.decoding as f64);
+                r.prompt_total = Some(r.prompt_total.unwrap_or(0.0) + slots.prompting as f64);
                 if !had_metrics {
                     r.notes
                         .push("no /metrics: start llama-server with --metrics for counters".into());
@@ -156,7 +157,10 @@ pub fn poll_endpoint(agent: &ureq::Agent, ep: &Endpoint) -> std::result::Result<
 pub struct Slots {
     pub total: usize,
     pub busy: usize,
+    /// Tokens generated so far by the requests running.
     pub decoding: u64,
+    /// Prompt tokens evaluated so far by the requests running.
+    pub prompting: u64,
 }
 
 pub fn parse_slots(body: &str) -> Result<Slots> {
@@ -172,6 +176,7 @@ pub fn parse_slots(body: &str) -> Result<Slots> {
         if slot["is_processing"].as_bool() == Some(true) {
             s.busy += 1;
             s.decoding += slot["next_token"][0]["n_decoded"].as_u64().unwrap_or(0);
+            s.prompting += slot["n_prompt_tokens_processed"].as_u64().unwrap_or(0);
         }
     }
     Ok(s)
@@ -396,10 +401,15 @@ pub fn render(st: &TopState, frame: &mut ratatui::Frame) {
 }
 
 fn render_server(s: &ServerView, frame: &mut ratatui::Frame, area: Rect) {
+    let kind = s
+        .reading
+        .as_ref()
+        .and_then(|r| r.kind)
+        .map_or("?", Kind::as_str);
     let title = if s.down.is_some() {
         format!(" {} — down ", s.url)
     } else {
-        format!(" {} ", s.url)
+        format!(" {} — {kind} ", s.url)
     };
     let block = Block::bordered()
         .title(title)
@@ -418,13 +428,18 @@ fn render_server(s: &ServerView, frame: &mut ratatui::Frame, area: Rect) {
     } else {
         lines
     };
-    frame.render_widget(Paragraph::new(lines), text);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(ratatui::widgets::Wrap { trim: false }),
+        text,
+    );
     let [p, g] =
         Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(sparks);
     let spark = |title: String, data: &VecDeque<u64>, color: Color| {
         let data: Vec<u64> = data.iter().copied().collect();
+        let max = data.iter().copied().max().unwrap_or(0).max(1);
         Sparkline::default()
             .block(Block::bordered().title(title))
+            .max(max)
             .data(data)
             .style(Style::default().fg(color))
     };

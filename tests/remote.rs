@@ -557,3 +557,74 @@ fn cancel_closes_the_stream_within_a_token() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn ab_compares_a_remote_model_with_a_local_one() {
+    let Some(server) = llama_server::start(&[]) else {
+        return;
+    };
+    let local = common::smollm2().expect("the local model");
+    let item = |label: &str, path: PathBuf| tokentop::state::SwitchItem {
+        label: label.into(),
+        id: None,
+        path: Some(path),
+        size: 0,
+        params_b: 0.1,
+        active_params_b: 0.1,
+        moe: false,
+        tags: vec![],
+    };
+    // The router behind `ui --endpoint`: remote names to the server, GGUF files to the
+    // embedded engine.
+    let engine = remote::router::spawn(endpoint(&server.url));
+    let mut st = State::new(
+        GenParams {
+            max_tokens: 8,
+            temperature: 0.0,
+            ..Default::default()
+        },
+        vec![
+            item("remote", remote::load_path("SmolLM2-135M-Instruct.Q4_1")),
+            item("local", local),
+        ],
+    );
+    let mut saved = Vec::new();
+    run_effects(
+        &engine,
+        vec![Effect::Load {
+            path: remote::load_path(""),
+        }],
+        &mut saved,
+    );
+    pump(&mut st, &engine, &mut saved, |st| st.model.is_some());
+    assert_eq!(st.model.as_ref().unwrap().arch, "remote");
+    submit(&mut st, &engine, &mut saved, "Say hi.");
+    pump(&mut st, &engine, &mut saved, |st| st.stream.is_none());
+
+    let fx = update(
+        &mut st,
+        Msg::Key(KeyEvent::new(KeyCode::Char('b'), KeyModifiers::CONTROL)),
+    );
+    run_effects(&engine, fx, &mut saved);
+    let fx = update(&mut st, key(KeyCode::Down));
+    run_effects(&engine, fx, &mut saved);
+    let fx = update(&mut st, key(KeyCode::Enter));
+    run_effects(&engine, fx, &mut saved);
+    assert!(st.ab.is_some(), "{}", st.status);
+    pump(&mut st, &engine, &mut saved, |st| {
+        st.ab
+            .as_ref()
+            .is_some_and(|ab| ab.phase == tokentop::state::AbPhase::Done)
+    });
+    let ab = st.ab.as_ref().unwrap();
+    assert!(
+        ab.a.model.contains("SmolLM2") && ab.a.model.contains('@'),
+        "{}",
+        ab.a.model
+    );
+    assert_eq!(ab.b.model, "local");
+    assert!(!ab.a.answer.is_empty() && !ab.b.answer.is_empty());
+    assert!(ab.a.footer.is_some() && ab.b.footer.is_some());
+    // Back on the remote model at the end.
+    assert_eq!(st.model.as_ref().unwrap().arch, "remote");
+}

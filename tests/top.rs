@@ -37,6 +37,7 @@ fn llama_server_metrics() {
 fn llama_server_slots() {
     let busy = top::parse_slots(&data("llama_server_slots_busy.json")).unwrap();
     assert_eq!((busy.total, busy.busy, busy.decoding), (1, 1, 81));
+    assert_eq!(busy.prompting, 14);
     let idle = top::parse_slots(&data("llama_server_slots_idle.json")).unwrap();
     assert_eq!((idle.total, idle.busy, idle.decoding), (1, 0, 0));
     assert!(top::parse_slots("{}").is_err());

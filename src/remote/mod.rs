@@ -8,6 +8,7 @@
 //! a socket.
 
 pub mod metrics;
+pub mod router;
 pub mod stream;
 pub mod worker;
 
@@ -380,6 +381,20 @@ pub fn probe(agent: &ureq::Agent, ep: &Endpoint) -> Result<ServerInfo> {
         _ => Kind::OpenAi,
     };
     Ok(ServerInfo { kind, models })
+}
+
+/// Marks a model name as the server's in a `Load` path (a llama-server on the same machine
+/// lists its model by a path that is a file here too).
+pub const REMOTE_PREFIX: &str = "remote:";
+
+/// The `Load` path that asks the server for model `id`.
+pub fn load_path(id: &str) -> PathBuf {
+    PathBuf::from(format!("{REMOTE_PREFIX}{id}"))
+}
+
+/// The server's model named by a `Load` path made by [`load_path`].
+pub fn remote_model(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix(REMOTE_PREFIX)
 }
 
 /// The host:port of a URL, for short labels.

@@ -153,7 +153,9 @@ impl Worker {
     }
 
     fn load(&mut self, path: PathBuf) {
-        let want = path.to_string_lossy().into_owned();
+        let want = super::remote_model(&path)
+            .map(str::to_string)
+            .unwrap_or_else(|| path.to_string_lossy().into_owned());
         self.send(EngineEvent::Loading { path: path.clone() });
         let t0 = Instant::now();
         let result = super::probe(&self.agent, &self.ep).and_then(|info| {
@@ -186,7 +188,7 @@ impl Worker {
                     .file_name()
                     .map_or(m.id.clone(), |n| n.to_string_lossy().into_owned());
                 let info = ModelInfo {
-                    path: PathBuf::from(&m.id),
+                    path: super::load_path(&m.id),
                     name: format!("{short} @ {}", super::host_of(&self.ep.url)),
                     arch: "remote".into(),
                     quant: m.quant.clone().unwrap_or_else(|| kind.as_str().into()),

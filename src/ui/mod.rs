@@ -414,7 +414,7 @@ pub fn pool_split(m: &Memory, weights: u64, kv: u64) -> [(&'static str, u64); 4]
 }
 
 pub fn render_memory(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
-    if let Some(server) = &st.remote {
+    if let Some(server) = remote_shown(st) {
         return render_remote(f, area, server, " server memory ", ctx);
     }
     let t = ctx.theme;
@@ -567,6 +567,13 @@ fn gpu_line(st: &State, ctx: &Ctx) -> Line<'static> {
     }
 }
 
+/// The server, while the model in use is a remote one.
+fn remote_shown(st: &State) -> Option<&crate::top::ServerView> {
+    st.remote
+        .as_ref()
+        .filter(|_| st.model.as_ref().is_some_and(|m| m.arch == "remote"))
+}
+
 /// A remote backend's pane: what its server exposes (KV cache, requests, rates), n/a with
 /// the reason for the rest. Power is never exposed over HTTP by these servers.
 fn render_remote(
@@ -626,7 +633,7 @@ fn render_remote(
 }
 
 pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
-    if let Some(server) = &st.remote {
+    if let Some(server) = remote_shown(st) {
         return render_remote(f, area, server, " server power ", ctx);
     }
     let t = ctx.theme;
