@@ -412,12 +412,18 @@ async fn event_loop(
         n_ctx: cfg.n_ctx,
         tx,
     };
-    st.loading = Some((
-        cfg.model
+    let label = match (&endpoint, crate::remote::remote_model(&cfg.model)) {
+        (Some(ep), Some(m)) => format!(
+            "{} @ {}",
+            if m.is_empty() { "a model" } else { m },
+            crate::remote::host_of(&ep.url)
+        ),
+        _ => cfg
+            .model
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-        Instant::now(),
-    ));
+    };
+    st.loading = Some((label, Instant::now()));
     io.run(
         Effect::Load {
             path: cfg.model.clone(),
