@@ -213,6 +213,8 @@ fn ask(engine: &EngineHandle, req: RequestId, prompt: &str, max_tokens: usize) {
         params: GenParams {
             max_tokens,
             temperature: 0.0,
+            // Long answers stay long (llama-server takes ignore_eos).
+            ignore_eos: max_tokens > 100,
             ..Default::default()
         },
     });
@@ -496,6 +498,7 @@ fn the_state_machine_drives_a_remote_server_and_a_kill_mid_answer_keeps_the_part
 
     // Killed mid-answer: the cut-stream message, the part kept and saved.
     saved.clear();
+    st.params.ignore_eos = true; // a long answer, to be cut
     submit(
         &mut st,
         &engine,

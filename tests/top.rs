@@ -120,7 +120,7 @@ fn top_shows_a_real_servers_rates_while_it_answers() {
     let url = server.url.clone();
     // A long answer in the background.
     let body = serde_json::json!({
-        "model": "m", "stream": false, "max_tokens": 300, "temperature": 0,
+        "model": "m", "stream": false, "max_tokens": 300, "temperature": 0, "ignore_eos": true,
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
     })
     .to_string();

@@ -546,6 +546,9 @@ pub fn request_body(
             "repetition_penalty"
         };
         body[key] = f64::from(p.repeat_penalty).into();
+        if p.ignore_eos {
+            body["ignore_eos"] = true.into();
+        }
     }
     body
 }
