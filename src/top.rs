@@ -31,6 +31,8 @@ pub struct Reading {
     /// Tokens generated since start, in-flight ones included (llama-server's `/slots`).
     pub gen_total: Option<f64>,
     pub kv_usage: Option<f64>,
+    /// Where `kv_usage` comes from when it is not the server's own gauge.
+    pub kv_source: Option<String>,
     pub ttft: Option<Histogram>,
     pub itl: Option<Histogram>,
     /// Why a number is missing (no --metrics, Ollama has no counters, …).
@@ -92,6 +94,12 @@ pub fn poll_endpoint(agent: &ureq::Agent, ep: &Endpoint) -> std::result::Result<
                 r.running = Some(r.running.unwrap_or(slots.busy as f64));
                 r.gen_total = Some(r.gen_total.unwrap_or(0.0) + slots.decoding as f64);
                 r.prompt_total = Some(r.prompt_total.unwrap_or(0.0) + slots.prompting as f64);
+                if r.kv_usage.is_none() && slots.n_ctx > 0 {
+                    // No KV gauge in this llama-server's /metrics: the running requests'
+                    // tokens over the slots' context (cache kept by idle slots not counted).
+                    r.kv_usage = Some(slots.in_context as f64 / slots.n_ctx as f64);
+                    r.kv_source = Some("running requests' tokens over slot context, /slots".into());
+                }
                 if !had_metrics {
                     r.notes
                         .push("no /metrics: start llama-server with --metrics for counters".into());
@@ -161,6 +169,10 @@ pub struct Slots {
     pub decoding: u64,
     /// Prompt tokens evaluated so far by the requests running.
     pub prompting: u64,
+    /// Context the slots have, in tokens.
+    pub n_ctx: u64,
+    /// Tokens in the running requests' contexts (prompt and generated).
+    pub in_context: u64,
 }
 
 pub fn parse_slots(body: &str) -> Result<Slots> {
@@ -173,7 +185,10 @@ pub fn parse_slots(body: &str) -> Result<Slots> {
         ..Default::default()
     };
     for slot in arr {
+        s.n_ctx += slot["n_ctx"].as_u64().unwrap_or(0);
         if slot["is_processing"].as_bool() == Some(true) {
+            s.in_context += slot["n_prompt_tokens"].as_u64().unwrap_or(0)
+                + slot["next_token"][0]["n_decoded"].as_u64().unwrap_or(0);
             s.busy += 1;
             s.decoding += slot["next_token"][0]["n_decoded"].as_u64().unwrap_or(0);
             s.prompting += slot["n_prompt_tokens_processed"].as_u64().unwrap_or(0);
@@ -378,9 +393,10 @@ impl ServerView {
         out.push(format!("  ITL:        {}", fmt_pcts(&self.itl)));
         out.push(format!(
             "  KV cache:   {}",
-            match r.kv_usage {
-                Some(k) => format!("{:.0}% used", k * 100.0),
-                None => "n/a (the server does not report it)".into(),
+            match (r.kv_usage, &r.kv_source) {
+                (Some(k), None) => format!("{:.0}% used", k * 100.0),
+                (Some(k), Some(src)) => format!("≈{:.0}% used ({src})", k * 100.0),
+                (None, _) => "n/a (the server does not report it)".into(),
             }
         ));
         for note in &r.notes {

@@ -38,6 +38,8 @@ fn llama_server_slots() {
     let busy = top::parse_slots(&data("llama_server_slots_busy.json")).unwrap();
     assert_eq!((busy.total, busy.busy, busy.decoding), (1, 1, 81));
     assert_eq!(busy.prompting, 14);
+    // 119 prompt tokens and 81 generated in a 2048-token slot.
+    assert_eq!((busy.in_context, busy.n_ctx), (200, 2048));
     let idle = top::parse_slots(&data("llama_server_slots_idle.json")).unwrap();
     assert_eq!((idle.total, idle.busy, idle.decoding), (1, 0, 0));
     assert!(top::parse_slots("{}").is_err());
@@ -157,6 +159,12 @@ fn top_shows_a_real_servers_rates_while_it_answers() {
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l.contains("SmolLM2")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  KV cache:   ≈") && l.contains("/slots")),
+        "{lines:?}"
+    );
 
     // The screen draws the same, with its sparklines.
     let backend = ratatui::backend::TestBackend::new(100, 14);
