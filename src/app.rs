@@ -39,6 +39,37 @@ pub struct AppConfig {
     pub n_ctx: usize,
     pub profiles: Vec<Profile>,
     pub system: Option<String>,
+    /// A server to chat with instead of the embedded engine.
+    pub endpoint: Option<crate::remote::Endpoint>,
+}
+
+/// The backend's worker: the embedded engine, or a remote server's (same protocol).
+fn spawn_backend(endpoint: Option<&crate::remote::Endpoint>) -> EngineHandle {
+    match endpoint {
+        Some(ep) => crate::remote::router::spawn(ep.clone()),
+        None => EngineHandle::spawn(),
+    }
+}
+
+/// The switcher's items for a server: the models it lists (`/v1/models`, `/api/tags`).
+fn remote_items(ep: &crate::remote::Endpoint) -> Vec<SwitchItem> {
+    let agent = crate::remote::agent(std::time::Duration::from_secs(5));
+    let models = crate::remote::probe(&agent, ep)
+        .map(|i| i.models)
+        .unwrap_or_default();
+    models
+        .into_iter()
+        .map(|m| SwitchItem {
+            label: m.id.clone(),
+            id: None,
+            path: Some(crate::remote::load_path(&m.id)),
+            size: m.size.unwrap_or(0),
+            params_b: m.params.map_or(0.0, |p| p as f64 / 1e9),
+            active_params_b: m.params.map_or(0.0, |p| p as f64 / 1e9),
+            moe: false,
+            tags: vec![format!("remote {}", crate::remote::host_of(&ep.url))],
+        })
+        .collect()
 }
 
 /// Models the switcher offers: the catalog (local or downloadable; a local one tagged with
@@ -377,20 +408,35 @@ async fn event_loop(
     terminal: &mut ratatui::DefaultTerminal,
     cfg: AppConfig,
 ) -> Result<Option<i32>> {
-    let mut engine = EngineHandle::spawn();
+    let mut engine = spawn_backend(cfg.endpoint.as_ref());
     let mut engine_events = engine.take_events();
     let telemetry = TelemetryHandle::spawn(PathBuf::from("/sys"));
     let (tx, background): (Sender<Msg>, Receiver<Msg>) = channel();
     let sessions_dir = session::sessions_dir()?;
     let mut st = State::new(
         cfg.params.clone(),
-        switch_items(&cfg.catalog, std::slice::from_ref(&cfg.model)),
+        match &cfg.endpoint {
+            Some(ep) => {
+                // The server's models, then the local ones (A/B can compare the two).
+                let mut items = remote_items(ep);
+                items.extend(switch_items(&cfg.catalog, &[]));
+                items
+            }
+            None => switch_items(&cfg.catalog, std::slice::from_ref(&cfg.model)),
+        },
     );
     st.system_prompt = cfg.system.clone();
     st.offline = crate::offline::is_offline();
     if let Err(e) = session::make_private(&sessions_dir) {
         st.status = format!("{e:#}");
     }
+    let endpoint = cfg.endpoint.clone();
+    // A remote backend's server, polled once a second for the memory and power panes.
+    let mut server_top =
+        crate::top::TopState::new(&endpoint.iter().map(|e| e.url.clone()).collect::<Vec<_>>());
+    let server_polls = endpoint
+        .as_ref()
+        .map(|ep| crate::top::start_pollers(vec![ep.clone()]));
     let mut io = Io {
         engine,
         catalog: cfg.catalog,
@@ -399,12 +445,18 @@ async fn event_loop(
         n_ctx: cfg.n_ctx,
         tx,
     };
-    st.loading = Some((
-        cfg.model
+    let label = match (&endpoint, crate::remote::remote_model(&cfg.model)) {
+        (Some(ep), Some(m)) => format!(
+            "{} @ {}",
+            if m.is_empty() { "a model" } else { m },
+            crate::remote::host_of(&ep.url)
+        ),
+        _ => cfg
+            .model
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-        Instant::now(),
-    ));
+    };
+    st.loading = Some((label, Instant::now()));
     io.run(
         Effect::Load {
             path: cfg.model.clone(),
@@ -449,7 +501,7 @@ async fn event_loop(
                     let why = engine_panic().unwrap_or_else(|| "its thread ended".into());
                     msgs.push(Msg::EngineStopped(why));
                     // A fresh engine, so that a model can be loaded again.
-                    io.engine = EngineHandle::spawn();
+                    io.engine = spawn_backend(endpoint.as_ref());
                     engine_events = io.engine.take_events();
                 }
                 ui::retitle(&mut msgs, &io.catalog);
@@ -462,6 +514,13 @@ async fn event_loop(
                 }
                 msgs.extend(telemetry.snapshots.try_iter().map(Msg::Telemetry));
                 msgs.extend(background.try_iter());
+                if let Some(rx) = &server_polls {
+                    for (i, at, r) in rx.try_iter() {
+                        server_top.update(i, at, r);
+                        st.remote = server_top.servers.first().cloned();
+                        dirty = true;
+                    }
+                }
                 // Clocks in the view (load timer, live rate) move once a second at least;
                 // idle, nothing moves, so nothing is drawn.
                 let clocks = st.loading.is_some() || st.stream.is_some();

@@ -50,6 +50,8 @@ pub enum Cmd {
     Bench(BenchCli),
     /// Perplexity of a model on a text file, with llama-perplexity's method and output.
     Perplexity(PerplexityCli),
+    /// Top for inference servers: llama-server, vLLM, SGLang, Ollama, refreshed every second.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +69,18 @@ pub struct PerplexityCli {
     /// Score at most this many chunks (default: all the text holds).
     #[arg(long, allow_negative_numbers = true, value_parser = count("chunks", 1, usize::MAX))]
     pub chunks: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Server base URLs (default: http://127.0.0.1:8080).
+    pub urls: Vec<String>,
+    /// Print plain text every second instead of the full screen (like `top -b`).
+    #[arg(short, long)]
+    pub batch: bool,
+    /// Stop after this many refreshes (0: run until quit).
+    #[arg(short = 'n', long, default_value_t = 0)]
+    pub iterations: u64,
 }
 
 #[derive(Debug, Args)]
@@ -118,8 +132,13 @@ pub struct BenchCli {
 
 #[derive(Debug, Args)]
 pub struct UiArgs {
-    /// Catalog id or path to a .gguf file (default: the catalog's default model).
+    /// Catalog id or path to a .gguf file (default: the catalog's default model); with
+    /// --endpoint, a model the server serves (default: its first).
     pub model: Option<String>,
+    /// Chat with a server instead of the embedded engine: a URL (http://host:8080) or a
+    /// name in endpoints.toml (see the README).
+    #[arg(long, env = "TOKENTOP_ENDPOINT")]
+    pub endpoint: Option<String>,
     /// Colour theme: dark, light, high-contrast, or a theme .toml file.
     #[arg(long, default_value = "dark")]
     pub theme: String,
@@ -132,8 +151,13 @@ pub struct UiArgs {
 
 #[derive(Debug, Args, Default)]
 pub struct RunArgs {
-    /// Catalog id or path to a .gguf file (default: the catalog's default model).
+    /// Catalog id or path to a .gguf file (default: the catalog's default model); with
+    /// --endpoint, a model the server serves (default: its first).
     pub model: Option<String>,
+    /// Chat with a server instead of the embedded engine: a URL (http://host:8080) or a
+    /// name in endpoints.toml (see the README).
+    #[arg(long, env = "TOKENTOP_ENDPOINT")]
+    pub endpoint: Option<String>,
     /// Answer this prompt and exit; without it, chat on stdin.
     #[arg(short, long)]
     pub prompt: Option<String>,
@@ -445,6 +469,10 @@ struct EngineGone;
 
 /// Loads a model on the engine thread, waiting for the handshake.
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
+    load_on(engine, path, ctx, false)
+}
+
+fn load_on(engine: &EngineHandle, path: PathBuf, ctx: usize, remote: bool) -> Result<ModelInfo> {
     engine.send(EngineCmd::Load {
         path,
         opts: LoadOptions {
@@ -454,6 +482,9 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
     });
     loop {
         match engine.events.recv().map_err(|_| EngineGone)? {
+            EngineEvent::Loading { path } if remote => {
+                note!("tokentop: asking the server for {}", path.display())
+            }
             EngineEvent::Loading { path } => note!("tokentop: loading {}", path.display()),
             EngineEvent::Ready { info } => return Ok(info),
             EngineEvent::LoadFailed { error, .. } => bail!("{error}"),
@@ -463,21 +494,43 @@ pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInf
 }
 
 pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
-    let path = model_path(catalog, args.model.as_deref())?;
+    let (engine, path) = match &args.endpoint {
+        Some(e) => {
+            let ep = crate::remote::resolve(e, args.model.as_deref())?;
+            let model = PathBuf::from(ep.model.clone().unwrap_or_default());
+            (crate::remote::worker::spawn(ep), model)
+        }
+        None => (
+            EngineHandle::spawn(),
+            model_path(catalog, args.model.as_deref())?,
+        ),
+    };
     // An engine panic is reported as one error line rather than a panic message.
     let _hook = crate::app::PanicHook::install(false);
-    let engine = EngineHandle::spawn();
-    let mut info = load(&engine, path, args.gen.ctx)?;
-    info.name = catalog.model_title(&info.path);
-    note!(
-        "tokentop: {} ({}, {}, {:.0}M params, {}-token context) loaded in {:.2}s",
-        info.name,
-        info.arch,
-        info.quant,
-        info.params as f64 / 1e6,
-        info.n_ctx,
-        info.load_time.as_secs_f64()
-    );
+    let remote = args.endpoint.is_some();
+    let mut info = load_on(&engine, path, args.gen.ctx, remote)?;
+    if !remote {
+        info.name = catalog.model_title(&info.path);
+    }
+    if remote {
+        note!(
+            "tokentop: {} ({}, {}), answered in {:.2}s",
+            info.name,
+            info.quant,
+            info.tokenizer_source,
+            info.load_time.as_secs_f64()
+        );
+    } else {
+        note!(
+            "tokentop: {} ({}, {}, {:.0}M params, {}-token context) loaded in {:.2}s",
+            info.name,
+            info.arch,
+            info.quant,
+            info.params as f64 / 1e6,
+            info.n_ctx,
+            info.load_time.as_secs_f64()
+        );
+    }
 
     // Ctrl-C stops the answer being streamed (a second one, before it has stopped, quits);
     // at the chat prompt it quits. Quitting on Ctrl-C exits with 130 (128 + SIGINT).
@@ -668,8 +721,15 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         bail!(NO_TERMINAL);
     }
     let theme = crate::theme::Theme::load(&args.theme)?;
+    let endpoint = match &args.endpoint {
+        Some(e) => Some(crate::remote::resolve(e, args.model.as_deref())?),
+        None => None,
+    };
     // The model is fetched (with a progress bar) before the screen is taken over.
-    let model = model_path(&catalog, args.model.as_deref())?;
+    let model = match &endpoint {
+        Some(ep) => crate::remote::load_path(ep.model.as_deref().unwrap_or_default()),
+        None => model_path(&catalog, args.model.as_deref())?,
+    };
     let profiles = crate::roofline::profiles(local_profile_path().ok().as_deref());
     let ended_by = crate::app::run(crate::app::AppConfig {
         model,
@@ -679,6 +739,7 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         n_ctx: args.gen.ctx,
         profiles,
         system: args.system.clone(),
+        endpoint,
     })?;
     match ended_by {
         Some(signal) => Err(QuietExit(128 + signal).into()),

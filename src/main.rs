@@ -52,5 +52,13 @@ fn real_main(args: Cli) -> anyhow::Result<()> {
             cli::print_out(&format!("{}\n", path.display()))
         }
         Some(Cmd::List) => cli::list(&catalog),
+        Some(Cmd::Top(t)) => {
+            let urls = if t.urls.is_empty() {
+                vec!["http://127.0.0.1:8080".to_string()]
+            } else {
+                t.urls
+            };
+            tokentop::top::run(&urls, t.batch, t.iterations)
+        }
     }
 }

@@ -166,6 +166,45 @@ pub struct GenStats {
     pub total: Duration,
     /// Bytes the KV cache buffers occupy at the end.
     pub kv_bytes: usize,
+    /// What a remote server reported about the same answer (its own clocks), beside the
+    /// rates above, which a remote backend measures on the client from the stream.
+    pub server: Option<ServerStats>,
+}
+
+/// Timings a remote server reports for one answer, from its own clocks: llama-server's
+/// `timings`, Ollama's `eval_count`/`eval_duration`/`prompt_eval_*`, or OpenAI/vLLM `usage`
+/// (token counts only, no durations).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerStats {
+    /// Where the numbers come from: "llama-server timings", "ollama", "usage".
+    pub source: String,
+    pub prompt_tokens: Option<usize>,
+    pub cached_tokens: Option<usize>,
+    pub prompt_eval: Option<Duration>,
+    pub generated_tokens: Option<usize>,
+    pub decode: Option<Duration>,
+    /// Rates the server states itself (llama-server's `prompt_per_second` and
+    /// `predicted_per_second`, which leave the first token out): shown as given.
+    pub stated_prompt_rate: Option<f64>,
+    pub stated_decode_rate: Option<f64>,
+}
+
+impl ServerStats {
+    /// Prompt tokens per second by the server's clock: as it states it, else its count
+    /// over its duration.
+    pub fn prompt_rate(&self) -> Option<f64> {
+        self.stated_prompt_rate
+            .or_else(|| Some(rate(self.prompt_tokens?, self.prompt_eval?)))
+            .filter(|r| *r > 0.0 && r.is_finite())
+    }
+
+    /// Generated tokens per second by the server's clock: as it states it, else its count
+    /// over its duration (Ollama's eval_count / eval_duration).
+    pub fn decode_rate(&self) -> Option<f64> {
+        self.stated_decode_rate
+            .or_else(|| Some(rate(self.generated_tokens?, self.decode?)))
+            .filter(|r| *r > 0.0 && r.is_finite())
+    }
 }
 
 impl GenStats {

@@ -25,6 +25,21 @@ pub fn ollama_block(stats: &GenStats, load: Duration, reason: FinishReason) -> S
     line("eval duration", fmt_duration(stats.decode));
     line("eval rate", format!("{:.2} tokens/s", stats.decode_rate()));
     line("finish reason", reason.as_str().to_string());
+    if let Some(sv) = &stats.server {
+        // A remote answer: the rates above are the client's, from the stream as it arrived
+        // (network included); the server's own follow.
+        let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.2} tokens/s"));
+        line("rates above", "measured by tokentop (client)".into());
+        line("server reports", sv.source.clone());
+        if let Some(n) = sv.prompt_tokens {
+            line("server prompt eval", format!("{n} token(s)"));
+        }
+        line("server prompt rate", rate(sv.prompt_rate()));
+        if let Some(n) = sv.generated_tokens {
+            line("server eval count", format!("{n} token(s)"));
+        }
+        line("server eval rate", rate(sv.decode_rate()));
+    }
     s
 }
 
@@ -55,6 +70,7 @@ mod tests {
             decode: Duration::from_millis(500),
             total: Duration::from_millis(700),
             kv_bytes: 0,
+            server: None,
         };
         let b = ollama_block(&st, Duration::from_millis(50), FinishReason::Eos);
         assert!(b.contains("total duration:       750.0000ms"), "{b}");

@@ -60,6 +60,7 @@ fn stats(n: usize) -> GenStats {
         decode: Duration::from_millis(100 * (n as u64 - 1)),
         total: Duration::from_secs(1),
         kv_bytes: 1000,
+        server: None,
     }
 }
 

@@ -31,6 +31,19 @@ impl EngineHandle {
         }
     }
 
+    /// A handle over another worker that speaks the same protocol (the remote backend).
+    pub fn from_parts(
+        tx: Sender<EngineCmd>,
+        events: Receiver<EngineEvent>,
+        thread: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            tx,
+            events,
+            thread: Some(thread),
+        }
+    }
+
     pub fn send(&self, cmd: EngineCmd) {
         // The thread only ends on Shutdown or a dropped handle; a send after that is moot.
         let _ = self.tx.send(cmd);

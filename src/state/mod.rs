@@ -284,6 +284,9 @@ pub struct State {
     pub system_prompt: Option<String>,
     /// No network: models not on disk cannot be fetched (`--offline`).
     pub offline: bool,
+    /// The server of a remote backend as its `/metrics`, `/slots` or `/api/ps` show it (the
+    /// memory and power panes show this instead of the client machine); set by app.rs.
+    pub remote: Option<crate::top::ServerView>,
     last_sample: Option<Instant>,
     /// Tokens of context after the last answer (see `context_used`).
     pub context: usize,
@@ -323,6 +326,7 @@ impl State {
             params,
             system_prompt: None,
             offline: false,
+            remote: None,
             last_sample: None,
             context: 0,
         }
@@ -941,6 +945,20 @@ fn footer(stats: &GenStats, reason: FinishReason, stream: &Stream) -> Footer {
     }
 }
 
+/// A remote answer's rates side by side: the footer's are the client's (from the stream as
+/// it arrived, network included), the server's come from its own clocks.
+pub fn server_rates_line(f: &Footer, sv: &crate::protocol::ServerStats) -> String {
+    let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
+    format!(
+        "client: decode {:.1} tok/s, TTFT {:.2}s · server ({}): prompt {}, decode {}",
+        f.decode_rate,
+        f.ttft.as_secs_f64(),
+        sv.source,
+        rate(sv.prompt_rate()),
+        rate(sv.decode_rate())
+    )
+}
+
 fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
     let current = st.stream.as_ref().map(|s| s.req);
     match ev {
@@ -1025,6 +1043,9 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
                 }
             }
             st.context = stats.prompt_tokens + stats.generated_tokens;
+            if let Some(sv) = &stats.server {
+                st.status = server_rates_line(&f, sv);
+            }
             if reason == FinishReason::ContextFull {
                 let n_ctx = st.model.as_ref().map_or(0, |m| m.n_ctx);
                 st.overflow = Some((st.context, n_ctx));

@@ -444,6 +444,9 @@ pub fn pool_split(m: &Memory, weights: u64, kv: u64) -> [(&'static str, u64); 4]
 }
 
 pub fn render_memory(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    if let Some(server) = remote_shown(st) {
+        return render_remote(f, area, server, " server memory ", ctx);
+    }
     let t = ctx.theme;
     let Some(m) = &st.memory else {
         f.render_widget(
@@ -594,7 +597,75 @@ fn gpu_line(st: &State, ctx: &Ctx) -> Line<'static> {
     }
 }
 
+/// The server, while the model in use is a remote one.
+fn remote_shown(st: &State) -> Option<&crate::top::ServerView> {
+    st.remote
+        .as_ref()
+        .filter(|_| st.model.as_ref().is_some_and(|m| m.arch == "remote"))
+}
+
+/// A remote backend's pane: what its server exposes (KV cache, requests, rates), n/a with
+/// the reason for the rest. Power is never exposed over HTTP by these servers.
+fn render_remote(
+    f: &mut Frame,
+    area: Rect,
+    server: &crate::top::ServerView,
+    title: &str,
+    ctx: &Ctx,
+) {
+    let dim = Style::default().fg(ctx.theme.dim);
+    let mut lines: Vec<Line> = if title.contains("power") {
+        vec![
+            Line::from(vec![
+                Span::styled("n/a", Style::default().fg(ctx.theme.warn)),
+                Span::styled(
+                    ": the server does not expose its power over HTTP (/metrics has none)",
+                    dim,
+                ),
+            ]),
+            Line::styled(format!("server {}", server.url), dim),
+        ]
+    } else {
+        // What matters most first: a short pane cuts the rest.
+        let all = server.lines();
+        let order = [
+            "KV cache",
+            "requests",
+            "generation",
+            "prompt",
+            "TTFT",
+            "ITL",
+            "note",
+            "models",
+        ];
+        let mut picked: Vec<Line> = all
+            .first()
+            .map(|l| Line::raw(l.clone()))
+            .into_iter()
+            .collect();
+        for key in order {
+            picked.extend(
+                all.iter()
+                    .skip(1)
+                    .filter(|l| l.trim_start().starts_with(key))
+                    .map(|l| Line::raw(l.trim_start().to_string())),
+            );
+        }
+        picked
+    };
+    lines.truncate(area.height.saturating_sub(2) as usize);
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: true })
+            .block(block(title, ctx)),
+        area,
+    );
+}
+
 pub fn render_power(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
+    if let Some(server) = remote_shown(st) {
+        return render_remote(f, area, server, " server power ", ctx);
+    }
     let t = ctx.theme;
     let b = block(" power ", ctx);
     let inner = b.inner(area);
