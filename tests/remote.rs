@@ -622,12 +622,15 @@ fn ab_compares_a_remote_model_with_a_local_one() {
     let fx = update(&mut st, key(KeyCode::Enter));
     run_effects(&engine, fx, &mut saved);
     assert!(st.ab.is_some(), "{}", st.status);
+    // A finished run leaves `ab` for `ab_last` (the scorecard).
     pump(&mut st, &engine, &mut saved, |st| {
-        st.ab
-            .as_ref()
-            .is_some_and(|ab| ab.phase == tokentop::state::AbPhase::Done)
+        st.ab.is_none()
+            && st
+                .ab_last
+                .as_ref()
+                .is_some_and(|ab| ab.phase == tokentop::state::AbPhase::Done)
     });
-    let ab = st.ab.as_ref().unwrap();
+    let ab = st.ab_last.as_ref().unwrap();
     assert!(
         ab.a.model.contains("SmolLM2") && ab.a.model.contains('@'),
         "{}",
