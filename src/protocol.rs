@@ -135,6 +135,9 @@ pub enum FinishReason {
     MaxTokens,
     Cancelled,
     ContextFull,
+    /// The answer failed part way (a remote server died or cut the stream, the engine failed);
+    /// the part that came is kept.
+    Cut,
 }
 
 impl FinishReason {
@@ -145,6 +148,7 @@ impl FinishReason {
             FinishReason::MaxTokens => "max tokens",
             FinishReason::Cancelled => "cancelled",
             FinishReason::ContextFull => "context full",
+            FinishReason::Cut => "cut",
         }
     }
 }

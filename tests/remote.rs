@@ -523,7 +523,11 @@ fn the_state_machine_drives_a_remote_server_and_a_kill_mid_answer_keeps_the_part
         st.status
     );
     let part = st.chat.last().unwrap();
-    assert!(part.text.len() > 20 && part.footer.is_none());
+    assert!(part.text.len() > 20, "{part:?}");
+    // Saved with a footer that says it was cut, counting the tokens that came.
+    let footer = part.footer.as_ref().expect("a footer on the part");
+    assert_eq!(footer.reason, tokentop::protocol::FinishReason::Cut);
+    assert!(footer.tokens > 0, "{footer:?}");
     assert_eq!(saved.last(), Some(&part.text), "the part is saved");
 }
 

@@ -134,6 +134,12 @@ impl Stream {
     /// The footer of an answer stopped here, before the engine's own figures arrive: TTFT
     /// and prefill from the `Prefilled` event, the live decode rate, the pieces received.
     pub fn cancelled_footer(&self, now: Instant) -> Footer {
+        self.partial_footer(now, FinishReason::Cancelled)
+    }
+
+    /// The footer of an answer that ended before the engine finished it: what the stream
+    /// measured so far, with `reason`.
+    pub fn partial_footer(&self, now: Instant, reason: FinishReason) -> Footer {
         let ttft = self
             .ttft
             .unwrap_or_else(|| now.saturating_duration_since(self.started));
@@ -147,7 +153,7 @@ impl Stream {
             },
             decode_rate: self.live_rate(now).unwrap_or(0.0),
             tokens: self.pieces,
-            reason: FinishReason::Cancelled,
+            reason,
             joules: self.energy_known.then_some(self.energy_j),
             peak_rss: self.peak_rss,
         }
@@ -1066,7 +1072,7 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
             st.save_turn()
         }
         EngineEvent::Failed { error, .. } => {
-            st.stream = None;
+            let stream = st.stream.take();
             st.status = if crate::protocol::is_context_overflow(&error) {
                 st.overflow = Some(overflow_sizes(&error));
                 format!(
@@ -1079,12 +1085,14 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
                 return vec![];
             }
             // The failed turn is taken back so the prompt can be edited and resent; a part
-            // that streamed before the failure is kept and saved with its prompt.
-            if st
+            // that streamed before the failure is kept and saved with its prompt, its footer
+            // saying it was cut.
+            if let Some(e) = st
                 .chat
-                .last()
-                .is_some_and(|e| e.role == Role::Assistant && !e.text.is_empty())
+                .last_mut()
+                .filter(|e| e.role == Role::Assistant && !e.text.is_empty())
             {
+                e.footer = stream.map(|s| s.partial_footer(Instant::now(), FinishReason::Cut));
                 return st.save_turn();
             }
             if st
