@@ -1,9 +1,10 @@
 //! `tokentop perplexity`: the method checked step by step on a synthetic model, the numbers
 //! checked against llama-perplexity on the real SmolLM2, and bad inputs as one-line errors.
 mod common;
+mod llama_server;
 
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokentop::engine::synth::SynthSpec;
 use tokentop::engine::{gguf::Gguf, model::Model, Engine};
 use tokentop::perplexity::perplexity;
@@ -77,26 +78,24 @@ fn final_ppl(out: &str) -> f64 {
         .unwrap()
 }
 
-/// llama.cpp's binaries: $LLAMA_BIN, else the folder ../shared/tools/llama-ref built.
-fn llama_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("LLAMA_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/llama-ref");
-    let out = std::process::Command::new(tool).output().ok()?;
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last()?.trim());
-    dir.join("llama-perplexity").exists().then_some(dir)
-}
-
 /// The same file, text and context give llama-perplexity's number within 1%.
 #[test]
 fn perplexity_agrees_with_llama_perplexity_on_smollm2() {
     let Some(model) = common::smollm2() else {
         return;
     };
-    let Some(bin) = llama_bin() else {
-        eprintln!("SKIPPED: no llama.cpp build (set LLAMA_BIN or run ../shared/tools/llama-ref)");
-        return;
+    // Like the llama-server tests: without llama.cpp this fails, unless real-model tests are
+    // skipped on purpose.
+    let bin = match llama_server::tool("llama-perplexity") {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                std::env::var_os("TOKENTOP_SKIP_REAL_MODELS").is_some_and(|v| v == "1"),
+                "no llama-perplexity: {e} (set LLAMA_BIN, or TOKENTOP_SKIP_REAL_MODELS=1 to skip)"
+            );
+            eprintln!("SKIPPED: llama-perplexity ({e})");
+            return;
+        }
     };
     let text = Path::new(env!("CARGO_MANIFEST_DIR")).join(TEXT);
     let args = |c: &str| -> Vec<String> {
@@ -121,7 +120,7 @@ fn perplexity_agrees_with_llama_perplexity_on_smollm2() {
     );
     let ours_out = String::from_utf8_lossy(&ours.stdout);
     assert!(ours_out.starts_with("[1]"), "{ours_out}");
-    let theirs = std::process::Command::new(bin.join("llama-perplexity"))
+    let theirs = std::process::Command::new(bin)
         .args(args("256"))
         .args(["-t", "2"])
         .output()

@@ -39,6 +39,12 @@ fn binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("LLAMA_SERVER") {
         return Ok(PathBuf::from(p));
     }
+    tool("llama-server")
+}
+
+/// One of llama.cpp's programs: from $LLAMA_BIN, else from the folder
+/// `../shared/tools/llama-ref` builds.
+pub fn tool(name: &str) -> Result<PathBuf, String> {
     let dir = match std::env::var_os("LLAMA_BIN") {
         Some(d) => PathBuf::from(d),
         None => {
@@ -53,11 +59,11 @@ fn binary() -> Result<PathBuf, String> {
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
         }
     };
-    let bin = dir.join("llama-server");
+    let bin = dir.join(name);
     if bin.is_file() {
         Ok(bin)
     } else {
-        Err(format!("no llama-server in {}", dir.display()))
+        Err(format!("no {name} in {}", dir.display()))
     }
 }
 
