@@ -535,6 +535,17 @@ impl Act {
             Act::GeluTanh => x.gelu()?,
         })
     }
+
+    /// `apply` on one value, with candle's CPU formulas.
+    fn apply_f32(self, x: f32) -> f32 {
+        match self {
+            Act::Silu => x / (1.0 + (-x).exp()),
+            Act::GeluTanh => {
+                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

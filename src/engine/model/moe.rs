@@ -10,6 +10,7 @@
 //!   with the routing (sort, gather, renormalise) done by tensor ops on the device, so a
 //!   forward pass never waits for the router's probabilities to reach the host.
 
+use super::kernels::{self, Job, Packed};
 use super::{fetch, ff_width, Act, GateUp, Gguf, HParams, Matrix, Mlp};
 use anyhow::{bail, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
@@ -138,7 +139,10 @@ impl Moe {
         let xs = x.reshape((b * seq, d))?;
         let probs = candle_nn::ops::softmax_last_dim(&self.router.forward(&xs)?)?;
         let out = match &self.experts {
-            Experts::Split(experts) => host_routed(experts, self.top_k, &xs, &probs)?,
+            Experts::Split(experts) => match packed_experts(experts) {
+                Some(parts) => one_region_routed(&parts, experts[0].act, self.top_k, &xs, &probs)?,
+                None => host_routed(experts, self.top_k, &xs, &probs)?,
+            },
             Experts::Stacked {
                 gate,
                 up,
@@ -201,12 +205,14 @@ fn fresh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The host route: the probabilities are read back, the rows each expert was chosen for are
-/// gathered and run through it as one batch, and the weighted outputs are added back.
-fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Result<Tensor> {
+/// Chosen experts per token: for each expert, the token rows it was chosen for and their
+/// renormalised probabilities.
+type Routes = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
+fn host_routes(probs: &Tensor, top_k: usize, n_expert: usize) -> Result<Routes> {
     let probs: Vec<Vec<f32>> = probs.to_vec2()?;
-    let mut rows = vec![Vec::<u32>::new(); experts.len()];
-    let mut weights = vec![Vec::<f32>::new(); experts.len()];
+    let mut rows = vec![Vec::<u32>::new(); n_expert];
+    let mut weights = vec![Vec::<f32>::new(); n_expert];
     for (row, p) in probs.iter().enumerate() {
         let mut idx: Vec<usize> = (0..p.len()).collect();
         idx.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
@@ -217,6 +223,95 @@ fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Re
             weights[e].push(p[e] / sum);
         }
     }
+    Ok((rows, weights))
+}
+
+/// Every expert's gate, up and down as tokentop's packed block matrices of one kind and
+/// width, or None (candle's matrices, mixed kinds).
+fn packed_experts(experts: &[Mlp]) -> Option<Vec<[&Packed; 3]>> {
+    let parts: Vec<[&Packed; 3]> = experts
+        .iter()
+        .map(|e| match (&e.gate_up, &e.down) {
+            (
+                GateUp::Separate {
+                    gate: Matrix::Blocks(g),
+                    up: Matrix::Blocks(u),
+                },
+                Matrix::Blocks(d),
+            ) => Some([g.as_ref(), u.as_ref(), d.as_ref()]),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let same = |i: usize| {
+        parts
+            .iter()
+            .all(|p| p[i].kind == parts[0][i].kind && p[i].k == parts[0][i].k)
+    };
+    (same(0) && same(1) && parts.iter().all(|p| p[1].kind == p[0].kind) && same(2)).then_some(parts)
+}
+
+/// The host route on packed experts, as llama.cpp's mul_mat_id: gate and up of every chosen
+/// expert (each on the rows routed to it) in one parallel region, then every down in a
+/// second, instead of a region per expert and projection.
+fn one_region_routed(
+    parts: &[[&Packed; 3]],
+    act: Act,
+    top_k: usize,
+    xs: &Tensor,
+    probs: &Tensor,
+) -> Result<Tensor> {
+    let (tokens, d) = xs.dims2()?;
+    let (rows, weights) = host_routes(probs, top_k, parts.len())?;
+    let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    let used: Vec<usize> = (0..parts.len()).filter(|&e| !rows[e].is_empty()).collect();
+    let inputs: Vec<Vec<f32>> = used
+        .iter()
+        .map(|&e| {
+            rows[e]
+                .iter()
+                .flat_map(|&r| &x[r as usize * d..(r as usize + 1) * d])
+                .copied()
+                .collect()
+        })
+        .collect();
+    let jobs: Vec<Job> = used
+        .iter()
+        .zip(&inputs)
+        .flat_map(|(&e, x)| [Job { w: parts[e][0], x }, Job { w: parts[e][1], x }])
+        .collect();
+    let gate_up = kernels::matmul_jobs(&jobs);
+    let hidden: Vec<Vec<f32>> = gate_up
+        .chunks(2)
+        .map(|gu| {
+            gu[0]
+                .iter()
+                .zip(&gu[1])
+                .map(|(&g, &u)| act.apply_f32(g) * u)
+                .collect()
+        })
+        .collect();
+    let jobs: Vec<Job> = used
+        .iter()
+        .zip(&hidden)
+        .map(|(&e, x)| Job { w: parts[e][2], x })
+        .collect();
+    let downs = kernels::matmul_jobs(&jobs);
+    let mut out = vec![0f32; tokens * d];
+    for (&e, y) in used.iter().zip(&downs) {
+        for (i, (&r, &w)) in rows[e].iter().zip(&weights[e]).enumerate() {
+            let o = &mut out[r as usize * d..(r as usize + 1) * d];
+            for (o, &v) in o.iter_mut().zip(&y[i * d..(i + 1) * d]) {
+                *o += w * v;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (tokens, d), xs.device())?)
+}
+
+/// The host route: the probabilities are read back, the rows each expert was chosen for are
+/// gathered and run through it as one batch, and the weighted outputs are added back.
+fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Result<Tensor> {
+    let (rows, weights) = host_routes(probs, top_k, experts.len())?;
     let mut out = xs.zeros_like()?;
     for (e, expert) in experts.iter().enumerate() {
         if rows[e].is_empty() {
@@ -381,6 +476,56 @@ mod tests {
         // here. Swapping gate and up differs by 56%.
         assert!(
             diff < 0.05 * scale,
+            "routes differ by {diff} (outputs up to {scale})"
+        );
+    }
+
+    /// Packed experts routed in two parallel regions give the per-expert route's output.
+    #[test]
+    fn one_region_route_matches_the_per_expert_route() {
+        if !kernels::simd() {
+            eprintln!("SKIPPED: no block kernels on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n_exp, d, ff, k, tokens) = (6, 64, 96, 2, 9);
+        let split = |shape: (usize, usize, usize), seed| {
+            let q = QTensor::quantize(&values(shape, 0.1, seed), GgmlDType::Q4_0).unwrap();
+            split_experts(q, &dev).unwrap()
+        };
+        let experts: Vec<Mlp> = split((n_exp, ff, d), 2)
+            .into_iter()
+            .zip(split((n_exp, ff, d), 3))
+            .zip(split((n_exp, d, ff), 4))
+            .map(|((gate, up), down)| Mlp {
+                gate_up: GateUp::Separate { gate, up },
+                down,
+                act: Act::Silu,
+            })
+            .collect();
+        let parts = packed_experts(&experts).expect("Q4_0 experts are packed");
+        let xs = values((tokens, d), 1.0, 5);
+        let probs = candle_nn::ops::softmax_last_dim(&values((tokens, n_exp), 4.0, 6)).unwrap();
+        let one = one_region_routed(&parts, Act::Silu, k, &xs, &probs).unwrap();
+        let each = host_routed(&experts, k, &xs, &probs).unwrap();
+        let scale = each
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (one - &each)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // The same kernels on the same rows; only SiLU is computed by another expression.
+        assert!(
+            diff <= 1e-5 * scale,
             "routes differ by {diff} (outputs up to {scale})"
         );
     }
