@@ -359,6 +359,19 @@ fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
 mod tests {
     use super::*;
 
+    /// The largest difference between two outputs, and the largest magnitude of `want`.
+    fn diff_and_scale(got: &Tensor, want: &Tensor) -> (f32, f32) {
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        (max((got - want).unwrap()), max(want.clone()))
+    }
+
     /// Deterministic values in [-scale, scale): the tests must not depend on a random draw.
     fn values(shape: impl Into<candle_core::Shape>, scale: f32, seed: u64) -> Tensor {
         let shape = shape.into();
@@ -456,21 +469,7 @@ mod tests {
             })
             .collect();
         let host = host_routed(&experts, k, &xs, &probs).unwrap();
-        let scale = host
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (device - &host)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (diff, scale) = diff_and_scale(&device, &host);
         // The host route quantizes activations (q8_K, twice) for candle's Q4_K kernel; the
         // reference multiplies dequantized weights in f32: they differ by 1.8% of the scale
         // here. Swapping gate and up differs by 56%.
@@ -508,21 +507,7 @@ mod tests {
         let probs = candle_nn::ops::softmax_last_dim(&values((tokens, n_exp), 4.0, 6)).unwrap();
         let one = one_region_routed(&parts, Act::Silu, k, &xs, &probs).unwrap();
         let each = host_routed(&experts, k, &xs, &probs).unwrap();
-        let scale = each
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (one - &each)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (diff, scale) = diff_and_scale(&one, &each);
         // The same kernels on the same rows; only SiLU is computed by another expression.
         assert!(
             diff <= 1e-5 * scale,
