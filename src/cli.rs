@@ -483,7 +483,11 @@ fn load_on(engine: &EngineHandle, path: PathBuf, ctx: usize, remote: bool) -> Re
     loop {
         match engine.events.recv().map_err(|_| EngineGone)? {
             EngineEvent::Loading { path } if remote => {
-                note!("tokentop: asking the server for {}", path.display())
+                if path.as_os_str().is_empty() {
+                    note!("tokentop: asking the server which model it serves")
+                } else {
+                    note!("tokentop: asking the server for {}", path.display())
+                }
             }
             EngineEvent::Loading { path } => note!("tokentop: loading {}", path.display()),
             EngineEvent::Ready { info } => return Ok(info),
@@ -514,7 +518,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     }
     if remote {
         note!(
-            "tokentop: {} ({}, {}), answered in {:.2}s",
+            "tokentop: {} ({}, {}), found in {:.2}s",
             info.name,
             info.quant,
             info.tokenizer_source,
