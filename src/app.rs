@@ -432,11 +432,12 @@ async fn event_loop(
     }
     let endpoint = cfg.endpoint.clone();
     // A remote backend's server, polled once a second for the memory and power panes.
-    let mut server_top =
-        crate::top::TopState::new(&endpoint.iter().map(|e| e.url.clone()).collect::<Vec<_>>());
+    let mut server_top = crate::remote::watch::TopState::new(
+        &endpoint.iter().map(|e| e.url.clone()).collect::<Vec<_>>(),
+    );
     let server_polls = endpoint
         .as_ref()
-        .map(|ep| crate::top::start_pollers(vec![ep.clone()]));
+        .map(|ep| crate::remote::watch::start_pollers(vec![ep.clone()]));
     let mut io = Io {
         engine,
         catalog: cfg.catalog,

@@ -561,7 +561,7 @@ fn cancel_closes_the_stream_within_a_token() {
     let t0 = Instant::now();
     loop {
         let slots = remote::get(&agent, &endpoint(&server.url), "/slots").unwrap();
-        if tokentop::top::parse_slots(&slots).unwrap().busy == 0 {
+        if tokentop::remote::watch::parse_slots(&slots).unwrap().busy == 0 {
             break;
         }
         assert!(

@@ -8,8 +8,9 @@ mod llama_server;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokentop::remote::metrics;
+use tokentop::remote::watch::{self, TopState};
 use tokentop::remote::Kind;
-use tokentop::top::{self, TopState};
+use tokentop::top;
 
 fn data(name: &str) -> String {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,14 +36,14 @@ fn llama_server_metrics() {
 
 #[test]
 fn llama_server_slots() {
-    let busy = top::parse_slots(&data("llama_server_slots_busy.json")).unwrap();
+    let busy = watch::parse_slots(&data("llama_server_slots_busy.json")).unwrap();
     assert_eq!((busy.total, busy.busy, busy.decoding), (1, 1, 81));
     assert_eq!(busy.prompting, 14);
     // 119 prompt tokens and 81 generated in a 2048-token slot.
     assert_eq!((busy.in_context, busy.n_ctx), (200, 2048));
-    let idle = top::parse_slots(&data("llama_server_slots_idle.json")).unwrap();
+    let idle = watch::parse_slots(&data("llama_server_slots_idle.json")).unwrap();
     assert_eq!((idle.total, idle.busy, idle.decoding), (1, 0, 0));
-    assert!(top::parse_slots("{}").is_err());
+    assert!(watch::parse_slots("{}").is_err());
 }
 
 #[test]
@@ -75,20 +76,20 @@ fn vllm_metrics() {
 
 #[test]
 fn ollama_ps() {
-    let ps = top::parse_ollama_ps(&data("ollama_ps.json")).unwrap();
+    let ps = watch::parse_ollama_ps(&data("ollama_ps.json")).unwrap();
     assert_eq!(ps.len(), 1);
     assert_eq!(ps[0].name, "mistral:latest");
     assert_eq!(ps[0].size, 5137025024);
     assert_eq!(ps[0].size_vram, 5137025024);
     assert_eq!(ps[0].expires_at, "2024-06-04T14:38:31.83753-07:00");
-    assert!(top::parse_ollama_ps("[]").is_err());
+    assert!(watch::parse_ollama_ps("[]").is_err());
 }
 
 #[test]
 fn rates_are_counters_differenced_and_a_server_that_goes_is_down() {
     let mut st = TopState::new(&["http://a".to_string()]);
     let t0 = Instant::now();
-    let reading = |gen: f64| top::Reading {
+    let reading = |gen: f64| watch::Reading {
         kind: Some(Kind::Vllm),
         gen_total: Some(gen),
         prompt_total: Some(100.0),
@@ -138,7 +139,7 @@ fn top_shows_a_real_servers_rates_while_it_answers() {
     let mut seen = None;
     while t0.elapsed() < Duration::from_secs(60) {
         let at = Instant::now();
-        let r = top::poll(&agent, &url).expect("the server is up");
+        let r = watch::poll(&agent, &url).expect("the server is up");
         st.update(0, at, Ok(r));
         let s = &st.servers[0];
         if s.reading.as_ref().and_then(|r| r.running) == Some(1.0)
@@ -192,7 +193,7 @@ fn top_shows_a_real_servers_rates_while_it_answers() {
 
     // Gone: shown as down, not a crash.
     server.kill();
-    let r = top::poll(&agent, &url);
+    let r = watch::poll(&agent, &url);
     st.update(0, Instant::now(), r);
     assert!(
         st.servers[0].lines()[0].contains("DOWN: cannot connect"),

@@ -10,6 +10,7 @@
 pub mod metrics;
 pub mod router;
 pub mod stream;
+pub mod watch;
 pub mod worker;
 
 use anyhow::{bail, Context, Result};

@@ -292,7 +292,7 @@ pub struct State {
     pub offline: bool,
     /// The server of a remote backend as its `/metrics`, `/slots` or `/api/ps` show it (the
     /// memory and power panes show this instead of the client machine); set by app.rs.
-    pub remote: Option<crate::top::ServerView>,
+    pub remote: Option<crate::remote::watch::ServerView>,
     last_sample: Option<Instant>,
     /// Tokens of context after the last answer (see `context_used`).
     pub context: usize,

@@ -598,7 +598,7 @@ fn gpu_line(st: &State, ctx: &Ctx) -> Line<'static> {
 }
 
 /// The server, while the model in use is a remote one.
-fn remote_shown(st: &State) -> Option<&crate::top::ServerView> {
+fn remote_shown(st: &State) -> Option<&crate::remote::watch::ServerView> {
     st.remote
         .as_ref()
         .filter(|_| st.model.as_ref().is_some_and(|m| m.arch == "remote"))
@@ -609,7 +609,7 @@ fn remote_shown(st: &State) -> Option<&crate::top::ServerView> {
 fn render_remote(
     f: &mut Frame,
     area: Rect,
-    server: &crate::top::ServerView,
+    server: &crate::remote::watch::ServerView,
     title: &str,
     ctx: &Ctx,
 ) {
