@@ -178,8 +178,14 @@ fn title_line(st: &State, ctx: &Ctx) -> Line<'static> {
             .add_modifier(Modifier::BOLD),
     )];
     let model = match (&st.model, &st.loading) {
+        // A download's label says so itself ("downloading X"); a load's is the model.
         (_, Some((label, since))) => format!(
-            " loading {label}… {:.0}s",
+            " {}{label}… {:.0}s",
+            if label.starts_with("downloading") {
+                ""
+            } else {
+                "loading "
+            },
             ctx.now.saturating_duration_since(*since).as_secs_f64()
         ),
         (Some(m), None) => format!(
