@@ -1236,6 +1236,10 @@ fn ab_after_load(st: &mut State) -> Vec<Effect> {
     match ab.phase {
         AbPhase::LoadB => {
             ab.phase = AbPhase::AnswerB;
+            // B is named as the title names a loaded model (A already is).
+            if let Some(m) = &st.model {
+                ab.b.model = m.name.clone();
+            }
             st.status = format!("A/B: now {}", ab.b.model);
             let prompt = ab.prompt.clone();
             st.start_request(vec![Message::new(Role::User, prompt)])
