@@ -658,8 +658,9 @@ fn drop_oldest_exchange(history: &mut Vec<Message>) -> Option<usize> {
     Some(dropped.iter().map(|m| m.content.chars().count()).sum())
 }
 
-/// Prints the tokens of `req` as they come and the stats block at the end; returns the text.
-/// When stdout is closed under it, the answer is cancelled and the error is a quiet exit.
+/// Prints the tokens of `req` as they come and the stats block at the end; returns the text
+/// without its thinking block (what the next turn sends back, as llama-server does). When
+/// stdout is closed under it, the answer is cancelled and the error is a quiet exit.
 fn stream_answer(
     engine: &EngineHandle,
     req: RequestId,
@@ -667,6 +668,8 @@ fn stream_answer(
 ) -> Result<String> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
+    let sent = std::time::Instant::now();
+    let mut think = crate::think::Tracker::default();
     let stop = |e: std::io::Error| {
         engine.send(EngineCmd::Cancel { req });
         stdout_error(e)
@@ -678,6 +681,7 @@ fn stream_answer(
                     .and_then(|_| out.flush())
                     .map_err(stop)?;
                 text.push_str(&t);
+                think.piece(&text, std::time::Instant::now());
             }
             EngineEvent::Finished {
                 req: r,
@@ -685,12 +689,20 @@ fn stream_answer(
                 reason,
             } if r == req => {
                 writeln!(out).and_then(|_| out.flush()).map_err(stop)?;
-                let _ = write!(
-                    std::io::stderr(),
-                    "\n{}",
-                    ollama_block(&stats, load, reason)
-                );
-                return Ok(text);
+                let mut block = ollama_block(&stats, load, reason);
+                if let Some(time) = think.duration(std::time::Instant::now()) {
+                    let first = think.answered.map_or("none".into(), |t| {
+                        crate::stats::fmt_duration(t.saturating_duration_since(sent))
+                    });
+                    let mut line = |k: &str, v: String| {
+                        block.push_str(&format!("{:<22}{v}\n", format!("{k}:")))
+                    };
+                    line("thinking count", format!("{} token(s)", think.pieces));
+                    line("thinking duration", crate::stats::fmt_duration(time));
+                    line("time to first answer", first);
+                }
+                let _ = write!(std::io::stderr(), "\n{block}");
+                return Ok(crate::think::split(&text).answer.to_string());
             }
             EngineEvent::Failed { req: r, error } if r == req => bail!("{error}"),
             _ => {}

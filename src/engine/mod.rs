@@ -312,8 +312,19 @@ impl Engine {
         on_event: impl FnMut(GenEvent) -> Flow,
     ) -> Result<(GenStats, FinishReason)> {
         let start = Instant::now();
-        let tokens = self.prompt_tokens(messages)?;
-        self.generate_tokens(start, &tokens, params, on_event)
+        let text = self.template.render(messages, true)?;
+        let tokens = self.tokenizer.encode(&text)?;
+        // A template that opens the thinking block itself (DeepSeek-R1's distills): the
+        // answer's text gets the tag the model never writes, so it reads like any other.
+        let mut open = crate::think::prompt_opens_block(&text);
+        let mut on_event = on_event;
+        self.generate_tokens(start, &tokens, params, |ev| match ev {
+            GenEvent::Token(t) if open => {
+                open = false;
+                on_event(GenEvent::Token(&format!("{}\n{t}", crate::think::OPEN)))
+            }
+            ev => on_event(ev),
+        })
     }
 
     /// Like `generate` for an already tokenized prompt (benchmarks use this).
