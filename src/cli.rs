@@ -413,7 +413,7 @@ pub fn list(catalog: &Catalog) -> Result<()> {
         note!("tokentop: warning: {w}");
     }
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} {:<8}  LOCAL\n",
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<24} {:<8}  LOCAL\n",
         "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS", "SOURCE"
     );
     let mut used = Vec::new();
@@ -424,13 +424,17 @@ pub fn list(catalog: &Catalog) -> Result<()> {
             (o.label(), p.display().to_string())
         });
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {:<8}  {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>9}  {:<24} {:<8}  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
             m.active_params_b,
             m.quant,
-            m.size as f64 / 1e9,
+            format!(
+                "{}{:.1}G",
+                if m.approx_size { "~" } else { "" },
+                m.size as f64 / 1e9
+            ),
             if m.tags.is_empty() {
                 "-".to_string()
             } else {
