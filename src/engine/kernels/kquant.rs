@@ -22,8 +22,13 @@
 //!   `acc = fma(−(dmin·m), d_a·(bsum₀+bsum₁), acc)` (Q5_K has no candle tile: same order);
 //! - Q6_K, per sub-block of 16: `acc = fma(Σq·a − 32·bsum, (d·sc)·d_a, acc)` with q in 0..63.
 //!
-//! Elsewhere candle sums per super-block in eight lanes (its vec_dot kernels), a different
-//! order of the same float additions: results agree within a few ulps of Σ|w·x|.
+//! For Q6_K with one activation row (decode) candle runs its vec_dot kernel instead, and so
+//! do these kernels: per super-block eight exact integer lane sums (lane l: weights 4l..4l+3
+//! of every 32, times their scales), `lane = fma(d·d_a, lane, lane)`, and candle's final
+//! sum of the eight lanes; so Q6_K decode is bit-identical to candle too.
+//!
+//! Elsewhere (Q5_K, and row counts not a multiple of 16) candle runs its vec_dot kernels, a
+//! different order of the same float additions: results agree within a few ulps of Σ|w·x|.
 
 use super::{Isa, Job, Out};
 use half::f16;
@@ -337,54 +342,103 @@ pub fn dequantize_row(kind: KQuant, data: &[u8], k: usize, j: usize, out: &mut [
     }
 }
 
-/// One tile super-block against one activation block, in the kernels' order, one row at a
-/// time: the reference the SIMD kernels are checked against, and what runs where none does.
-fn tile_block_scalar(kind: KQuant, tb: &[u8], a: &Q8KBlock, acc: &mut [f32; TILE]) {
-    for (r, acc) in acc.iter_mut().enumerate() {
-        let rb = row_block(kind, tb, r);
-        match kind {
-            KQuant::Q4K | KQuant::Q5K => {
-                for s in 0..8 {
-                    let isum: i32 = (32 * s..32 * s + 32)
-                        .map(|i| rb.v[i] as i32 * a.qs[i] as i32)
-                        .sum();
-                    let scale = rb.d * rb.sc[s] as f32;
-                    let min = rb.dmin * rb.mn[s] as f32;
-                    *acc = (isum as f32).mul_add(scale * a.d, *acc);
-                    let bsum = (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;
-                    *acc = (-min).mul_add(a.d * bsum, *acc);
+/// One tile against one activation row in the kernels' order, one row at a time: the
+/// reference the SIMD kernels are checked against, and what runs where none does.
+fn tile_scalar(kind: KQuant, order: Order, tile: &[u8], act: &[Q8KBlock]) -> [f32; TILE] {
+    let tb = kind.tile_bytes();
+    let mut out = [0f32; TILE];
+    for (r, out) in out.iter_mut().enumerate() {
+        // Order::Lanes: candle's eight lanes, lane l holding weights 4l..4l+3 of every 32.
+        let (mut acc, mut lanes) = (0f32, [0f32; 8]);
+        for (b, a) in act.iter().enumerate() {
+            let rb = row_block(kind, &tile[b * tb..(b + 1) * tb], r);
+            let dot = |from: usize, len: usize| -> i32 {
+                (from..from + len)
+                    .map(|i| rb.v[i] as i32 * a.qs[i] as i32)
+                    .sum()
+            };
+            match (kind, order) {
+                (KQuant::Q4K | KQuant::Q5K, _) => {
+                    for s in 0..8 {
+                        let scale = rb.d * rb.sc[s] as f32;
+                        let min = rb.dmin * rb.mn[s] as f32;
+                        acc = (dot(32 * s, 32) as f32).mul_add(scale * a.d, acc);
+                        let bsum = (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;
+                        acc = (-min).mul_add(a.d * bsum, acc);
+                    }
+                }
+                (KQuant::Q6K, Order::SubBlocks) => {
+                    for s in 0..16 {
+                        let scale = rb.d * rb.sc[s] as f32;
+                        let f = dot(16 * s, 16) as f32 - 32.0 * a.bsums[s] as f32;
+                        acc = f.mul_add(scale * a.d, acc);
+                    }
+                }
+                (KQuant::Q6K, Order::Lanes) => {
+                    let d = a.d * rb.d;
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let isum: i32 = (0..8)
+                            .map(|c| {
+                                let at = 32 * c + 4 * l;
+                                let asum: i32 = (at..at + 4).map(|i| a.qs[i] as i32).sum();
+                                rb.sc[at / 16] * (dot(at, 4) - 32 * asum)
+                            })
+                            .sum();
+                        *lane = d.mul_add(isum as f32, *lane);
+                    }
                 }
             }
-            KQuant::Q6K => {
-                for s in 0..16 {
-                    let isum: i32 = (16 * s..16 * s + 16)
-                        .map(|i| rb.v[i] as i32 * a.qs[i] as i32)
-                        .sum();
-                    let scale = rb.d * rb.sc[s] as f32;
-                    let f = isum as f32 - 32.0 * a.bsums[s] as f32;
-                    *acc = f.mul_add(scale * a.d, *acc);
-                }
+        }
+        *out = match order {
+            Order::SubBlocks => acc,
+            // candle's hsum_float_8.
+            Order::Lanes => {
+                let x = lanes;
+                ((x[4] + x[0]) + (x[6] + x[2])) + ((x[5] + x[1]) + (x[7] + x[3]))
             }
+        };
+    }
+    out
+}
+
+/// The order a kernel adds its float terms in (see the module comment): per sub-block (the
+/// tiles of candle's x86 kernels) or, for Q6_K with one activation row, per super-block in
+/// eight lanes summed at the end (candle's vec_dot, which it runs for Q6_K decode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Order {
+    SubBlocks,
+    Lanes,
+}
+
+impl Order {
+    fn of(kind: KQuant, m: usize) -> Self {
+        if kind == KQuant::Q6K && m == 1 {
+            Self::Lanes
+        } else {
+            Self::SubBlocks
         }
     }
 }
 
 /// One tile (all its super-blocks) against up to four activation rows: `acc[i][r]`.
 #[allow(unused_variables)]
-fn tile_rows(isa: Option<Isa>, kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) -> [[f32; 8]; 4] {
+fn tile_rows(
+    isa: Option<Isa>,
+    kind: KQuant,
+    order: Order,
+    tile: &[u8],
+    acts: &[&[Q8KBlock]],
+) -> [[f32; 8]; 4] {
     match isa {
         // SAFETY: Kind::from_dtype routes K-quants here only on x86-64 where isa() found
         // AVX2 (and FMA, F16C), which every x86 instruction set tokentop detects includes.
         #[cfg(target_arch = "x86_64")]
-        Some(_) => unsafe { super::kquant_avx2::tile_rows(kind, tile, acts) },
+        Some(_) => unsafe { super::kquant_avx2::tile_rows(kind, order, tile, acts) },
         #[allow(unreachable_patterns)]
         _ => {
-            let tb = kind.tile_bytes();
             let mut out = [[0f32; 8]; 4];
             for (o, act) in out.iter_mut().zip(acts) {
-                for (b, a) in act.iter().enumerate() {
-                    tile_block_scalar(kind, &tile[b * tb..(b + 1) * tb], a, o);
-                }
+                *o = tile_scalar(kind, order, tile, act);
             }
             out
         }
@@ -442,11 +496,12 @@ pub(super) fn matmul_jobs(isa: Option<Isa>, kind: KQuant, jobs: &[Job]) -> Vec<V
             let (n, ti) = (w.n, g - starts[t]);
             let tile = &w.data()[ti * kb * tb..(ti + 1) * kb * tb];
             let rows = TILE.min(n - ti * TILE);
+            let order = Order::of(kind, m);
             for i0 in (0..m).step_by(4) {
                 let mt = 4.min(m - i0);
                 let rows_x: [&[Q8KBlock]; 4] =
                     std::array::from_fn(|i| &acts[(i0 + i.min(mt - 1)) * kb..][..kb]);
-                let v = tile_rows(isa, kind, tile, &rows_x[..mt]);
+                let v = tile_rows(isa, kind, order, tile, &rows_x[..mt]);
                 for (di, v) in v.iter().enumerate().take(mt) {
                     for (r, &v) in v.iter().enumerate().take(rows) {
                         // SAFETY: element (i0 + di, ti·8 + r) of job t's output belongs to
@@ -483,7 +538,8 @@ mod tests {
     /// shapes (m = 33 takes candle's AMX route where the CPU has one), with row counts that
     /// fill whole tiles and that leave a 4-row tail:
     /// - bit-identical where candle runs its x86 tiles (Q4_K, and Q6_K for m > 1, when n is
-    ///   a multiple of 16): the same float updates in the same order;
+    ///   a multiple of 16) and for Q6_K decode (m = 1, candle's vec_dot order replayed): the
+    ///   same float updates in the same order;
     /// - elsewhere (candle's vec_dot kernels: 8 lanes per super-block, summed at the end)
     ///   within 1e-5 of Σ|w·x|: the same products, added in another order;
     /// - always bit-identical to the scalar reference of the kernels' order, for every
@@ -529,8 +585,12 @@ mod tests {
                     let ours = matmul_jobs(Some(isa), kq, &job).pop().unwrap();
                     let scalar = matmul_jobs(None, kq, &job).pop().unwrap();
                     assert_eq!(ours, scalar, "{dtype:?} n={n} m={m}: SIMD vs scalar order");
-                    let candle_tiles = n % 16 == 0
-                        && (dtype == GgmlDType::Q4K || (dtype == GgmlDType::Q6K && m > 1));
+                    let candle_tiles = match dtype {
+                        GgmlDType::Q4K => n % 16 == 0,
+                        // m = 1: both run candle's vec_dot order, whatever n.
+                        GgmlDType::Q6K => n % 16 == 0 || m == 1,
+                        _ => false,
+                    };
                     if candle_tiles {
                         assert_eq!(ours, theirs, "{dtype:?} n={n} m={m}");
                         exact_cases += ours.len();
@@ -556,7 +616,7 @@ mod tests {
             }
         }
         eprintln!(
-            "{isa:?}: {exact_cases} values bit-identical to candle's tiles, {reordered_cases} against its vec_dot order within tolerance"
+            "{isa:?}: {exact_cases} values bit-identical to candle, {reordered_cases} in another order within tolerance"
         );
     }
 

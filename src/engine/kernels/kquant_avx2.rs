@@ -2,7 +2,7 @@
 //! activations broadcast four bytes at a time, the float updates in candle's order (see
 //! kquant.rs).
 
-use super::kquant::{layout::*, KQuant, Q8KBlock, TILE};
+use super::kquant::{layout::*, KQuant, Order, Q8KBlock, TILE};
 use std::arch::x86_64::*;
 
 /// Four activation bytes broadcast to every lane.
@@ -167,6 +167,64 @@ unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT
     acc
 }
 
+/// Q6_K against one activation row in candle's vec_dot order: per super-block, eight lane
+/// sums per row (lane l: weights 4l..4l+3 of every 32, times their sub-block scale, exact
+/// integers), `lane = fma(d·d_a, lane, lane)`, and at the end candle's hsum_float_8.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_lanes(tile: &[u8], act: &[Q8KBlock]) -> __m256 {
+    let tb = KQuant::Q6K.tile_bytes();
+    debug_assert!(tile.len() >= act.len() * tb);
+    let mask = _mm256_set1_epi8(0x0F);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let m32 = _mm256_set1_epi8(32);
+    // lanes[l]: lane l of every row (one row per vector lane).
+    let mut lanes = [_mm256_setzero_ps(); 8];
+    for (b, a) in act.iter().enumerate() {
+        let p = tile.as_ptr().add(b * tb);
+        let d = _mm256_mul_ps(_mm256_set1_ps(a.d), halves(p.add(D6)));
+        let mut isum = [_mm256_setzero_si256(); 8];
+        for s in 0..16 {
+            // Each row's scale in both 16-bit halves of its 32-bit lane.
+            let sc = _mm_loadl_epi64(p.add(SC6 + s * TILE) as *const __m128i);
+            let sc = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc, sc));
+            let h = _mm256_loadu_si256(p.add(QH6 + s * 32) as *const __m256i);
+            for hh in 0..2 {
+                let w = _mm256_loadu_si256(p.add(QL6 + (2 * s + hh) * 32) as *const __m256i);
+                let qi = 2 * hh as i32;
+                let quads = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(w, mask),
+                        _mm256_and_si256(shift(h, 4 - 2 * qi), bits45),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(w, 4), mask),
+                        _mm256_and_si256(shift(h, 2 - 2 * qi), bits45),
+                    ),
+                ];
+                for (e, q) in quads.into_iter().enumerate() {
+                    let i = 2 * hh + e;
+                    let y = bcast(a.qs.as_ptr().add(16 * s + 4 * i));
+                    // (q − 32)·a per pair, |·| ≤ 2·32·128, as candle subtracts 32·a.
+                    let p16 = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(q, y),
+                        _mm256_maddubs_epi16(m32, y),
+                    );
+                    let l = 4 * (s % 2) + i;
+                    isum[l] = _mm256_add_epi32(isum[l], _mm256_madd_epi16(p16, sc));
+                }
+            }
+        }
+        for (lane, isum) in lanes.iter_mut().zip(isum) {
+            *lane = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), *lane);
+        }
+    }
+    let x = lanes;
+    _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(x[4], x[0]), _mm256_add_ps(x[6], x[2])),
+        _mm256_add_ps(_mm256_add_ps(x[5], x[1]), _mm256_add_ps(x[7], x[3])),
+    )
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run<const MT: usize>(kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) -> [[f32; 8]; 4] {
     let acc = match kind {
@@ -188,7 +246,18 @@ unsafe fn run<const MT: usize>(kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) 
 /// The CPU runs AVX2, FMA and F16C; `tile` holds `acts[i].len()` packed super-blocks of
 /// `kind`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_rows(kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) -> [[f32; 8]; 4] {
+pub unsafe fn tile_rows(
+    kind: KQuant,
+    order: Order,
+    tile: &[u8],
+    acts: &[&[Q8KBlock]],
+) -> [[f32; 8]; 4] {
+    if order == Order::Lanes {
+        debug_assert!(kind == KQuant::Q6K && acts.len() == 1);
+        let mut out = [[0f32; 8]; 4];
+        _mm256_storeu_ps(out[0].as_mut_ptr(), q6k_lanes(tile, acts[0]));
+        return out;
+    }
     match acts.len() {
         1 => run::<1>(kind, tile, acts),
         2 => run::<2>(kind, tile, acts),
