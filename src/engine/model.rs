@@ -439,7 +439,7 @@ impl Matrix {
             q.shape().dims(),
             q.device().is_cpu(),
         ) {
-            if k % kernels::QK == 0 {
+            if k % kind.block_weights() == 0 {
                 return Ok(Self::Blocks(Arc::new(Packed::new(kind, &q.data()?, n, k))));
             }
         }

@@ -55,6 +55,7 @@ unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> __m256i {
             _mm256_and_si256(bits(h), _mm256_set1_epi8(0x10)),
         ),
         Kind::Q8_0 => _mm256_loadu_si256(q as *const __m256i),
+        Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("K-quants run in kquant_avx2.rs"),
     }
 }
 

@@ -22,12 +22,15 @@
 //!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
 //!   where candle's own choice of kernel differs, and by how much).
 
+mod kquant;
 mod legacy;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod kquant_avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -202,6 +205,9 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
             .all(|j| j.w.kind == kind && j.w.k == k && j.x.len() % k == 0),
         "one kind and width"
     );
+    if let Some(kq) = kind.kquant() {
+        return kquant::matmul_jobs(Some(isa), kq, jobs);
+    }
     let nb = k / QK;
     // Quantized activations, once per distinct input slice.
     let mut inputs: Vec<(*const f32, usize)> = Vec::new();
