@@ -3,7 +3,8 @@
 use crate::catalog::{fetch, Catalog, ModelRef};
 use crate::engine::worker::EngineHandle;
 use crate::protocol::{
-    EngineCmd, EngineEvent, GenParams, LoadOptions, Message, ModelInfo, RequestId, Role,
+    EngineCmd, EngineEvent, GenParams, KvType, KvTypes, LoadOptions, Message, ModelInfo, RequestId,
+    Role,
 };
 use crate::stats::ollama_block;
 use anyhow::{anyhow, bail, Context, Result};
@@ -69,6 +70,28 @@ pub struct PerplexityCli {
     /// Score at most this many chunks (default: all the text holds).
     #[arg(long, allow_negative_numbers = true, value_parser = count("chunks", 1, usize::MAX))]
     pub chunks: Option<usize>,
+    #[command(flatten)]
+    pub kv: CacheArgs,
+}
+
+/// The KV cache's element types on the CPU, with llama.cpp's option names.
+#[derive(Debug, Args, Clone, Copy, Default)]
+pub struct CacheArgs {
+    /// Type of the cached keys on the CPU: f16, q8_0 or f32 (a GPU's cache is f32).
+    #[arg(long = "cache-type-k", value_enum, default_value_t = KvType::F16)]
+    pub k: KvType,
+    /// Type of the cached values on the CPU: f16, q8_0 or f32.
+    #[arg(long = "cache-type-v", value_enum, default_value_t = KvType::F16)]
+    pub v: KvType,
+}
+
+impl CacheArgs {
+    pub fn types(&self) -> KvTypes {
+        KvTypes {
+            k: self.k,
+            v: self.v,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +151,8 @@ pub struct BenchCli {
     pub reps: usize,
     #[arg(short = 'o', long, value_enum, default_value = "md")]
     pub output: crate::bench::Output,
+    #[command(flatten)]
+    pub kv: CacheArgs,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +224,8 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 4096, allow_negative_numbers = true,
           value_parser = count("context length", 1, MAX_TOKENS_ARG))]
     pub ctx: usize,
+    #[command(flatten)]
+    pub kv: CacheArgs,
 }
 
 /// The largest token count any option takes (2^24 = 16,777,216): more than any model's
@@ -473,14 +500,21 @@ struct EngineGone;
 
 /// Loads a model on the engine thread, waiting for the handshake.
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
-    load_on(engine, path, ctx, false)
+    load_on(engine, path, ctx, KvTypes::default(), false)
 }
 
-fn load_on(engine: &EngineHandle, path: PathBuf, ctx: usize, remote: bool) -> Result<ModelInfo> {
+fn load_on(
+    engine: &EngineHandle,
+    path: PathBuf,
+    ctx: usize,
+    kv: KvTypes,
+    remote: bool,
+) -> Result<ModelInfo> {
     engine.send(EngineCmd::Load {
         path,
         opts: LoadOptions {
             n_ctx: ctx,
+            kv,
             ..Default::default()
         },
     });
@@ -516,7 +550,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     // An engine panic is reported as one error line rather than a panic message.
     let _hook = crate::app::PanicHook::install(false);
     let remote = args.endpoint.is_some();
-    let mut info = load_on(&engine, path, args.gen.ctx, remote)?;
+    let mut info = load_on(&engine, path, args.gen.ctx, args.gen.kv.types(), remote)?;
     if !remote {
         info.name = catalog.model_title(&info.path);
     }
@@ -757,6 +791,7 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         theme,
         params: args.gen.params(),
         n_ctx: args.gen.ctx,
+        kv: args.gen.kv.types(),
         profiles,
         system: args.system.clone(),
         endpoint,
@@ -776,6 +811,7 @@ pub fn perplexity(catalog: &Catalog, p: &PerplexityCli) -> Result<()> {
     let device = crate::engine::default_device();
     let opts = LoadOptions {
         n_ctx: p.ctx,
+        kv: p.kv.types(),
         ..Default::default()
     };
     let mut engine = crate::engine::Engine::load(&path, &opts, &device)?;
@@ -821,6 +857,7 @@ pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
         threads,
         reps: b.reps,
         output: b.output,
+        kv: b.kv.types(),
     })?;
     print_out(&table)
 }

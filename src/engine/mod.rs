@@ -224,11 +224,12 @@ impl Engine {
         let n_ctx = hp.context_len(opts.n_ctx);
         check_fits(
             g.weight_bytes(),
-            hp.context_bytes(n_ctx, PREFILL_CHUNK),
+            hp.context_bytes(n_ctx, PREFILL_CHUNK, device.is_cpu().then_some(opts.kv)),
             n_ctx,
             available_for_weights(device),
         )?;
-        let model = Model::load(&mut g, opts.n_ctx, device)?;
+        let mut model = Model::load(&mut g, opts.n_ctx, device)?;
+        model.set_kv_types(opts.kv)?;
         let name = g
             .get_str("general.name")
             .map(str::to_string)
