@@ -18,7 +18,7 @@
 
 use super::{
     attend, attention_mask, check_finite, fetch, moe, norm, Act, Arch, Embedding, Ffn, GateUp,
-    Gguf, HParams, KvCache, Matrix, Mlp, Rope,
+    Gguf, HParams, KvCache, Linear, Matrix, Mlp, Qkv, Rope,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -234,10 +234,9 @@ struct DeltaNet {
 
 #[derive(Debug)]
 struct GatedAttention {
-    /// Query and gate, interleaved per head: [q (head_dim), gate (head_dim)] × heads.
-    q: Matrix,
-    k: Matrix,
-    v: Matrix,
+    /// Query and gate, interleaved per head: [q (head_dim), gate (head_dim)] × heads; then
+    /// keys and values (separate, or one matrix in that order).
+    qkv: Qkv,
     q_norm: Tensor,
     k_norm: Tensor,
     out: Matrix,
@@ -325,10 +324,26 @@ impl Hybrid {
                     state: State::default(),
                 }))
             } else {
+                let qkv = if g.has_tensor(&n("attn_qkv.weight")) {
+                    Qkv::Fused(Linear {
+                        w: qmm(g, &n("attn_qkv.weight"), 2 * qd + 2 * kvd, e)?,
+                        b: None,
+                    })
+                } else {
+                    let m = |g: &mut Gguf, s: &str, rows: usize| -> Result<Linear> {
+                        Ok(Linear {
+                            w: qmm(g, &n(s), rows, e)?,
+                            b: None,
+                        })
+                    };
+                    Qkv::Separate {
+                        q: m(g, "attn_q.weight", 2 * qd)?,
+                        k: m(g, "attn_k.weight", kvd)?,
+                        v: m(g, "attn_v.weight", kvd)?,
+                    }
+                };
                 Mixer::Attention(GatedAttention {
-                    q: qmm(g, &n("attn_q.weight"), 2 * qd, e)?,
-                    k: qmm(g, &n("attn_k.weight"), kvd, e)?,
-                    v: qmm(g, &n("attn_v.weight"), kvd, e)?,
+                    qkv,
                     q_norm: vec_f32(g, &n("attn_q_norm.weight"), hd)?,
                     k_norm: vec_f32(g, &n("attn_k_norm.weight"), hd)?,
                     out: qmm(g, &n("attn_output.weight"), e, qd)?,
@@ -536,7 +551,17 @@ impl GatedAttention {
     ) -> Result<Tensor> {
         let (b, seq, _) = h.dims3()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
-        let [qg, k, v] = Matrix::forward_many([&self.q, &self.k, &self.v], h)?;
+        let [qg, k, v] = match &self.qkv {
+            Qkv::Separate { q, k, v } => Matrix::forward_many([&q.w, &k.w, &v.w], h)?,
+            Qkv::Fused(all) => {
+                let all = all.forward(h)?;
+                [
+                    all.narrow(D::Minus1, 0, 2 * nh * hd)?,
+                    all.narrow(D::Minus1, 2 * nh * hd, nkv * hd)?,
+                    all.narrow(D::Minus1, (2 * nh + nkv) * hd, nkv * hd)?,
+                ]
+            }
+        };
         let qg = qg.reshape((b, seq, nh, 2 * hd))?;
         let q = norm(
             &qg.narrow(D::Minus1, 0, hd)?.contiguous()?,
@@ -585,8 +610,78 @@ fn l2_normalize(x: &mut [f32], eps: f32) {
     x.iter_mut().for_each(|v| *v *= scale);
 }
 
+/// A dot product in eight lanes, so the compiler vectorizes it (a plain `sum` must add in
+/// order and does not).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A buffer the head tasks write disjoint parts of.
+struct Shared(*mut f32);
+// SAFETY: each task touches only its own head's state and output elements, and the buffers
+// outlive the parallel call.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// The delta rule for one value head over `seq` tokens (ggml's
+/// gated_delta_net: decay, error against what the state recalls for k, rank-1 update,
+/// read-out with q), writing the head's outputs into `out` (seq × vd).
+#[allow(clippy::too_many_arguments)]
+fn delta_rule(
+    s: &mut [f32],
+    conv: &[f32],
+    gates: &[(f32, f32)],
+    out: &Shared,
+    head: usize,
+    dn: &DeltaNetParams,
+    seq: usize,
+) {
+    let (cd, sd, hv) = (dn.conv_dim(), dn.head_dim, dn.v_heads);
+    let (kd, vd) = (dn.key_dim(), dn.value_dim());
+    let kh = head % dn.k_heads;
+    let scale = 1.0 / (sd as f32).sqrt();
+    let mut delta = vec![0f32; sd];
+    for t in 0..seq {
+        let row = &conv[t * cd..(t + 1) * cd];
+        let q = &row[kh * sd..(kh + 1) * sd];
+        let k = &row[kd + kh * sd..kd + (kh + 1) * sd];
+        let v = &row[2 * kd + head * sd..2 * kd + (head + 1) * sd];
+        let (decay, beta) = gates[t * hv + head];
+        s.iter_mut().for_each(|x| *x *= decay);
+        for (j, d) in delta.iter_mut().enumerate() {
+            *d = (v[j] - dot(&s[j * sd..(j + 1) * sd], k)) * beta;
+        }
+        for (j, d) in delta.iter().enumerate() {
+            for (x, ki) in s[j * sd..(j + 1) * sd].iter_mut().zip(k) {
+                *x += ki * d;
+            }
+        }
+        for j in 0..sd {
+            let o = dot(&s[j * sd..(j + 1) * sd], q) * scale;
+            // SAFETY: element (t, head, j) belongs to this head's task alone.
+            unsafe { *out.at(t * vd + head * sd + j) = o };
+        }
+    }
 }
 
 impl DeltaNet {
@@ -605,6 +700,13 @@ impl DeltaNet {
         let (qkv, beta, alpha) = (host(&qkv)?, host(&beta)?, host(&alpha)?);
         let (cd, kc, sd, hv) = (dn.conv_dim(), dn.d_conv, dn.head_dim, dn.v_heads);
         let (kd, vd) = (dn.key_dim(), dn.value_dim());
+        let state_len = self.state.ssm.len();
+        if state_len != hv * sd * sd {
+            bail!(
+                "Gated DeltaNet state of {state_len} values, expected {}",
+                hv * sd * sd
+            );
+        }
 
         // Causal convolution over the kept inputs and the new ones (ggml_ssm_conv), then SiLU.
         let mut input = std::mem::take(&mut self.state.conv);
@@ -619,38 +721,38 @@ impl DeltaNet {
         }
         self.state.conv = input[seq * cd..].to_vec();
 
-        let scale = 1.0 / (sd as f32).sqrt();
-        let mut out = vec![0f32; seq * vd];
-        let mut delta = vec![0f32; sd];
-        for t in 0..seq {
-            let row = &mut conv[t * cd..(t + 1) * cd];
+        // Unit-length queries and keys per head; the decay exp(softplus(α + dt) · A) and
+        // sigmoid(β) per token and value head.
+        for row in conv.chunks_exact_mut(cd) {
             for head in row[..2 * kd].chunks_exact_mut(sd) {
                 l2_normalize(head, eps as f32);
             }
-            let (q, rest) = row.split_at(kd);
-            let (k, v) = rest.split_at(kd);
-            for head in 0..hv {
-                let kh = head % dn.k_heads;
-                let (q, k) = (&q[kh * sd..(kh + 1) * sd], &k[kh * sd..(kh + 1) * sd]);
-                let v = &v[head * sd..(head + 1) * sd];
-                let g = softplus(alpha[t * hv + head] + self.dt_bias[head]) * self.a[head];
-                let beta = sigmoid(beta[t * hv + head]);
-                let s = &mut self.state.ssm[head * sd * sd..(head + 1) * sd * sd];
-                let decay = g.exp();
-                s.iter_mut().for_each(|x| *x *= decay);
-                for (j, d) in delta.iter_mut().enumerate() {
-                    *d = (v[j] - dot(&s[j * sd..(j + 1) * sd], k)) * beta;
-                }
-                for (j, d) in delta.iter().enumerate() {
-                    for (x, ki) in s[j * sd..(j + 1) * sd].iter_mut().zip(k) {
-                        *x += ki * d;
-                    }
-                }
-                let o = &mut out[t * vd + head * sd..t * vd + (head + 1) * sd];
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = dot(&s[j * sd..(j + 1) * sd], q) * scale;
-                }
+        }
+        let gates: Vec<(f32, f32)> = (0..seq * hv)
+            .map(|i| {
+                let head = i % hv;
+                let g = softplus(alpha[i] + self.dt_bias[head]) * self.a[head];
+                (g.exp(), sigmoid(beta[i]))
+            })
+            .collect();
+        // The value heads are independent: one task each, over all the tokens.
+        let mut out = vec![0f32; seq * vd];
+        let shared = Shared(out.as_mut_ptr());
+        let states = Shared(self.state.ssm.as_mut_ptr());
+        let run = |heads: std::ops::Range<usize>| {
+            for head in heads {
+                // SAFETY: head `head`'s state slice is touched by this task alone.
+                let s =
+                    unsafe { std::slice::from_raw_parts_mut(states.at(head * sd * sd), sd * sd) };
+                delta_rule(s, &conv, &gates, &shared, head, dn, seq);
             }
+        };
+        // (Small enough that the tests' prompts take the parallel path and their decode steps
+        // the inline one.)
+        if seq * hv * sd * sd < 1 << 14 {
+            run(0..hv);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(hv, run);
         }
 
         // Gated RMS norm per value head: norm(o) × silu(z).
