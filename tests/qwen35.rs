@@ -264,3 +264,61 @@ fn the_engine_answers_a_second_turn_from_the_cache_as_a_fresh_engine_does() {
     let (fresh, _) = answer(&mut again, &msgs);
     assert_eq!(second, fresh);
 }
+
+/// Rewrites `path` with `edit` applied to its metadata.
+fn with_metadata(
+    path: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut Vec<(String, candle_core::quantized::gguf_file::Value)>),
+) {
+    use candle_core::quantized::gguf_file;
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, gguf_file::Value)> = c.metadata.clone().into_iter().collect();
+    edit(&mut md);
+    let ts: Vec<(String, candle_core::quantized::QTensor)> = c
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), c.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(out).unwrap(), &md, &ts).unwrap();
+}
+
+/// Qwen3.5 GGUFs that keep the multi-token-prediction block count it in `block_count`
+/// (`nextn_predict_layers` = 1): the decoder is the blocks before it, as in llama.cpp.
+#[test]
+fn a_multi_token_prediction_block_is_not_a_decoder_layer() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "qwen35moe", GgmlDType::Q8_0);
+    let mtp = dir.path().join("mtp.gguf");
+    with_metadata(&path, &mtp, |md| {
+        for (k, v) in md.iter_mut() {
+            if k == "qwen35moe.block_count" {
+                *v = Value::U32(5);
+            }
+        }
+        md.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(1)));
+    });
+    let tokens = ascii("hello there");
+    let mut m = load(&mtp);
+    assert_eq!(m.hp.n_layer, 4);
+    let diff = common::max_abs_diff(&m.forward(&tokens).unwrap(), &fresh(&path, &tokens));
+    assert_eq!(diff, 0.0);
+
+    // A corrupt count is an error naming the key.
+    let bad = dir.path().join("bad.gguf");
+    with_metadata(&path, &bad, |md| {
+        md.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(9)))
+    });
+    let err = Model::load(&mut Gguf::open(&bad).unwrap(), 512, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("nextn_predict_layers"),
+        "{err:#}"
+    );
+}

@@ -151,9 +151,17 @@ impl HParams {
             Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
             _ => 1.0,
         };
+        let delta_net = qwen35::DeltaNetParams::from_gguf(g, arch)?;
+        let nextn = delta_net.as_ref().map_or(0, |d| d.nextn_layers);
+        if nextn >= n_layer {
+            bail!(
+                "{}: {p}.nextn_predict_layers is {nextn} of {n_layer} blocks",
+                g.path.display()
+            );
+        }
         let hp = Self {
             arch,
-            n_layer,
+            n_layer: n_layer - nextn,
             n_embd,
             n_head,
             n_kv_head,
@@ -170,7 +178,7 @@ impl HParams {
             swa_period: 6,
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
-            delta_net: qwen35::DeltaNetParams::from_gguf(g, arch)?,
+            delta_net,
         };
         hp.check(g)?;
         Ok(hp)

@@ -41,6 +41,9 @@ pub struct DeltaNetParams {
     pub full_attention_interval: usize,
     /// llama.cpp's multi-axis rope sections (`rope.dimension_sections`).
     pub rope_sections: [usize; 4],
+    /// Multi-token-prediction blocks after the decoder's (`nextn_predict_layers`), counted in
+    /// `block_count`; llama.cpp does not run them in the main pass and neither does tokentop.
+    pub nextn_layers: usize,
 }
 
 impl DeltaNetParams {
@@ -76,6 +79,7 @@ impl DeltaNetParams {
             full_attention_interval: g.get_u32(&key("full_attention_interval")).unwrap_or(4)
                 as usize,
             rope_sections,
+            nextn_layers: g.get_u32(&key("nextn_predict_layers")).unwrap_or(0) as usize,
         };
         let inner = need("ssm.inner_size")?;
         let file = g.path.display();
