@@ -3,6 +3,7 @@
 //! same greedy tokens for 64 steps, top-10 log-probabilities within 1e-3), and multi-turn reuse
 //! of the recurrent state against fresh passes.
 mod common;
+mod gguf_tools;
 mod llama_server;
 
 use candle_core::quantized::GgmlDType;
@@ -320,5 +321,103 @@ fn a_multi_token_prediction_block_is_not_a_decoder_layer() {
     assert!(
         format!("{err:#}").contains("nextn_predict_layers"),
         "{err:#}"
+    );
+}
+
+/// The child process's entry point for `hostile_hyper_parameters_are_errors_not_crashes`.
+#[test]
+fn child_entry() {
+    gguf_tools::child_load_cases();
+}
+
+/// Every Qwen3.5 hyper-parameter set to values from 0 to 2^32 - 1 (and the rope sections to
+/// odd arrays): each file, loaded in a memory-capped child and asked for two tokens, ends in
+/// an answer or a one-line error; the ones tokentop checks name their key.
+#[test]
+fn hostile_hyper_parameters_are_errors_not_crashes() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut named = Vec::new();
+    for arch in ["qwen35", "qwen35moe"] {
+        let base = write(dir.path(), arch, GgmlDType::Q8_0);
+        let keys = [
+            "ssm.conv_kernel",
+            "ssm.state_size",
+            "ssm.group_count",
+            "ssm.time_step_rank",
+            "ssm.inner_size",
+            "full_attention_interval",
+            "nextn_predict_layers",
+            "rope.dimension_count",
+            "attention.key_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "expert_count",
+            "expert_used_count",
+            "block_count",
+        ];
+        let mut cases: Vec<(String, Value)> = Vec::new();
+        for key in keys {
+            for v in [0u32, 1, 2, 3, 5, 64, 1 << 20, u32::MAX] {
+                cases.push((format!("{arch}.{key}"), Value::U32(v)));
+            }
+        }
+        for sections in [
+            vec![],
+            vec![0, 0, 0, 0],
+            vec![-1, 2, 1, 0],
+            vec![100, 0, 0, 0],
+            vec![1],
+        ] {
+            cases.push((
+                format!("{arch}.rope.dimension_sections"),
+                Value::Array(sections.into_iter().map(Value::I32).collect()),
+            ));
+        }
+        for (i, (key, value)) in cases.into_iter().enumerate() {
+            let out = dir.path().join(format!("{arch}-{i}.gguf"));
+            let k = key.clone();
+            with_metadata(&base, &out, move |md| {
+                md.retain(|(name, _)| name != &k);
+                md.push((k, value));
+            });
+            named.push(key);
+            files.push(out);
+        }
+    }
+    let outcomes = gguf_tools::load_capped("child_entry", dir.path(), &files);
+    let (mut answered, mut errors) = (0, 0);
+    for ((o, key), file) in outcomes.iter().zip(&named).zip(&files) {
+        match o {
+            gguf_tools::Outcome::Answered => answered += 1,
+            gguf_tools::Outcome::Error(e) => {
+                errors += 1;
+                assert!(!e.contains('\n'), "{}: {e}", file.display());
+                // The keys this module checks say which key is wrong.
+                let own = [
+                    "ssm.",
+                    "full_attention_interval",
+                    "nextn_predict_layers",
+                    "dimension_sections",
+                ];
+                if own.iter().any(|k| key.contains(k)) && e.contains("qwen35") {
+                    let short = key.rsplit('.').next().unwrap();
+                    assert!(
+                        e.contains(short) || e.contains("has shape") || e.contains("lacks"),
+                        "{key} in {}: {e}",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} hostile files: {answered} answered, {errors} errors",
+        files.len()
+    );
+    assert!(
+        errors > files.len() / 2,
+        "{answered} answered, {errors} errors"
     );
 }
