@@ -198,7 +198,7 @@ impl DeltaNetParams {
         let factors: Vec<f32> = (0..hp.rope_dim / 2)
             .map(|i| {
                 let sector = i % sect_dims;
-                let text_axis = (sector % 3 == 0 && sector < 3 * s[0])
+                let text_axis = (sector.is_multiple_of(3) && sector < 3 * s[0])
                     || (sector % 3 == 1 && sector < 3 * s[1])
                     || (sector % 3 == 2 && sector < 3 * s[2]);
                 if text_axis {
