@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 pub(crate) mod attention;
 mod moe;
+mod qwen35;
 
 /// The architectures this engine runs, by their GGUF `general.architecture` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,11 +27,22 @@ pub enum Arch {
     Qwen3Moe,
     Gemma3,
     Phi3,
+    /// Qwen3.5 / Qwen3.6: Gated DeltaNet layers between gated full attention (model/qwen35.rs).
+    Qwen35,
+    Qwen35Moe,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 6] =
-        ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3"];
+    pub const SUPPORTED: [&'static str; 8] = [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen3moe",
+        "gemma3",
+        "phi3",
+        "qwen35",
+        "qwen35moe",
+    ];
 
     pub fn from_gguf_name(name: &str) -> Result<Self> {
         Ok(match name {
@@ -40,6 +52,8 @@ impl Arch {
             "qwen3moe" => Self::Qwen3Moe,
             "gemma3" => Self::Gemma3,
             "phi3" => Self::Phi3,
+            "qwen35" => Self::Qwen35,
+            "qwen35moe" => Self::Qwen35Moe,
             other => bail!(
                 "unsupported architecture \"{other}\": tokentop runs {}",
                 Self::SUPPORTED.join(", ")
@@ -55,6 +69,8 @@ impl Arch {
             Self::Qwen3Moe => "qwen3moe",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
+            Self::Qwen35 => "qwen35",
+            Self::Qwen35Moe => "qwen35moe",
         }
     }
 
@@ -86,6 +102,8 @@ pub struct HParams {
     pub swa_period: usize,
     pub rope_base_local: f32,
     pub rope_scale_global: f32,
+    /// Qwen3.5's linear-attention layers (None for every other architecture).
+    pub delta_net: Option<qwen35::DeltaNetParams>,
 }
 
 impl HParams {
@@ -135,9 +153,17 @@ impl HParams {
             Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
             _ => 1.0,
         };
+        let delta_net = qwen35::DeltaNetParams::from_gguf(g, arch)?;
+        let nextn = delta_net.as_ref().map_or(0, |d| d.nextn_layers);
+        if nextn >= n_layer {
+            bail!(
+                "{}: {p}.nextn_predict_layers is {nextn} of {n_layer} blocks",
+                g.path.display()
+            );
+        }
         let hp = Self {
             arch,
-            n_layer,
+            n_layer: n_layer - nextn,
             n_embd,
             n_head,
             n_kv_head,
@@ -154,6 +180,7 @@ impl HParams {
             swa_period: 6,
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
+            delta_net,
         };
         hp.check(g)?;
         Ok(hp)
@@ -206,15 +233,32 @@ impl HParams {
             bail!("{file}: {p}.attention.key_length is 0");
         }
         let shape = |name: &str| g.tensor_dims(name).map(<[usize]>::to_vec);
-        let want_q = if let Some(d) = shape("blk.0.attn_qkv.weight") {
+        let want_q = if let Some(dn) = &self.delta_net {
+            // Gated attention: the Q projection yields a query and a gate per head.
+            dn.check(g, self)?;
+            match dn.first_attention_layer(self.n_layer) {
+                Some(i) => {
+                    let name = format!("blk.{i}.attn_q.weight");
+                    let d = shape(&name).with_context(|| {
+                        format!("{file} lacks the tensor {name} its architecture needs")
+                    })?;
+                    (d, vec![q_rows.saturating_mul(2), self.n_embd], name)
+                }
+                None => (vec![], vec![], String::new()),
+            }
+        } else if let Some(d) = shape("blk.0.attn_qkv.weight") {
             let rows = q_rows.checked_add(kv_rows.saturating_mul(2));
             (
                 d,
                 vec![rows.unwrap_or(usize::MAX), self.n_embd],
-                "blk.0.attn_qkv.weight",
+                "blk.0.attn_qkv.weight".to_string(),
             )
         } else if let Some(d) = shape("blk.0.attn_q.weight") {
-            (d, vec![q_rows, self.n_embd], "blk.0.attn_q.weight")
+            (
+                d,
+                vec![q_rows, self.n_embd],
+                "blk.0.attn_q.weight".to_string(),
+            )
         } else {
             bail!("{file} lacks the tensor blk.0.attn_q.weight its architecture needs");
         };
@@ -290,8 +334,13 @@ impl HParams {
     pub fn context_bytes(&self, n_ctx: usize, chunk: usize, kv: Option<KvTypes>) -> u64 {
         let f = 4u64; // f32
         let (ctx, chunk) = (n_ctx as u64, chunk.min(n_ctx) as u64);
+        // Qwen3.5's Gated DeltaNet layers keep a recurrent state instead of a KV cache.
+        let attn_layers = self
+            .delta_net
+            .as_ref()
+            .map_or(self.n_layer, |d| d.attention_layers(self.n_layer));
         let per_pos = |bytes_per_row: u64| {
-            (self.n_layer as u64)
+            (attn_layers as u64)
                 .saturating_mul(self.n_kv_head as u64)
                 .saturating_mul(bytes_per_row)
                 .saturating_mul(ctx)
@@ -312,6 +361,11 @@ impl HParams {
                     .saturating_mul(f),
             ),
         };
+        let kv_bytes = kv_bytes.saturating_add(
+            self.delta_net
+                .as_ref()
+                .map_or(0, |d| d.state_bytes(self.n_layer)),
+        );
         let tables = 2u64
             .saturating_mul(3 * ctx)
             .saturating_mul(self.rope_dim as u64 / 2)
@@ -836,6 +890,8 @@ pub struct Model {
     output_norm: Tensor,
     output: Matrix,
     device: Device,
+    /// Qwen3.5's layers with their recurrent state (then `layers` is empty).
+    hybrid: Option<qwen35::Hybrid>,
 }
 
 fn norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -913,8 +969,12 @@ impl Model {
             hp.n_kv_head * hp.head_dim,
             hp.head_dim,
         );
+        let hybrid = match hp.delta_net {
+            Some(_) => Some(qwen35::Hybrid::load(g, &hp, n_ctx, dev)?),
+            None => None,
+        };
         let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
+        for i in 0..if hybrid.is_some() { 0 } else { hp.n_layer } {
             let p = format!("blk.{i}");
             let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
                 Qkv::Fused(linear(g, &format!("{p}.attn_qkv"), qd + 2 * kvd)?)
@@ -980,6 +1040,7 @@ impl Model {
             layers,
             output,
             device: dev.clone(),
+            hybrid,
         })
     }
 
@@ -989,11 +1050,17 @@ impl Model {
 
     /// Tokens currently held in the KV cache.
     pub fn cached_len(&self) -> usize {
+        if let Some(h) = &self.hybrid {
+            return h.cached_len();
+        }
         self.layers.first().map_or(0, |l| l.cache.len())
     }
 
     /// Keeps the first `len` cached positions and forgets the rest.
     pub fn truncate_cache(&mut self, len: usize) {
+        if let Some(h) = &mut self.hybrid {
+            h.truncate(len);
+        }
         for l in &mut self.layers {
             l.cache.truncate(len);
         }
@@ -1008,12 +1075,16 @@ impl Model {
         for l in &mut self.layers {
             l.cache = KvCache::new(types);
         }
+        if let Some(h) = &mut self.hybrid {
+            h.set_kv_types(types);
+        }
         Ok(())
     }
 
     /// Bytes the KV cache buffers occupy now.
     pub fn kv_cache_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.cache.bytes()).sum()
+        let hybrid = self.hybrid.as_ref().map_or(0, qwen35::Hybrid::bytes);
+        hybrid + self.layers.iter().map(|l| l.cache.bytes()).sum::<usize>()
     }
 
     /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
@@ -1059,6 +1130,9 @@ impl Model {
         let vocab = self.vocab_size() as u32;
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        if let Some(h) = &mut self.hybrid {
+            return h.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
         }
         let mut x = self.embed.lookup(tokens, &self.device)?;
         if let Some(s) = self.embed_scale {
@@ -1200,4 +1274,21 @@ fn layer_forward(
         f = norm(&f, w, hp.rms_eps)?;
     }
     Ok((x + f)?)
+}
+
+/// Appends `k`, `v` (b, kv heads, seq, head_dim) to `cache` at its end and attends `q` (b,
+/// heads, seq, head_dim) over it with no window: the heads' outputs as (b, seq, heads ×
+/// head_dim). For architectures whose attention blocks live in their own module (qwen35).
+pub(crate) fn attend(
+    cache: &mut KvCache,
+    hp: &HParams,
+    n_ctx: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scale = 1.0 / (hp.head_dim as f64).sqrt();
+    let pos = cache.len();
+    cached_attention(cache, q, k, v, pos, None, scale, n_ctx, mask)
 }
