@@ -24,8 +24,14 @@ fn write(dir: &Path, arch: &str, dtype: GgmlDType) -> PathBuf {
     common::synth(dir, &spec(arch, dtype))
 }
 
+/// The model with an f32 KV cache, as llama-server is started for the comparison (the f16
+/// cache's arithmetic is the attention's concern, tested in engine::model::attention).
 fn load(path: &Path) -> Model {
-    Model::load(&mut Gguf::open(path).unwrap(), 512, &Device::Cpu).unwrap()
+    let mut m = Model::load(&mut Gguf::open(path).unwrap(), 512, &Device::Cpu).unwrap();
+    let f32 = tokentop::protocol::KvType::F32;
+    m.set_kv_types(tokentop::protocol::KvTypes { k: f32, v: f32 })
+        .unwrap();
+    m
 }
 
 /// Text as the synthetic byte-level vocabulary's tokens (3 control tokens, then the bytes).

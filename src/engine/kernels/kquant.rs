@@ -634,7 +634,10 @@ mod tests {
         let mut ours = vec![Q8KBlock::default(); 4];
         quantize_activations(&x, &mut ours);
         assert_eq!(std::mem::size_of::<Q8KBlock>() * 4, bytes.len());
-        for (b, theirs) in ours.iter().zip(bytes.chunks_exact(std::mem::size_of::<Q8KBlock>())) {
+        for (b, theirs) in ours
+            .iter()
+            .zip(bytes.chunks_exact(std::mem::size_of::<Q8KBlock>()))
+        {
             assert_eq!(b.d.to_le_bytes(), theirs[0..4], "d");
             let qs: Vec<u8> = b.qs.iter().map(|&q| q as u8).collect();
             assert_eq!(qs, theirs[4..4 + QK_K], "qs");
