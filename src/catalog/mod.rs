@@ -71,9 +71,10 @@ pub enum Source {
     },
 }
 
-/// How far a file may be from an approximate catalog size (2%, well inside the gap between
-/// two quantizations of one model).
-pub const APPROX_SIZE_TOLERANCE: f64 = 0.02;
+/// How far a file may be from an approximate catalog size: 5%, what sizes quoted to a tenth
+/// of a GB and GB/GiB mix-ups leave. Another quantization of the same model can fall inside
+/// it, which is why the file name must match too where a store does not hash its files.
+pub const APPROX_SIZE_TOLERANCE: f64 = 0.05;
 
 /// Whether `len` bytes is a catalog `size`: exactly, or within the tolerance if `approx`.
 pub fn size_matches(size: u64, approx: bool, len: u64) -> bool {
