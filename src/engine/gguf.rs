@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Every tensor type ggml defines (enum ggml_type), with its block geometry from ggml.c's
 /// type_traits. Ids 4, 5, 31–33 and 36–38 were removed from ggml and are refused.
@@ -194,8 +195,29 @@ struct Header {
 /// One file of a (possibly split) GGUF model, memory-mapped.
 struct Part {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     header: Header,
+}
+
+/// A tensor's bytes inside the map, holding the map open for as long as it lives (the token
+/// embedding reads its rows from the file this way instead of keeping a copy).
+#[derive(Clone)]
+pub struct Mapped {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl Mapped {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Mapped({} bytes at {})", self.len, self.start)
+    }
 }
 
 /// An open, validated GGUF model: header parsed and every tensor known to lie inside its
@@ -283,8 +305,10 @@ impl Part {
         // truncates the file while it is mapped, reading the lost pages raises SIGBUS: the
         // sizes are checked against the file's length here, at open, and tokentop never
         // writes model files in place (the store downloads to a temporary name and renames).
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {} into memory", path.display()))?;
+        let map = Arc::new(
+            unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {} into memory", path.display()))?,
+        );
         if map.len() < 4 {
             bail!(
                 "{} is not a GGUF model: the file is only {} bytes",
@@ -434,6 +458,61 @@ impl Gguf {
     pub fn raw(&self, name: &str) -> Result<(GgmlType, &[usize], &[u8])> {
         let (part, info) = self.info(name).ok_or_else(|| self.lacks(name))?;
         Ok((info.ty, &info.dims, part.data(info)))
+    }
+
+    /// A tensor's bytes as a handle that keeps the file mapped (see [`Mapped`]).
+    pub fn mapped(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Mapped)> {
+        let (part, info) = self.info(name).ok_or_else(|| self.lacks(name))?;
+        let mapped = Mapped {
+            map: part.map.clone(),
+            start: info.start as usize,
+            len: info.bytes as usize,
+        };
+        Ok((info.ty, info.dims.clone(), mapped))
+    }
+
+    /// Gives back this process's pages of a tensor that has been copied or repacked, so the
+    /// file's pages and the weights built from them are not both resident (peak memory stays
+    /// near the file's size). The pages stay in the page cache; a later read of the range
+    /// (a neighbouring tensor sharing a page, the embedding) faults them in again from there.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some((part, info)) = self.info(name) {
+            // SAFETY: the map is read-only and never written, so MADV_DONTNEED only drops
+            // clean pages; any later read sees the file's bytes again, which is what every
+            // borrowed slice of the map expects. An error (an old kernel) is harmless: the
+            // pages simply stay.
+            let _ = unsafe {
+                part.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.start as usize,
+                    info.bytes as usize,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
+    /// `release` for any slice of the map (one expert's rows of a stacked tensor).
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        for part in &self.parts {
+            let base = part.map.as_ptr() as usize;
+            let at = bytes.as_ptr() as usize;
+            if at >= base && at + bytes.len() <= base + part.map.len() {
+                // SAFETY: as in `release`.
+                let _ = unsafe {
+                    part.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        at - base,
+                        bytes.len(),
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
     }
 
     /// A tensor as candle's quantized tensor (its blocks copied from the map onto `device`);

@@ -6,10 +6,10 @@
 //! the architectures differ only in a handful of switches (fused QKV, biases, Q/K norms,
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
-use super::gguf::Gguf;
+use super::gguf::{Gguf, Mapped};
 use super::kernels::{self, Kind, Packed};
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -446,6 +446,18 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_arc(q)?))
     }
 
+    /// A matrix of n rows of k weights from its bytes as the file stores them (a slice of the
+    /// memory map): repacked straight from there for the block kernels, else copied once
+    /// into candle's quantized tensor (on `dev`).
+    fn from_bytes(dtype: GgmlDType, raw: &[u8], n: usize, k: usize, dev: &Device) -> Result<Self> {
+        if let (Some(kind), true) = (Kind::from_dtype(dtype), dev.is_cpu()) {
+            if k % kernels::QK == 0 {
+                return Ok(Self::Blocks(Arc::new(Packed::new(kind, raw, n, k))));
+            }
+        }
+        Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?)
+    }
+
     /// The input as m rows of k values.
     fn input_rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -624,9 +636,17 @@ struct Layer {
     cache: KvCache,
 }
 
-/// Token embeddings: candle's quantized rows, or the packed output matrix they are tied to
-/// (read back row by row, so tied weights are stored once).
+/// Token embeddings: rows read from the memory-mapped file as it stores them (only the rows
+/// of the tokens looked up are ever paged in), candle's quantized rows (on a GPU), or the
+/// packed output matrix they are tied to (read back row by row, so tied weights are stored
+/// once).
 enum Embedding {
+    Mapped {
+        dtype: GgmlDType,
+        rows: usize,
+        k: usize,
+        data: Mapped,
+    },
     Quant(Arc<QTensor>),
     Tied(Arc<Packed>),
 }
@@ -634,6 +654,7 @@ enum Embedding {
 impl Embedding {
     fn rows(&self) -> usize {
         match self {
+            Self::Mapped { rows, .. } => *rows,
             Self::Quant(q) => q.shape().dims()[0],
             Self::Tied(p) => p.n,
         }
@@ -641,6 +662,27 @@ impl Embedding {
 
     fn lookup(&self, tokens: &[u32], dev: &Device) -> Result<Tensor> {
         match self {
+            Self::Mapped {
+                dtype,
+                rows,
+                k,
+                data,
+            } => {
+                // The rows' blocks gathered and dequantized by candle: the same values its
+                // embedding gave when the whole matrix was copied in.
+                let bytes = data.bytes();
+                let rb = bytes.len() / rows.max(&1);
+                let mut picked = Vec::with_capacity(tokens.len() * rb);
+                for &t in tokens {
+                    let t = t as usize;
+                    if t >= *rows {
+                        bail!("token id {t} is outside the vocabulary of {rows}");
+                    }
+                    picked.extend_from_slice(&bytes[t * rb..(t + 1) * rb]);
+                }
+                let q = qtensor_from_ggml(*dtype, &picked, vec![tokens.len(), *k], dev)?;
+                Ok(q.dequantize(dev)?.unsqueeze(0)?)
+            }
             Self::Quant(q) => {
                 let ids = Tensor::new(tokens, dev)?.unsqueeze(0)?;
                 Ok(q.embedding(&ids)?)
@@ -677,26 +719,28 @@ impl Model {
     /// Loads the weights. `n_ctx` caps the context (and so the KV cache and rotary tables).
     /// Every tensor's shape is checked against the hyper-parameters before it is read.
     pub fn load(g: &mut Gguf, n_ctx: usize, device: &Device) -> Result<Self> {
+        let g: &Gguf = g;
         let hp = HParams::from_gguf(g)?;
         let n_ctx = hp.context_len(n_ctx);
         let dev = device;
         let e = hp.n_embd;
-        let vec_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Tensor> {
+        let vec_f32 = |g: &Gguf, name: &str, len: usize| -> Result<Tensor> {
             let t = fetch(g, name, &[len], dev)?.dequantize(dev)?;
+            g.release(name);
             check_finite(g, name, &t)?;
             Ok(t)
         };
-        let opt_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Option<Tensor>> {
+        let opt_f32 = |g: &Gguf, name: &str, len: usize| -> Result<Option<Tensor>> {
             if g.has_tensor(name) {
                 Ok(Some(vec_f32(g, name, len)?))
             } else {
                 Ok(None)
             }
         };
-        let qmm = |g: &mut Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Matrix::new(fetch(g, name, &[rows, cols], dev)?)
+        let qmm = |g: &Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            matrix(g, name, rows, cols, dev)
         };
-        let linear = |g: &mut Gguf, name: &str, rows: usize| -> Result<Linear> {
+        let linear = |g: &Gguf, name: &str, rows: usize| -> Result<Linear> {
             Ok(Linear {
                 w: qmm(g, &format!("{name}.weight"), rows, e)?,
                 b: opt_f32(g, &format!("{name}.bias"), rows)?,
@@ -721,16 +765,15 @@ impl Model {
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
         let vocab = g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]);
-        let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
         let (embed, output) = if g.has_tensor("output.weight") {
             (
-                Embedding::Quant(embed_q),
+                embedding(g, vocab, e, dev)?,
                 qmm(g, "output.weight", vocab, e)?,
             )
         } else {
-            match Matrix::from_arc(embed_q.clone())? {
+            match qmm(g, "token_embd.weight", vocab, e)? {
                 Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
-                candle => (Embedding::Quant(embed_q), candle),
+                candle => (embedding(g, vocab, e, dev)?, candle),
             }
         };
         let act = if hp.arch == Arch::Gemma3 {
@@ -744,8 +787,9 @@ impl Model {
             hp.n_kv_head * hp.head_dim,
             hp.head_dim,
         );
-        let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
+        // Layers load in parallel (each repacks or copies its weights from the map); the
+        // first error in layer order is the one reported, as a sequential load would.
+        let load_layer = |i: usize| -> Result<Layer> {
             let p = format!("blk.{i}");
             let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
                 Qkv::Fused(linear(g, &format!("{p}.attn_qkv"), qd + 2 * kvd)?)
@@ -782,7 +826,7 @@ impl Model {
                 })
             };
             let sliding = hp.is_sliding(i);
-            layers.push(Layer {
+            Ok(Layer {
                 attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"), e)?,
                 qkv,
                 q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"), hd)?,
@@ -799,8 +843,9 @@ impl Model {
                 },
                 window: if sliding { hp.sliding_window } else { None },
                 cache: KvCache::default(),
-            });
-        }
+            })
+        };
+        let layers = load_parallel(hp.n_layer, load_layer)?;
         let embed_scale = (hp.arch == Arch::Gemma3).then(|| (hp.n_embd as f64).sqrt());
         Ok(Self {
             output_norm: vec_f32(g, "output_norm.weight", e)?,
@@ -895,9 +940,59 @@ impl Model {
     }
 }
 
-/// Reads a tensor after checking its shape is `want`: a wrong shape names the tensor and
-/// both shapes, instead of failing somewhere inside a matmul.
-fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTensor> {
+/// Runs `f` for 0..n on a few short-lived threads (as many as the CPU has, at most n) and
+/// returns the results in order, or the error of the lowest index that failed. Plain scoped
+/// threads rather than candle's barrier pool: the work calls candle operations that use that
+/// pool themselves, and the threads are gone before inference starts, so they fight nothing.
+fn load_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<T>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // Past an index that failed nothing more is needed.
+                        if i >= n || i > failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = f(i);
+                        if r.is_err() {
+                            failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        out.push((i, r));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        results[i] = Some(r);
+    }
+    // Every index below the first failure ran, so the first missing result follows an error.
+    results
+        .into_iter()
+        .map_while(|r| r)
+        .collect::<Result<Vec<T>>>()
+}
+
+/// Checks a tensor's shape is `want`: a wrong shape names the tensor and both shapes,
+/// instead of failing somewhere inside a matmul.
+fn check_shape(g: &Gguf, name: &str, want: &[usize]) -> Result<()> {
     if let Some(dims) = g.tensor_dims(name) {
         if dims != want {
             bail!(
@@ -906,7 +1001,56 @@ fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTens
             );
         }
     }
+    Ok(())
+}
+
+/// Reads a tensor into candle's quantized tensor after checking its shape is `want`.
+fn fetch(g: &Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTensor> {
+    check_shape(g, name, want)?;
     g.tensor(name, dev)
+}
+
+/// The candle type of a tensor, or the one-line error naming a type tokentop cannot run.
+fn candle_type(g: &Gguf, name: &str) -> Result<GgmlDType> {
+    let (ty, ..) = g.raw(name)?;
+    ty.to_candle().with_context(|| {
+        format!(
+            "{}: tensor {name} has type {ty}, which tokentop does not support yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)",
+            g.path.display()
+        )
+    })
+}
+
+/// A weight matrix of `rows` × `cols`, built from the memory map (see `Matrix::from_bytes`);
+/// the map's pages are given back once it is built.
+fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize, dev: &Device) -> Result<Matrix> {
+    check_shape(g, name, &[rows, cols])?;
+    let dtype = candle_type(g, name)?;
+    let (_, _, raw) = g.raw(name)?;
+    let m = Matrix::from_bytes(dtype, raw, rows, cols, dev)
+        .with_context(|| format!("reading tensor {name} from {}", g.path.display()))?;
+    g.release(name);
+    Ok(m)
+}
+
+/// The token embedding: on the CPU read from the map row by row as it is looked up (never
+/// copied whole); on a GPU uploaded as candle's quantized tensor.
+fn embedding(g: &Gguf, vocab: usize, e: usize, dev: &Device) -> Result<Embedding> {
+    let name = "token_embd.weight";
+    check_shape(g, name, &[vocab, e])?;
+    let dtype = candle_type(g, name)?;
+    if dev.is_cpu() {
+        let (_, _, data) = g.mapped(name)?;
+        return Ok(Embedding::Mapped {
+            dtype,
+            rows: vocab,
+            k: e,
+            data,
+        });
+    }
+    let q = g.tensor(name, dev)?;
+    g.release(name);
+    Ok(Embedding::Quant(Arc::new(q)))
 }
 
 /// The feed-forward width a tensor of shape [rows, n_embd] gives (rows a non-zero multiple
