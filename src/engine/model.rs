@@ -448,14 +448,37 @@ impl Matrix {
 
     /// A matrix of n rows of k weights from its bytes as the file stores them (a slice of the
     /// memory map): repacked straight from there for the block kernels, else copied once
-    /// into candle's quantized tensor (on `dev`).
-    fn from_bytes(dtype: GgmlDType, raw: &[u8], n: usize, k: usize, dev: &Device) -> Result<Self> {
+    /// into candle's quantized tensor (on `dev`). `done` gets each part of `raw` once it is no
+    /// longer needed (the loader gives back those pages of the map): large matrices are
+    /// repacked in pieces of PIECE_ROWS rows so the file's pages and the packed copy are
+    /// never both resident whole.
+    fn from_bytes(
+        dtype: GgmlDType,
+        raw: &[u8],
+        n: usize,
+        k: usize,
+        dev: &Device,
+        done: &dyn Fn(&[u8]),
+    ) -> Result<Self> {
+        const PIECE_ROWS: usize = 1024;
         if let (Some(kind), true) = (Kind::from_dtype(dtype), dev.is_cpu()) {
-            if k % kernels::QK == 0 {
-                return Ok(Self::Blocks(Arc::new(Packed::new(kind, raw, n, k))));
+            if k.is_multiple_of(kernels::QK) && n > 0 {
+                let rb = raw.len() / n;
+                let pieces = (0..n).step_by(PIECE_ROWS).map(|r0| {
+                    let r1 = (r0 + PIECE_ROWS).min(n);
+                    let part = &raw[r0 * rb..r1 * rb];
+                    let p = Packed::new(kind, part, r1 - r0, k);
+                    done(part);
+                    p
+                });
+                return Ok(Self::Blocks(Arc::new(Packed::from_pieces(
+                    kind, n, k, pieces,
+                ))));
             }
         }
-        Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?)
+        let m = Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?);
+        done(raw);
+        m
     }
 
     /// The input as m rows of k values.
@@ -1027,10 +1050,8 @@ fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize, dev: &Device) -> Resul
     check_shape(g, name, &[rows, cols])?;
     let dtype = candle_type(g, name)?;
     let (_, _, raw) = g.raw(name)?;
-    let m = Matrix::from_bytes(dtype, raw, rows, cols, dev)
-        .with_context(|| format!("reading tensor {name} from {}", g.path.display()))?;
-    g.release(name);
-    Ok(m)
+    Matrix::from_bytes(dtype, raw, rows, cols, dev, &|b| g.release_bytes(b))
+        .with_context(|| format!("reading tensor {name} from {}", g.path.display()))
 }
 
 /// The token embedding: on the CPU read from the map row by row as it is looked up (never
@@ -1193,4 +1214,90 @@ fn layer_forward(
         f = norm(&f, w, hp.rms_eps)?;
     }
     Ok((x + f)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Repacking in pieces (as the loader does for large matrices) gives the matrix `new`
+    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows.
+    #[test]
+    fn matrices_repacked_in_pieces_equal_whole_ones() {
+        if !kernels::simd() {
+            eprintln!("SKIPPED: no block kernels on this CPU");
+            return;
+        }
+        let (n, k) = (2 * 1024 + 70, 64);
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+            .collect();
+        let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let raw = q.data().unwrap();
+            let kind = Kind::from_dtype(dtype).unwrap();
+            let whole = Packed::new(kind, &raw, n, k);
+            let given_back = std::cell::Cell::new(0);
+            let Matrix::Blocks(pieces) =
+                Matrix::from_bytes(dtype, &raw, n, k, &Device::Cpu, &|b| {
+                    given_back.set(given_back.get() + b.len())
+                })
+                .unwrap()
+            else {
+                panic!("{dtype:?} is not packed");
+            };
+            assert_eq!(
+                given_back.get(),
+                raw.len(),
+                "{dtype:?}: every byte given back"
+            );
+            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+            for j in 0..n {
+                whole.dequantize_row(j, &mut a);
+                pieces.dequantize_row(j, &mut b);
+                assert_eq!(a, b, "{dtype:?} row {j}");
+            }
+            let x: Vec<f32> = (0..3 * k).map(|i| (i as f32).sin()).collect();
+            let (ya, yb) = (
+                kernels::matmul(&whole, &x, 3),
+                kernels::matmul(&pieces, &x, 3),
+            );
+            assert!(
+                ya.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype:?}"
+            );
+        }
+    }
+
+    /// Parallel loading returns results in order, or the error of the lowest failing index
+    /// (what a sequential load would report), whichever thread met it first.
+    #[test]
+    fn parallel_load_reports_the_first_error_in_order() {
+        let ok = load_parallel(37, |i| Ok(i * 2)).unwrap();
+        assert_eq!(ok, (0..37).map(|i| i * 2).collect::<Vec<_>>());
+        for _ in 0..20 {
+            let err = load_parallel(40, |i| {
+                if i == 9 || i == 31 {
+                    // The later failure tends to finish first.
+                    std::thread::sleep(std::time::Duration::from_millis(if i == 9 {
+                        5
+                    } else {
+                        0
+                    }));
+                    bail!("layer {i} is bad")
+                }
+                Ok(i)
+            })
+            .unwrap_err();
+            assert_eq!(err.to_string(), "layer 9 is bad");
+        }
+        assert!(load_parallel(0, Ok).unwrap().is_empty());
+    }
 }

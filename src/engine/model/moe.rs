@@ -355,7 +355,7 @@ fn split_experts(
     let [n, rows, cols] = dims[..] else {
         bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
     };
-    if n == 0 || data.len() % n != 0 {
+    if n == 0 || !data.len().is_multiple_of(n) {
         bail!(
             "stacked expert tensor of shape {dims:?} holds {} bytes",
             data.len()
@@ -364,10 +364,14 @@ fn split_experts(
     let per = data.len() / n;
     (0..n)
         .map(|e| {
-            let raw = &data[e * per..(e + 1) * per];
-            let m = Matrix::from_bytes(dtype, raw, rows, cols, dev);
-            built(raw);
-            m
+            Matrix::from_bytes(
+                dtype,
+                &data[e * per..(e + 1) * per],
+                rows,
+                cols,
+                dev,
+                &built,
+            )
         })
         .collect()
 }
