@@ -6,11 +6,11 @@
 //! the architectures differ only in a handful of switches (fused QKV, biases, Q/K norms,
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
-use super::gguf::Gguf;
+use super::gguf::{Gguf, Mapped};
 use super::kernels::{self, Kind, Packed};
 use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -669,6 +669,41 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_arc(q)?))
     }
 
+    /// A matrix of n rows of k weights from its bytes as the file stores them (a slice of the
+    /// memory map): repacked straight from there for the block kernels, else copied once
+    /// into candle's quantized tensor (on `dev`). `done` gets each part of `raw` once it is no
+    /// longer needed (the loader gives back those pages of the map): large matrices are
+    /// repacked in pieces of PIECE_ROWS rows so the file's pages and the packed copy are
+    /// never both resident whole.
+    fn from_bytes(
+        dtype: GgmlDType,
+        raw: &[u8],
+        n: usize,
+        k: usize,
+        dev: &Device,
+        done: &dyn Fn(&[u8]),
+    ) -> Result<Self> {
+        const PIECE_ROWS: usize = 1024;
+        if let (Some(kind), true) = (Kind::from_dtype(dtype), dev.is_cpu()) {
+            if k.is_multiple_of(kernels::QK) && n > 0 {
+                let rb = raw.len() / n;
+                let pieces = (0..n).step_by(PIECE_ROWS).map(|r0| {
+                    let r1 = (r0 + PIECE_ROWS).min(n);
+                    let part = &raw[r0 * rb..r1 * rb];
+                    let p = Packed::new(kind, part, r1 - r0, k);
+                    done(part);
+                    p
+                });
+                return Ok(Self::Blocks(Arc::new(Packed::from_pieces(
+                    kind, n, k, pieces,
+                ))));
+            }
+        }
+        let m = Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?);
+        done(raw);
+        m
+    }
+
     /// The input as m rows of k values.
     fn input_rows(x: &Tensor, k: usize) -> Result<(Vec<f32>, usize)> {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -847,9 +882,17 @@ struct Layer {
     cache: KvCache,
 }
 
-/// Token embeddings: candle's quantized rows, or the packed output matrix they are tied to
-/// (read back row by row, so tied weights are stored once).
+/// Token embeddings: rows read from the memory-mapped file as it stores them (only the rows
+/// of the tokens looked up are ever paged in), candle's quantized rows (on a GPU), or the
+/// packed output matrix they are tied to (read back row by row, so tied weights are stored
+/// once).
 enum Embedding {
+    Mapped {
+        dtype: GgmlDType,
+        rows: usize,
+        k: usize,
+        data: Mapped,
+    },
     Quant(Arc<QTensor>),
     Tied(Arc<Packed>),
 }
@@ -857,6 +900,7 @@ enum Embedding {
 impl Embedding {
     fn rows(&self) -> usize {
         match self {
+            Self::Mapped { rows, .. } => *rows,
             Self::Quant(q) => q.shape().dims()[0],
             Self::Tied(p) => p.n,
         }
@@ -864,6 +908,27 @@ impl Embedding {
 
     fn lookup(&self, tokens: &[u32], dev: &Device) -> Result<Tensor> {
         match self {
+            Self::Mapped {
+                dtype,
+                rows,
+                k,
+                data,
+            } => {
+                // The rows' blocks gathered and dequantized by candle: the same values its
+                // embedding gave when the whole matrix was copied in.
+                let bytes = data.bytes();
+                let rb = bytes.len() / rows.max(&1);
+                let mut picked = Vec::with_capacity(tokens.len() * rb);
+                for &t in tokens {
+                    let t = t as usize;
+                    if t >= *rows {
+                        bail!("token id {t} is outside the vocabulary of {rows}");
+                    }
+                    picked.extend_from_slice(&bytes[t * rb..(t + 1) * rb]);
+                }
+                let q = qtensor_from_ggml(*dtype, &picked, vec![tokens.len(), *k], dev)?;
+                Ok(q.dequantize(dev)?.unsqueeze(0)?)
+            }
             Self::Quant(q) => {
                 let ids = Tensor::new(tokens, dev)?.unsqueeze(0)?;
                 Ok(q.embedding(&ids)?)
@@ -902,26 +967,28 @@ impl Model {
     /// Loads the weights. `n_ctx` caps the context (and so the KV cache and rotary tables).
     /// Every tensor's shape is checked against the hyper-parameters before it is read.
     pub fn load(g: &mut Gguf, n_ctx: usize, device: &Device) -> Result<Self> {
+        let g: &Gguf = g;
         let hp = HParams::from_gguf(g)?;
         let n_ctx = hp.context_len(n_ctx);
         let dev = device;
         let e = hp.n_embd;
-        let vec_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Tensor> {
+        let vec_f32 = |g: &Gguf, name: &str, len: usize| -> Result<Tensor> {
             let t = fetch(g, name, &[len], dev)?.dequantize(dev)?;
+            g.release(name);
             check_finite(g, name, &t)?;
             Ok(t)
         };
-        let opt_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Option<Tensor>> {
+        let opt_f32 = |g: &Gguf, name: &str, len: usize| -> Result<Option<Tensor>> {
             if g.has_tensor(name) {
                 Ok(Some(vec_f32(g, name, len)?))
             } else {
                 Ok(None)
             }
         };
-        let qmm = |g: &mut Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Matrix::new(fetch(g, name, &[rows, cols], dev)?)
+        let qmm = |g: &Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            matrix(g, name, rows, cols, dev)
         };
-        let linear = |g: &mut Gguf, name: &str, rows: usize| -> Result<Linear> {
+        let linear = |g: &Gguf, name: &str, rows: usize| -> Result<Linear> {
             Ok(Linear {
                 w: qmm(g, &format!("{name}.weight"), rows, e)?,
                 b: opt_f32(g, &format!("{name}.bias"), rows)?,
@@ -946,16 +1013,15 @@ impl Model {
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
         let vocab = g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]);
-        let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
         let (embed, output) = if g.has_tensor("output.weight") {
             (
-                Embedding::Quant(embed_q),
+                embedding(g, vocab, e, dev)?,
                 qmm(g, "output.weight", vocab, e)?,
             )
         } else {
-            match Matrix::from_arc(embed_q.clone())? {
+            match qmm(g, "token_embd.weight", vocab, e)? {
                 Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
-                candle => (Embedding::Quant(embed_q), candle),
+                candle => (embedding(g, vocab, e, dev)?, candle),
             }
         };
         let act = if hp.arch == Arch::Gemma3 {
@@ -969,12 +1035,14 @@ impl Model {
             hp.n_kv_head * hp.head_dim,
             hp.head_dim,
         );
+        // Qwen3.5's layers (DeltaNet and gated attention) are its own module's.
         let hybrid = match hp.delta_net {
             Some(_) => Some(qwen35::Hybrid::load(g, &hp, n_ctx, dev)?),
             None => None,
         };
-        let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..if hybrid.is_some() { 0 } else { hp.n_layer } {
+        // Layers load in parallel (each repacks or copies its weights from the map); the
+        // first error in layer order is the one reported, as a sequential load would.
+        let load_layer = |i: usize| -> Result<Layer> {
             let p = format!("blk.{i}");
             let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
                 Qkv::Fused(linear(g, &format!("{p}.attn_qkv"), qd + 2 * kvd)?)
@@ -1011,7 +1079,7 @@ impl Model {
                 })
             };
             let sliding = hp.is_sliding(i);
-            layers.push(Layer {
+            Ok(Layer {
                 attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"), e)?,
                 qkv,
                 q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"), hd)?,
@@ -1028,8 +1096,13 @@ impl Model {
                 },
                 window: if sliding { hp.sliding_window } else { None },
                 cache: KvCache::default(),
-            });
-        }
+            })
+        };
+        let layers = if hybrid.is_some() {
+            Vec::new()
+        } else {
+            load_parallel(hp.n_layer, load_layer)?
+        };
         let embed_scale = (hp.arch == Arch::Gemma3).then(|| (hp.n_embd as f64).sqrt());
         Ok(Self {
             output_norm: vec_f32(g, "output_norm.weight", e)?,
@@ -1151,9 +1224,59 @@ impl Model {
     }
 }
 
-/// Reads a tensor after checking its shape is `want`: a wrong shape names the tensor and
-/// both shapes, instead of failing somewhere inside a matmul.
-fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTensor> {
+/// Runs `f` for 0..n on a few short-lived threads (as many as the CPU has, at most n) and
+/// returns the results in order, or the error of the lowest index that failed. Plain scoped
+/// threads rather than candle's barrier pool: the work calls candle operations that use that
+/// pool themselves, and the threads are gone before inference starts, so they fight nothing.
+fn load_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<T>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // Past an index that failed nothing more is needed.
+                        if i >= n || i > failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = f(i);
+                        if r.is_err() {
+                            failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        out.push((i, r));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        results[i] = Some(r);
+    }
+    // Every index below the first failure ran, so the first missing result follows an error.
+    results
+        .into_iter()
+        .map_while(|r| r)
+        .collect::<Result<Vec<T>>>()
+}
+
+/// Checks a tensor's shape is `want`: a wrong shape names the tensor and both shapes,
+/// instead of failing somewhere inside a matmul.
+fn check_shape(g: &Gguf, name: &str, want: &[usize]) -> Result<()> {
     if let Some(dims) = g.tensor_dims(name) {
         if dims != want {
             bail!(
@@ -1162,7 +1285,54 @@ fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTens
             );
         }
     }
+    Ok(())
+}
+
+/// Reads a tensor into candle's quantized tensor after checking its shape is `want`.
+fn fetch(g: &Gguf, name: &str, want: &[usize], dev: &Device) -> Result<QTensor> {
+    check_shape(g, name, want)?;
     g.tensor(name, dev)
+}
+
+/// The candle type of a tensor, or the one-line error naming a type tokentop cannot run.
+fn candle_type(g: &Gguf, name: &str) -> Result<GgmlDType> {
+    let (ty, ..) = g.raw(name)?;
+    ty.to_candle().with_context(|| {
+        format!(
+            "{}: tensor {name} has type {ty}, which tokentop does not support yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)",
+            g.path.display()
+        )
+    })
+}
+
+/// A weight matrix of `rows` × `cols`, built from the memory map (see `Matrix::from_bytes`);
+/// the map's pages are given back once it is built.
+fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize, dev: &Device) -> Result<Matrix> {
+    check_shape(g, name, &[rows, cols])?;
+    let dtype = candle_type(g, name)?;
+    let (_, _, raw) = g.raw(name)?;
+    Matrix::from_bytes(dtype, raw, rows, cols, dev, &|b| g.release_bytes(b))
+        .with_context(|| format!("reading tensor {name} from {}", g.path.display()))
+}
+
+/// The token embedding: on the CPU read from the map row by row as it is looked up (never
+/// copied whole); on a GPU uploaded as candle's quantized tensor.
+fn embedding(g: &Gguf, vocab: usize, e: usize, dev: &Device) -> Result<Embedding> {
+    let name = "token_embd.weight";
+    check_shape(g, name, &[vocab, e])?;
+    let dtype = candle_type(g, name)?;
+    if dev.is_cpu() {
+        let (_, _, data) = g.mapped(name)?;
+        return Ok(Embedding::Mapped {
+            dtype,
+            rows: vocab,
+            k: e,
+            data,
+        });
+    }
+    let q = g.tensor(name, dev)?;
+    g.release(name);
+    Ok(Embedding::Quant(Arc::new(q)))
 }
 
 /// The feed-forward width a tensor of shape [rows, n_embd] gives (rows a non-zero multiple
@@ -1291,4 +1461,90 @@ pub(crate) fn attend(
     let scale = 1.0 / (hp.head_dim as f64).sqrt();
     let pos = cache.len();
     cached_attention(cache, q, k, v, pos, None, scale, n_ctx, mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Repacking in pieces (as the loader does for large matrices) gives the matrix `new`
+    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows.
+    #[test]
+    fn matrices_repacked_in_pieces_equal_whole_ones() {
+        if !kernels::simd() {
+            eprintln!("SKIPPED: no block kernels on this CPU");
+            return;
+        }
+        let (n, k) = (2 * 1024 + 70, 64);
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+            .collect();
+        let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let raw = q.data().unwrap();
+            let kind = Kind::from_dtype(dtype).unwrap();
+            let whole = Packed::new(kind, &raw, n, k);
+            let given_back = std::cell::Cell::new(0);
+            let Matrix::Blocks(pieces) =
+                Matrix::from_bytes(dtype, &raw, n, k, &Device::Cpu, &|b| {
+                    given_back.set(given_back.get() + b.len())
+                })
+                .unwrap()
+            else {
+                panic!("{dtype:?} is not packed");
+            };
+            assert_eq!(
+                given_back.get(),
+                raw.len(),
+                "{dtype:?}: every byte given back"
+            );
+            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+            for j in 0..n {
+                whole.dequantize_row(j, &mut a);
+                pieces.dequantize_row(j, &mut b);
+                assert_eq!(a, b, "{dtype:?} row {j}");
+            }
+            let x: Vec<f32> = (0..3 * k).map(|i| (i as f32).sin()).collect();
+            let (ya, yb) = (
+                kernels::matmul(&whole, &x, 3),
+                kernels::matmul(&pieces, &x, 3),
+            );
+            assert!(
+                ya.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype:?}"
+            );
+        }
+    }
+
+    /// Parallel loading returns results in order, or the error of the lowest failing index
+    /// (what a sequential load would report), whichever thread met it first.
+    #[test]
+    fn parallel_load_reports_the_first_error_in_order() {
+        let ok = load_parallel(37, |i| Ok(i * 2)).unwrap();
+        assert_eq!(ok, (0..37).map(|i| i * 2).collect::<Vec<_>>());
+        for _ in 0..20 {
+            let err = load_parallel(40, |i| {
+                if i == 9 || i == 31 {
+                    // The later failure tends to finish first.
+                    std::thread::sleep(std::time::Duration::from_millis(if i == 9 {
+                        5
+                    } else {
+                        0
+                    }));
+                    bail!("layer {i} is bad")
+                }
+                Ok(i)
+            })
+            .unwrap_err();
+            assert_eq!(err.to_string(), "layer 9 is bad");
+        }
+        assert!(load_parallel(0, Ok).unwrap().is_empty());
+    }
 }

@@ -229,6 +229,28 @@ impl Packed {
         &self.data
     }
 
+    /// One matrix from pieces packed from consecutive row ranges (every piece but the last a
+    /// multiple of 64 rows, so groups never straddle two), each appended and dropped as it
+    /// comes: the loader repacks a large tensor piece by piece and gives back the memory
+    /// map's pages of each piece once it is packed, so the file and its packed copy are never
+    /// both resident. Equal to `new` on the whole matrix (a test holds it to that).
+    pub fn from_pieces(
+        kind: Kind,
+        n: usize,
+        k: usize,
+        pieces: impl Iterator<Item = Packed>,
+    ) -> Self {
+        let mut data = Vec::with_capacity(n * (k / QK) * kind.block_bytes());
+        let mut rows = 0;
+        for p in pieces {
+            assert!(p.kind == kind && p.k == k && rows % 64 == 0, "piece layout");
+            rows += p.n;
+            data.extend_from_slice(&p.data);
+        }
+        assert_eq!(rows, n, "pieces cover the matrix");
+        Self { kind, n, k, data }
+    }
+
     pub(super) fn group(&self, g: usize) -> &[u8] {
         let gb = 4 * (self.k / QK) * self.kind.block_bytes();
         &self.data[g * gb..(g + 1) * gb]

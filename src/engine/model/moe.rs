@@ -11,9 +11,11 @@
 //!   forward pass never waits for the router's probabilities to reach the host.
 
 use super::kernels::{self, Job, Packed};
-use super::{fetch, ff_width, Act, GateUp, Gguf, HParams, Matrix, Mlp};
+use super::{
+    candle_type, check_shape, fetch, ff_width, matrix, Act, GateUp, Gguf, HParams, Matrix, Mlp,
+};
 use anyhow::{bail, Result};
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor, D};
 use std::sync::Arc;
 
@@ -53,15 +55,9 @@ fn device_routed(dev: &Device, dtypes: &[GgmlDType]) -> bool {
 }
 
 impl Moe {
-    pub(super) fn load(
-        g: &mut Gguf,
-        p: &str,
-        hp: &HParams,
-        act: Act,
-        dev: &Device,
-    ) -> Result<Self> {
+    pub(super) fn load(g: &Gguf, p: &str, hp: &HParams, act: Act, dev: &Device) -> Result<Self> {
         let (n, e) = (hp.n_expert, hp.n_embd);
-        let router = Matrix::new(fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?)?;
+        let router = matrix(g, &format!("{p}.ffn_gate_inp.weight"), n, e, dev)?;
         if hp.n_expert_used == 0 || hp.n_expert_used > n {
             bail!(
                 "{}: expert_used_count is {} but it must be between 1 and expert_count {n}",
@@ -79,21 +75,41 @@ impl Moe {
                     name("ffn_gate")
                 ),
             };
-            let gate = fetch(g, &name("ffn_gate"), &[n, n_ff, e], dev)?;
-            let up = fetch(g, &name("ffn_up"), &[n, n_ff, e], dev)?;
-            let down = fetch(g, &name("ffn_down"), &[n, e, n_ff], dev)?;
-            if device_routed(dev, &[gate.dtype(), up.dtype(), down.dtype()]) {
+            let shapes = [
+                ("ffn_gate", [n, n_ff, e]),
+                ("ffn_up", [n, n_ff, e]),
+                ("ffn_down", [n, e, n_ff]),
+            ];
+            let mut dtypes = Vec::with_capacity(3);
+            for (t, shape) in &shapes {
+                check_shape(g, &name(t), shape)?;
+                dtypes.push(candle_type(g, &name(t))?);
+            }
+            if device_routed(dev, &dtypes) {
+                let mut stacked = Vec::with_capacity(3);
+                for (t, shape) in &shapes {
+                    stacked.push(Arc::new(fetch(g, &name(t), shape, dev)?));
+                    g.release(&name(t));
+                }
+                let [gate, up, down] = <[Arc<QTensor>; 3]>::try_from(stacked)
+                    .map_err(|_| anyhow::anyhow!("three stacked expert tensors"))?;
                 Experts::Stacked {
-                    gate: Arc::new(gate),
-                    up: Arc::new(up),
-                    down: Arc::new(down),
+                    gate,
+                    up,
+                    down,
                     act,
                 }
             } else {
+                // Each expert's matrix is built straight from its slice of the map (no copy
+                // of the whole stacked tensor), and its pages are given back once it is.
+                let split = |t: &str, dtype: GgmlDType| -> Result<Vec<Matrix>> {
+                    let (_, dims, raw) = g.raw(&name(t))?;
+                    split_experts(dtype, raw, dims, dev, |b| g.release_bytes(b))
+                };
                 let (gate, up, down) = (
-                    split_experts(gate, dev)?,
-                    split_experts(up, dev)?,
-                    split_experts(down, dev)?,
+                    split("ffn_gate", dtypes[0])?,
+                    split("ffn_up", dtypes[1])?,
+                    split("ffn_down", dtypes[2])?,
                 );
                 Experts::Split(
                     gate.into_iter()
@@ -113,8 +129,8 @@ impl Moe {
             for x in 0..n {
                 let name = |n: &str| format!("{p}.{n}.{x}.weight");
                 let n_ff = ff_width(g, &name("ffn_gate"), e, 1)?;
-                let t = |g: &mut Gguf, n: &str, shape: [usize; 2]| -> Result<Matrix> {
-                    Matrix::new(fetch(g, &name(n), &shape, dev)?)
+                let t = |g: &Gguf, n: &str, [rows, cols]: [usize; 2]| -> Result<Matrix> {
+                    matrix(g, &name(n), rows, cols, dev)
                 };
                 experts.push(Mlp {
                     gate_up: GateUp::Separate {
@@ -327,16 +343,19 @@ fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Re
     Ok(out)
 }
 
-/// Splits a stacked (n_expert, rows, cols) quantized tensor into one matrix per expert; the
-/// blocks of each expert are contiguous, so this is a byte split.
-fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
-    let dims = stacked.shape().dims().to_vec();
+/// Splits a stacked (n_expert, rows, cols) quantized tensor, as the file stores it, into one
+/// matrix per expert; the blocks of each expert are contiguous, so this is a byte split.
+fn split_experts(
+    dtype: GgmlDType,
+    data: &[u8],
+    dims: &[usize],
+    dev: &Device,
+    built: impl Fn(&[u8]),
+) -> Result<Vec<Matrix>> {
     let [n, rows, cols] = dims[..] else {
         bail!("stacked expert tensor has shape {dims:?}, expected 3 dimensions");
     };
-    let dtype = stacked.dtype();
-    let data = stacked.data()?;
-    if n == 0 || data.len() % n != 0 {
+    if n == 0 || !data.len().is_multiple_of(n) {
         bail!(
             "stacked expert tensor of shape {dims:?} holds {} bytes",
             data.len()
@@ -345,12 +364,14 @@ fn split_experts(stacked: QTensor, dev: &Device) -> Result<Vec<Matrix>> {
     let per = data.len() / n;
     (0..n)
         .map(|e| {
-            Matrix::new(qtensor_from_ggml(
+            Matrix::from_bytes(
                 dtype,
                 &data[e * per..(e + 1) * per],
-                vec![rows, cols],
+                rows,
+                cols,
                 dev,
-            )?)
+                &built,
+            )
         })
         .collect()
 }
@@ -451,12 +472,7 @@ mod tests {
         .unwrap();
         let split = |t: &QTensor| {
             let data = t.data().unwrap();
-            let dims = t.shape().dims().to_vec();
-            split_experts(
-                qtensor_from_ggml(t.dtype(), &data, dims, &dev).unwrap(),
-                &dev,
-            )
-            .unwrap()
+            split_experts(t.dtype(), &data, t.shape().dims(), &dev, |_| ()).unwrap()
         };
         let experts: Vec<Mlp> = split(&gate)
             .into_iter()
@@ -490,7 +506,14 @@ mod tests {
         let (n_exp, d, ff, k, tokens) = (6, 64, 96, 2, 9);
         let split = |shape: (usize, usize, usize), seed| {
             let q = QTensor::quantize(&values(shape, 0.1, seed), GgmlDType::Q4_0).unwrap();
-            split_experts(q, &dev).unwrap()
+            split_experts(
+                q.dtype(),
+                &q.data().unwrap(),
+                q.shape().dims(),
+                &dev,
+                |_| (),
+            )
+            .unwrap()
         };
         let experts: Vec<Mlp> = split((n_exp, ff, d), 2)
             .into_iter()

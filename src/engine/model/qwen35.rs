@@ -284,23 +284,23 @@ pub(super) struct Hybrid {
 }
 
 impl Hybrid {
-    pub(super) fn load(g: &mut Gguf, hp: &HParams, n_ctx: usize, dev: &Device) -> Result<Self> {
+    pub(super) fn load(g: &Gguf, hp: &HParams, n_ctx: usize, dev: &Device) -> Result<Self> {
         let dn = hp
             .delta_net
             .clone()
             .context("a Qwen3.5 model without its linear-attention parameters")?;
         let e = hp.n_embd;
-        let vec_f32 = |g: &mut Gguf, name: &str, len: usize| -> Result<Tensor> {
+        let vec_f32 = |g: &Gguf, name: &str, len: usize| -> Result<Tensor> {
             let t = fetch(g, name, &[len], dev)?.dequantize(dev)?;
             check_finite(g, name, &t)?;
             Ok(t)
         };
-        let host = |g: &mut Gguf, name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let host = |g: &Gguf, name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let t = fetch(g, name, shape, &Device::Cpu)?.dequantize(&Device::Cpu)?;
             check_finite(g, name, &t)?;
             Ok(t.flatten_all()?.to_vec1()?)
         };
-        let qmm = |g: &mut Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+        let qmm = |g: &Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             Matrix::new(fetch(g, name, &[rows, cols], dev)?)
         };
         let rope = Arc::new(dn.rope(hp, n_ctx, dev)?);
@@ -334,7 +334,7 @@ impl Hybrid {
                         b: None,
                     })
                 } else {
-                    let m = |g: &mut Gguf, s: &str, rows: usize| -> Result<Linear> {
+                    let m = |g: &Gguf, s: &str, rows: usize| -> Result<Linear> {
                         Ok(Linear {
                             w: qmm(g, &n(s), rows, e)?,
                             b: None,
