@@ -24,6 +24,12 @@
 
 mod legacy;
 
+pub mod iq;
+#[cfg(target_arch = "x86_64")]
+mod iq_avx2;
+mod iq_tables;
+mod mxfp4;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "aarch64")]
