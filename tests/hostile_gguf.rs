@@ -154,7 +154,7 @@ fn malformed_gguf_is_a_named_error() {
             raw("bad_dtype", "llama", &|b| {
                 patch_tensor(b, "output_norm.weight", None, Some(15), None)
             }),
-            "tensor output_norm.weight has type Q8K, which only exists as a scratch format",
+            "tensor output_norm.weight has type Q8_K, which only exists as a scratch format",
         ),
         (
             raw("misaligned", "llama", &|b| {

@@ -1,21 +1,201 @@
 //! Opening a GGUF file: every way a file can be bad becomes a clear error here, before any
 //! weight is read, so a corrupt download never panics or half-loads.
+//!
+//! The header parser is tokentop's own (ggml/docs/gguf.md; type ids and block layouts from
+//! ggml/include/ggml.h and ggml/src/ggml.c's type_traits). candle's `gguf_file::Content::read`
+//! refuses every tensor type candle cannot compute with (the IQ types, MXFP4, TQ…), and the
+//! Rust GGUF crates we looked at (gguf-rs 0.1, gguf 0.1, and the readers inside whole
+//! inference engines) either lag ggml's type list, read tensors into owned buffers instead of
+//! handing out slices of a map, or do not bound what a hostile header makes them allocate.
+//! The format is small; the checks below are what the hostile-file tests hold us to.
 
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
-use std::collections::{HashMap, HashSet};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// One file of a (possibly split) GGUF model.
+/// Every tensor type ggml defines (enum ggml_type), with its block geometry from ggml.c's
+/// type_traits. Ids 4, 5, 31–33 and 36–38 were removed from ggml and are refused.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ3_XXS,
+    IQ1_S,
+    IQ4_NL,
+    IQ3_S,
+    IQ2_S,
+    IQ4_XS,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    IQ1_M,
+    BF16,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
+    NVFP4,
+    Q1_0,
+}
+
+/// (type, ggml id, values per block, bytes per block).
+const TYPES: [(GgmlType, u32, usize, usize); 34] = {
+    use GgmlType::*;
+    [
+        (F32, 0, 1, 4),
+        (F16, 1, 1, 2),
+        (Q4_0, 2, 32, 18),
+        (Q4_1, 3, 32, 20),
+        (Q5_0, 6, 32, 22),
+        (Q5_1, 7, 32, 24),
+        (Q8_0, 8, 32, 34),
+        (Q8_1, 9, 32, 36),
+        (Q2_K, 10, 256, 84),
+        (Q3_K, 11, 256, 110),
+        (Q4_K, 12, 256, 144),
+        (Q5_K, 13, 256, 176),
+        (Q6_K, 14, 256, 210),
+        (Q8_K, 15, 256, 292),
+        (IQ2_XXS, 16, 256, 66),
+        (IQ2_XS, 17, 256, 74),
+        (IQ3_XXS, 18, 256, 98),
+        (IQ1_S, 19, 256, 50),
+        (IQ4_NL, 20, 32, 18),
+        (IQ3_S, 21, 256, 110),
+        (IQ2_S, 22, 256, 82),
+        (IQ4_XS, 23, 256, 136),
+        (I8, 24, 1, 1),
+        (I16, 25, 1, 2),
+        (I32, 26, 1, 4),
+        (I64, 27, 1, 8),
+        (F64, 28, 1, 8),
+        (IQ1_M, 29, 256, 56),
+        (BF16, 30, 1, 2),
+        (TQ1_0, 34, 256, 54),
+        (TQ2_0, 35, 256, 66),
+        (MXFP4, 39, 32, 17),
+        (NVFP4, 40, 64, 36),
+        (Q1_0, 41, 128, 18),
+    ]
+};
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<Self> {
+        TYPES.iter().find(|t| t.1 == id).map(|t| t.0)
+    }
+
+    fn row(self) -> &'static (GgmlType, u32, usize, usize) {
+        TYPES
+            .iter()
+            .find(|t| t.0 == self)
+            .expect("every type has a row")
+    }
+
+    /// ggml's type id, as stored in a GGUF tensor info.
+    pub fn id(self) -> u32 {
+        self.row().1
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        self.row().2
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        self.row().3
+    }
+
+    /// candle's name for the type, where candle has the type.
+    pub fn to_candle(self) -> Option<GgmlDType> {
+        use GgmlType::*;
+        Some(match self {
+            F32 => GgmlDType::F32,
+            F16 => GgmlDType::F16,
+            BF16 => GgmlDType::BF16,
+            Q4_0 => GgmlDType::Q4_0,
+            Q4_1 => GgmlDType::Q4_1,
+            Q5_0 => GgmlDType::Q5_0,
+            Q5_1 => GgmlDType::Q5_1,
+            Q8_0 => GgmlDType::Q8_0,
+            Q8_1 => GgmlDType::Q8_1,
+            Q2_K => GgmlDType::Q2K,
+            Q3_K => GgmlDType::Q3K,
+            Q4_K => GgmlDType::Q4K,
+            Q5_K => GgmlDType::Q5K,
+            Q6_K => GgmlDType::Q6K,
+            Q8_K => GgmlDType::Q8K,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of `elems` values, None when it overflows or is not a whole number of blocks.
+    pub fn bytes_for(self, elems: u64) -> Option<u64> {
+        let block = self.block_size() as u64;
+        if !elems.is_multiple_of(block) {
+            return None;
+        }
+        (elems / block).checked_mul(self.type_size() as u64)
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub ty: GgmlType,
+    /// Outermost dimension first (rows, then columns), the reverse of the file's order.
+    pub dims: Vec<usize>,
+    /// Byte offset inside its part's file (the data section's start already added).
+    pub start: u64,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn elems(&self) -> u64 {
+        self.dims.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// What one file's header says.
+struct Header {
+    metadata: HashMap<String, Value>,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// One file of a (possibly split) GGUF model, memory-mapped.
 struct Part {
     path: PathBuf,
-    content: Content,
-    file_size: u64,
-    reader: BufReader<File>,
+    map: Mmap,
+    header: Header,
 }
 
 /// An open, validated GGUF model: header parsed and every tensor known to lie inside its
@@ -34,7 +214,7 @@ impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let first = Part::open(path)?;
         let count = first
-            .content
+            .header
             .metadata
             .get("split.count")
             .and_then(value_as_u64)
@@ -62,7 +242,7 @@ impl Gguf {
         }
         let mut index = HashMap::new();
         for (i, part) in parts.iter().enumerate() {
-            for name in part.content.tensor_infos.keys() {
+            for name in part.header.tensors.keys() {
                 if let Some(first) = index.insert(name.clone(), i) {
                     bail!(
                         "{} is corrupt: tensor {name} appears in both {} and {}",
@@ -75,125 +255,103 @@ impl Gguf {
         }
         Ok(Self {
             path: path.to_owned(),
-            file_size: parts.iter().map(|p| p.file_size).sum(),
+            file_size: parts.iter().map(|p| p.map.len() as u64).sum(),
             parts,
             index,
         })
     }
 
     fn metadata(&self) -> &HashMap<String, Value> {
-        &self.parts[0].content.metadata
+        &self.parts[0].header.metadata
     }
 
     fn tensor_infos(&self) -> impl Iterator<Item = &TensorInfo> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.content.tensor_infos.values())
+        self.parts.iter().flat_map(|p| p.header.tensors.values())
+    }
+
+    fn info(&self, name: &str) -> Option<(&Part, &TensorInfo)> {
+        let &i = self.index.get(name)?;
+        let part = &self.parts[i];
+        Some((part, part.header.tensors.get(name)?))
     }
 }
 
 impl Part {
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let file_size = file.metadata()?.len();
-        let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 4];
-        if file_size < 4 || reader.read_exact(&mut magic).is_err() {
+        // SAFETY: the map is read-only and private to this process. If another process
+        // truncates the file while it is mapped, reading the lost pages raises SIGBUS: the
+        // sizes are checked against the file's length here, at open, and tokentop never
+        // writes model files in place (the store downloads to a temporary name and renames).
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {} into memory", path.display()))?;
+        if map.len() < 4 {
             bail!(
-                "{} is not a GGUF model: the file is only {file_size} bytes",
-                path.display()
+                "{} is not a GGUF model: the file is only {} bytes",
+                path.display(),
+                map.len()
             );
         }
-        if &magic != b"GGUF" {
+        if &map[..4] != b"GGUF" {
             bail!(
                 "{} is not a GGUF model: it starts with {:?} instead of the magic \"GGUF\"",
                 path.display(),
-                String::from_utf8_lossy(&magic)
+                String::from_utf8_lossy(&map[..4])
             );
         }
-        reader.rewind()?;
-        // candle's reader trusts what it divides by and multiplies; check those first.
-        scan_header(&mut reader, file_size).map_err(|e| {
+        let header = parse_header(&map).map_err(|e| {
             anyhow::anyhow!(
                 "{} is a corrupt or truncated GGUF file: {e}",
                 path.display()
             )
         })?;
-        reader.rewind()?;
-        let content = Content::read(&mut reader).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is a corrupt or truncated GGUF file (header unreadable: {e})",
-                path.display()
-            )
-        })?;
         let part = Self {
             path: path.to_owned(),
-            content,
-            file_size,
-            reader,
+            map,
+            header,
         };
-        part.check_tensor_bounds()?;
+        part.check_tensors()?;
         Ok(part)
     }
 
     /// A truncated download keeps a valid header; catch it here rather than mid-load. Sizes
     /// are computed with checked arithmetic: a corrupt shape is an error, not a wrap-around.
-    fn check_tensor_bounds(&self) -> Result<()> {
-        let data_start = self.content.tensor_data_offset;
-        for (name, info) in &self.content.tensor_infos {
-            let dims = info.shape.dims();
-            let dtype = info.ggml_dtype;
-            if matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
+    fn check_tensors(&self) -> Result<()> {
+        let file_size = self.map.len() as u64;
+        for (name, info) in &self.header.tensors {
+            let (dims, ty) = (&info.dims, info.ty);
+            if matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K) {
                 bail!(
-                    "{} is corrupt: tensor {name} has type {dtype:?}, which only exists as a scratch format and is never stored in a model",
+                    "{} is corrupt: tensor {name} has type {ty}, which only exists as a scratch format and is never stored in a model",
                     self.path.display()
                 );
             }
-            let Some(bytes) = tensor_bytes_checked(info) else {
-                bail!(
-                    "{} is corrupt: tensor {name} has shape {dims:?}, whose size overflows",
-                    self.path.display()
-                );
-            };
-            let block = dtype.block_size();
+            let block = ty.block_size();
             let row = dims.last().copied().unwrap_or(1);
-            if row % block != 0 {
+            if !row.is_multiple_of(block) {
                 bail!(
-                    "{} is corrupt: tensor {name} has rows of {row} values, not a multiple of its {dtype:?} block size {block}",
+                    "{} is corrupt: tensor {name} has rows of {row} values, not a multiple of its {ty} block size {block}",
                     self.path.display()
                 );
             }
-            let end = data_start
-                .checked_add(info.offset)
-                .and_then(|s| s.checked_add(bytes));
+            let end = info.start.checked_add(info.bytes);
             match end {
-                Some(end) if end <= self.file_size => {}
+                Some(end) if end <= file_size => {}
                 _ => bail!(
                     "{} is truncated: tensor {name} ends at byte {} but the file has {} bytes (an interrupted download? fetch it again)",
                     self.path.display(),
                     end.map_or("beyond 2^64".to_string(), |e| e.to_string()),
-                    self.file_size
+                    file_size
                 ),
             }
         }
         Ok(())
     }
-}
 
-/// Bytes of a tensor's data, None when its shape overflows.
-fn tensor_bytes_checked(t: &TensorInfo) -> Option<u64> {
-    let elems = t
-        .shape
-        .dims()
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
-    let dtype = t.ggml_dtype;
-    (elems / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64)
-}
-
-/// Bytes of a tensor's data; every tensor's size was checked when the file was opened.
-fn tensor_bytes(t: &TensorInfo) -> u64 {
-    tensor_bytes_checked(t).unwrap_or(u64::MAX)
+    fn data(&self, info: &TensorInfo) -> &[u8] {
+        // check_tensors proved start + bytes <= the map's length.
+        &self.map[info.start as usize..(info.start + info.bytes) as usize]
+    }
 }
 
 impl Gguf {
@@ -247,8 +405,12 @@ impl Gguf {
 
     /// A tensor's shape, outermost dimension first (rows, then columns), without reading it.
     pub fn tensor_dims(&self, name: &str) -> Option<&[usize]> {
-        let &i = self.index.get(name)?;
-        Some(self.parts[i].content.tensor_infos.get(name)?.shape.dims())
+        self.info(name).map(|(_, t)| t.dims.as_slice())
+    }
+
+    /// A tensor's type, without reading it.
+    pub fn tensor_type(&self, name: &str) -> Option<GgmlType> {
+        self.info(name).map(|(_, t)| t.ty)
     }
 
     /// Names of all tensors, in no particular order.
@@ -260,35 +422,48 @@ impl Gguf {
         self.index.contains_key(name)
     }
 
-    pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
-        let Some(&i) = self.index.get(name) else {
+    fn lacks(&self, name: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{} lacks the tensor {name} its architecture needs",
+            self.path.display()
+        )
+    }
+
+    /// A tensor's type, shape (outermost first) and bytes exactly as the file stores them,
+    /// read from the map without a copy: for types candle lacks, and for kernels that repack.
+    pub fn raw(&self, name: &str) -> Result<(GgmlType, &[usize], &[u8])> {
+        let (part, info) = self.info(name).ok_or_else(|| self.lacks(name))?;
+        Ok((info.ty, &info.dims, part.data(info)))
+    }
+
+    /// A tensor as candle's quantized tensor (its blocks copied from the map onto `device`);
+    /// a type candle has no kernels for is a one-line error naming it.
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let (ty, dims, data) = self.raw(name)?;
+        let Some(dtype) = ty.to_candle() else {
             bail!(
-                "{} lacks the tensor {name} its architecture needs",
+                "{}: tensor {name} has type {ty}, which tokentop does not support yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)",
                 self.path.display()
             );
         };
-        let part = &mut self.parts[i];
-        part.content
-            .tensor(&mut part.reader, name, device)
-            .with_context(|| format!("reading tensor {name} from {}", part.path.display()))
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, data, dims.to_vec(), device)
+            .with_context(|| format!("reading tensor {name} from {}", self.path.display()))
     }
 
     /// Total parameters, counted from the tensor shapes.
     pub fn parameter_count(&self) -> u64 {
-        self.tensor_infos()
-            .map(|t| t.shape.dims().iter().map(|&d| d as u64).product::<u64>())
-            .sum()
+        self.tensor_infos().map(TensorInfo::elems).sum()
     }
 
     /// Bytes of tensor data (what the weights occupy once loaded).
     pub fn weight_bytes(&self) -> u64 {
-        self.tensor_infos().map(tensor_bytes).sum()
+        self.tensor_infos().map(|t| t.bytes).sum()
     }
 
-    /// The file's quantization as llama.cpp names it ("Q4_K_M", from `general.file_type`),
-    /// else the type most of the weight bytes use.
+    /// The file's quantization as llama.cpp names it ("Q4_K_M", from `general.file_type`,
+    /// llama.h's enum llama_ftype), else the type most of the weight bytes use.
     pub fn dominant_quant(&self) -> String {
-        const FILE_TYPES: [(u32, &str); 17] = [
+        const FILE_TYPES: [(u32, &str); 35] = [
             (0, "F32"),
             (1, "F16"),
             (2, "Q4_0"),
@@ -305,21 +480,39 @@ impl Gguf {
             (16, "Q5_K_S"),
             (17, "Q5_K_M"),
             (18, "Q6_K"),
+            (19, "IQ2_XXS"),
+            (20, "IQ2_XS"),
+            (21, "Q2_K_S"),
+            (22, "IQ3_XS"),
+            (23, "IQ3_XXS"),
+            (24, "IQ1_S"),
+            (25, "IQ4_NL"),
+            (26, "IQ3_S"),
+            (27, "IQ3_M"),
+            (28, "IQ2_S"),
+            (29, "IQ2_M"),
+            (30, "IQ4_XS"),
+            (31, "IQ1_M"),
             (32, "BF16"),
+            (36, "TQ1_0"),
+            (37, "TQ2_0"),
+            (38, "MXFP4_MOE"),
+            (39, "NVFP4"),
+            (40, "Q1_0"),
         ];
         if let Some(ft) = self.get_u32("general.file_type") {
             if let Some((_, name)) = FILE_TYPES.iter().find(|(t, _)| *t == ft) {
                 return name.to_string();
             }
         }
-        let mut by_type: HashMap<String, u64> = HashMap::new();
+        let mut by_type: HashMap<GgmlType, u64> = HashMap::new();
         for t in self.tensor_infos() {
-            *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += tensor_bytes(t);
+            *by_type.entry(t.ty).or_default() += t.bytes;
         }
         by_type
             .into_iter()
             .max_by_key(|(_, b)| *b)
-            .map(|(t, _)| t.to_uppercase())
+            .map(|(t, _)| t.to_string())
             .unwrap_or_default()
     }
 }
@@ -338,194 +531,238 @@ fn value_as_u64(v: &Value) -> Option<u64> {
     }
 }
 
+/// GGUF's default alignment of tensor data.
+const DEFAULT_ALIGNMENT: u64 = 32;
 /// Largest `general.alignment` accepted; llama.cpp writes 32, some tools 64 or a page.
 const MAX_ALIGNMENT: u64 = 1 << 20;
-/// As candle's reader: deeper nesting is refused rather than recursed into.
+/// Deeper nesting of metadata arrays is refused rather than recursed into.
 const MAX_VALUE_DEPTH: usize = 64;
+/// GGML_MAX_DIMS.
+const MAX_DIMS: u32 = 4;
 
-/// Walks the raw header before candle's `Content::read` sees it, checking what that reader
-/// trusts: `general.alignment` (it divides by it), duplicate metadata keys and tensor names
-/// (its maps keep the last silently), the dimension count and that each tensor's dimensions
-/// multiply without overflow. Values are skipped, not stored, so this allocates nothing
-/// that the file's own size does not bound. Hand-written because candle offers no
-/// validating reader and the format is small (ggml/docs/gguf.md).
-fn scan_header<R: Read + Seek>(r: &mut R, file_size: u64) -> Result<()> {
-    let _magic = read_u32(r)?;
-    let version = read_u32(r)?;
+/// Reads little-endian fields from the header, every read bounded by the file's end.
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    /// GGUF v1 stores lengths and counts as u32, later versions as u64.
+    wide: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> u64 {
+        (self.b.len() - self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            bail!("the header ends early (truncated file?)");
+        }
+        let s = &self.b[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N as u64)?.try_into().expect("took N bytes"))
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn len(&mut self) -> Result<u64> {
+        if self.wide {
+            self.u64()
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    /// GGUF strings are not NUL-terminated, but some writers add NULs: they are dropped,
+    /// and invalid UTF-8 is replaced rather than refused (as candle and llama.cpp read them).
+    fn string(&mut self) -> Result<String> {
+        let n = self.len()?;
+        if n > self.remaining() {
+            bail!("a string of {n} bytes runs past the end of the file");
+        }
+        let mut s = self.take(n)?;
+        while let [rest @ .., 0] = s {
+            s = rest;
+        }
+        Ok(String::from_utf8_lossy(s).into_owned())
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        if depth > MAX_VALUE_DEPTH {
+            bail!("metadata arrays nest deeper than {MAX_VALUE_DEPTH}");
+        }
+        Ok(match ty {
+            0 => Value::U8(self.u8()?),
+            1 => Value::I8(self.u8()? as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array()?)),
+            3 => Value::I16(i16::from_le_bytes(self.array()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.array()?)),
+            6 => Value::F32(f32::from_le_bytes(self.array()?)),
+            7 => match self.u8()? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => bail!("a boolean metadata value is {b}, neither 0 nor 1"),
+            },
+            8 => Value::String(self.string()?),
+            9 => {
+                let elem = self.u32()?;
+                let n = self.len()?;
+                // The least bytes one element takes: more elements than the rest of the file
+                // holds is a corrupt count, refused before anything is allocated.
+                let least = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    10..=12 => 8,
+                    8 | 9 => 4,
+                    _ => bail!("a metadata array has the unknown element type {elem}"),
+                };
+                if n > self.remaining() / least {
+                    bail!("a metadata array of {n} elements runs past the end of the file");
+                }
+                let mut vs = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    vs.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(vs)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.array()?)),
+            12 => Value::F64(f64::from_le_bytes(self.array()?)),
+            t => bail!("a metadata value has the unknown type {t}"),
+        })
+    }
+}
+
+/// Parses one file's header: metadata of every GGUF value type, tensor infos, alignment and
+/// where the data starts. Checks what later code trusts: the alignment (a power of two),
+/// duplicate keys and tensor names, the dimension count, dimensions whose product overflows,
+/// known type ids, whole blocks, and offsets on the alignment. Counts are bounded by the
+/// file's size before anything is allocated.
+fn parse_header(b: &[u8]) -> Result<Header> {
+    let mut r = Reader {
+        b,
+        pos: 4,
+        wide: true,
+    };
+    let version = r.u32()?;
     if !(1..=3).contains(&version) {
         bail!("unsupported GGUF version {version} (1, 2 and 3 exist)");
     }
-    let wide = version >= 2;
-    let len = |r: &mut R| -> Result<u64> {
-        if wide {
-            read_u64(r)
-        } else {
-            read_u32(r).map(u64::from)
-        }
-    };
-    let n_tensors = len(r)?;
-    let n_kv = len(r)?;
+    r.wide = version >= 2;
+    let n_tensors = r.len()?;
+    let n_kv = r.len()?;
+    let file_size = b.len() as u64;
     // Every entry takes at least 13 bytes: more than the file holds is a corrupt count.
     for (count, what) in [(n_tensors, "tensors"), (n_kv, "metadata entries")] {
         if count > file_size / 13 {
             bail!("the header declares {count} {what}, more than a {file_size}-byte file can hold");
         }
     }
-    let mut keys = HashSet::new();
-    let mut alignment = candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT;
+    let mut metadata = HashMap::with_capacity(n_kv as usize);
     for _ in 0..n_kv {
-        let key = read_string(r, wide, file_size)?;
-        let ty = read_u32(r)?;
-        if key == "general.alignment" {
-            let v = match ty {
-                0 => u64::from(read_bytes::<1, R>(r)?[0]),
-                1 => i8::from_le_bytes(read_bytes(r)?) as u64,
-                2 => u64::from(u16::from_le_bytes(read_bytes(r)?)),
-                3 => i16::from_le_bytes(read_bytes(r)?) as u64,
-                4 => u64::from(read_u32(r)?),
-                5 => i32::from_le_bytes(read_bytes(r)?) as u64,
-                10 => read_u64(r)?,
-                11 => i64::from_le_bytes(read_bytes(r)?) as u64,
-                _ => bail!("general.alignment is not an integer (value type {ty})"),
-            };
-            // candle ignores 64-bit and negative values and uses 32; so must the check.
-            if !matches!(ty, 10 | 11) && (ty % 2 == 0 || (v as i64) >= 0) {
-                if v == 0 || !v.is_power_of_two() || v > MAX_ALIGNMENT {
-                    bail!(
-                        "general.alignment is {}, not a power of two up to {MAX_ALIGNMENT}",
-                        v as i64
-                    );
-                }
-                alignment = v;
-            }
-        } else {
-            skip_value(r, ty, wide, file_size, 0)?;
-        }
-        if !keys.insert(key.clone()) {
+        let key = r.string()?;
+        let ty = r.u32()?;
+        let value = r.value(ty, 0)?;
+        if metadata.insert(key.clone(), value).is_some() {
             bail!("the metadata key {key} appears twice");
         }
     }
-    let mut names = HashSet::new();
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => {
+            let n: i128 = match v {
+                Value::I8(x) => (*x).into(),
+                Value::I16(x) => (*x).into(),
+                Value::I32(x) => (*x).into(),
+                Value::I64(x) => (*x).into(),
+                other => match value_as_u64(other) {
+                    Some(x) => x.into(),
+                    None => bail!(
+                        "general.alignment is not an integer (value type {:?})",
+                        other.value_type()
+                    ),
+                },
+            };
+            if n <= 0 || n > MAX_ALIGNMENT as i128 || !(n as u64).is_power_of_two() {
+                bail!("general.alignment is {n}, not a power of two up to {MAX_ALIGNMENT}");
+            }
+            n as u64
+        }
+    };
+    let mut infos: Vec<(String, GgmlType, Vec<usize>, u64)> =
+        Vec::with_capacity(n_tensors as usize);
+    let mut names = HashMap::with_capacity(n_tensors as usize);
     for _ in 0..n_tensors {
-        let name = read_string(r, wide, file_size)?;
-        let n_dims = read_u32(r)?;
-        if n_dims > 4 {
-            bail!("tensor {name} has {n_dims} dimensions (at most 4 exist)");
+        let name = r.string()?;
+        let n_dims = r.u32()?;
+        if n_dims > MAX_DIMS {
+            bail!("tensor {name} has {n_dims} dimensions (at most {MAX_DIMS} exist)");
         }
-        let mut elems = 1u64;
-        let mut dims = Vec::new();
+        let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
-            let d = len(r)?;
-            dims.push(d);
-            elems = elems.saturating_mul(d);
+            dims.push(r.len()?);
         }
-        if elems == u64::MAX || usize::try_from(elems).is_err() {
-            dims.reverse();
+        dims.reverse();
+        let elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let checked: Option<Vec<usize>> = match elems {
+            Some(e) if usize::try_from(e).is_ok() && e < i64::MAX as u64 => {
+                dims.iter().map(|&d| usize::try_from(d).ok()).collect()
+            }
+            _ => None,
+        };
+        let Some(dims) = checked else {
             bail!("tensor {name} has dimensions {dims:?}, whose product overflows");
-        }
-        let _dtype = read_u32(r)?;
-        let offset = read_u64(r)?;
+        };
+        let id = r.u32()?;
+        let Some(ty) = GgmlType::from_id(id) else {
+            bail!("tensor {name} has the unknown type id {id} (ggml defines 0 to 41)");
+        };
+        let offset = r.u64()?;
         if offset % alignment != 0 {
             bail!("tensor {name} starts at offset {offset}, not a multiple of the alignment {alignment}");
         }
-        if !names.insert(name.clone()) {
+        if names.insert(name.clone(), ()).is_some() {
             bail!("the tensor {name} appears twice");
         }
+        infos.push((name, ty, dims, offset));
     }
-    Ok(())
-}
-
-fn read_bytes<const N: usize, R: Read>(r: &mut R) -> Result<[u8; N]> {
-    let mut b = [0u8; N];
-    r.read_exact(&mut b)
-        .context("the header ends early (truncated file?)")?;
-    Ok(b)
-}
-
-fn read_u32<R: Read>(r: &mut R) -> Result<u32> {
-    Ok(u32::from_le_bytes(read_bytes(r)?))
-}
-
-fn read_u64<R: Read>(r: &mut R) -> Result<u64> {
-    Ok(u64::from_le_bytes(read_bytes(r)?))
-}
-
-fn remaining<R: Seek>(r: &mut R, file_size: u64) -> Result<u64> {
-    Ok(file_size.saturating_sub(r.stream_position()?))
-}
-
-fn skip<R: Seek>(r: &mut R, n: u64, file_size: u64) -> Result<()> {
-    if n > remaining(r, file_size)? {
-        bail!("a value runs past the end of the file");
+    let data_start = (r.pos as u64).next_multiple_of(alignment);
+    let mut tensors = HashMap::with_capacity(infos.len());
+    for (name, ty, dims, offset) in infos {
+        let elems: u64 = dims.iter().map(|&d| d as u64).product();
+        let row = dims.last().copied().unwrap_or(1) as u64;
+        // Rows that are not whole blocks are named by Part::check_tensors; their byte count
+        // here is only an upper bound that keeps the size check meaningful.
+        let bytes = ty
+            .bytes_for(elems)
+            .or_else(|| (!row.is_multiple_of(ty.block_size() as u64)).then_some(0));
+        let (Some(bytes), Some(start)) = (bytes, data_start.checked_add(offset)) else {
+            bail!("tensor {name} has shape {dims:?}, whose size overflows");
+        };
+        tensors.insert(
+            name,
+            TensorInfo {
+                ty,
+                dims,
+                start,
+                bytes,
+            },
+        );
     }
-    r.seek(SeekFrom::Current(n as i64))?;
-    Ok(())
-}
-
-fn read_string<R: Read + Seek>(r: &mut R, wide: bool, file_size: u64) -> Result<String> {
-    let n = if wide {
-        read_u64(r)?
-    } else {
-        u64::from(read_u32(r)?)
-    };
-    if n > remaining(r, file_size)? {
-        bail!("a string of {n} bytes runs past the end of the file");
-    }
-    let mut v = vec![0u8; n as usize];
-    r.read_exact(&mut v)?;
-    Ok(String::from_utf8_lossy(&v).into_owned())
-}
-
-fn skip_value<R: Read + Seek>(
-    r: &mut R,
-    ty: u32,
-    wide: bool,
-    file_size: u64,
-    depth: usize,
-) -> Result<()> {
-    if depth > MAX_VALUE_DEPTH {
-        bail!("metadata arrays nest deeper than {MAX_VALUE_DEPTH}");
-    }
-    let fixed = |ty: u32| match ty {
-        0 | 1 | 7 => Some(1u64),
-        2 | 3 => Some(2),
-        4..=6 => Some(4),
-        10..=12 => Some(8),
-        _ => None,
-    };
-    let str_len = |r: &mut R| -> Result<u64> {
-        if wide {
-            read_u64(r)
-        } else {
-            read_u32(r).map(u64::from)
-        }
-    };
-    match ty {
-        8 => {
-            let n = str_len(r)?;
-            skip(r, n, file_size)
-        }
-        9 => {
-            let elem = read_u32(r)?;
-            let n = str_len(r)?;
-            if let Some(size) = fixed(elem) {
-                return skip(r, n.saturating_mul(size), file_size);
-            }
-            if !matches!(elem, 8 | 9) {
-                bail!("a metadata array has the unknown element type {elem}");
-            }
-            // Each string or array element takes at least 4 bytes.
-            if n > remaining(r, file_size)? / 4 {
-                bail!("a metadata array of {n} elements runs past the end of the file");
-            }
-            for _ in 0..n {
-                skip_value(r, elem, wide, file_size, depth + 1)?;
-            }
-            Ok(())
-        }
-        t => match fixed(t) {
-            Some(size) => skip(r, size, file_size),
-            None => bail!("a metadata value has the unknown type {t}"),
-        },
-    }
+    Ok(Header { metadata, tensors })
 }
