@@ -7,6 +7,7 @@
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
 use super::gguf::Gguf;
+use super::kernels::iq::{IqMatrix, IqType};
 use super::kernels::{self, Kind, Packed};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QMatMul, QTensor};
@@ -426,9 +427,70 @@ impl Rope {
 enum Matrix {
     Blocks(Arc<Packed>),
     Candle(QMatMul),
+    /// The IQ types and MXFP4, which candle lacks: kernels/iq.rs on the CPU.
+    Iq(Arc<IqMatrix>),
 }
 
 impl Matrix {
+    /// A weight by name in any type this engine reads (shape checked as `fetch` does): the
+    /// IQ types and MXFP4 from their raw blocks, the rest through candle.
+    fn fetch(g: &mut Gguf, name: &str, want: &[usize], dev: &Device) -> Result<Self> {
+        match Self::fetch_iq(g, name, want)? {
+            Some(mut m) => Self::from_iq(Arc::new(m.remove(0)), dev),
+            None => Self::new(fetch(g, name, want, dev)?),
+        }
+    }
+
+    /// The tensor as n matrices of its rows × cols (n = 1 for a 2-D `want`) when its type is
+    /// an IQ type or MXFP4, else None.
+    fn fetch_iq(g: &Gguf, name: &str, want: &[usize]) -> Result<Option<Vec<IqMatrix>>> {
+        let Some(ty) = g
+            .tensor_type(name)
+            .and_then(|t| IqType::from_ggml_id(t.id()))
+        else {
+            return Ok(None);
+        };
+        let (_, dims, data) = g.raw(name)?;
+        let bad = |what: String| anyhow::anyhow!("{}: tensor {name}: {what}", g.path.display());
+        if dims != want {
+            return Err(bad(format!(
+                "shape {dims:?} but the model's hyper-parameters need {want:?}"
+            )));
+        }
+        let (&k, rest) = dims
+            .split_last()
+            .ok_or_else(|| bad("no dimensions".into()))?;
+        let (&n, outer) = rest
+            .split_last()
+            .ok_or_else(|| bad("one dimension".into()))?;
+        let count: usize = outer.iter().product();
+        if count == 0 || data.len() % count != 0 {
+            return Err(bad(format!("{} bytes for shape {dims:?}", data.len())));
+        }
+        let per = data.len() / count;
+        data.chunks_exact(per)
+            .map(|d| IqMatrix::new(ty, d.to_vec(), n, k).map_err(bad))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// An IQ / MXFP4 matrix on `dev`: the CPU kernels, or on a GPU (no kernels there yet)
+    /// its weights dequantized to f16.
+    fn from_iq(m: Arc<IqMatrix>, dev: &Device) -> Result<Self> {
+        if dev.is_cpu() {
+            return Ok(Self::Iq(m));
+        }
+        static NOTE: std::sync::Once = std::sync::Once::new();
+        NOTE.call_once(|| {
+            eprintln!(
+                "tokentop: note: no GPU kernels for {} yet: its weights run dequantized to f16",
+                m.ty.name()
+            )
+        });
+        let t = Tensor::from_vec(m.dequantize(), (m.n, m.k), dev)?.to_dtype(DType::F16)?;
+        Ok(Self::Candle(QMatMul::TensorF16(t)))
+    }
+
     fn new(q: QTensor) -> Result<Self> {
         Self::from_arc(Arc::new(q))
     }
@@ -467,7 +529,7 @@ impl Matrix {
     fn forward_many<const N: usize>(ms: [&Matrix; N], x: &Tensor) -> Result<[Tensor; N]> {
         let key = |m: &Matrix| match m {
             Self::Blocks(p) => Some((p.kind, p.k)),
-            Self::Candle(_) => None,
+            Self::Candle(_) | Self::Iq(_) => None,
         };
         let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
         if let Some(first) = ms.iter().find_map(|m| key(m)) {
@@ -477,7 +539,7 @@ impl Matrix {
                     .iter()
                     .map(|&i| match ms[i] {
                         Self::Blocks(p) => p.as_ref(),
-                        Self::Candle(_) => unreachable!("grouped by kernel kind"),
+                        Self::Candle(_) | Self::Iq(_) => unreachable!("grouped by kernel kind"),
                     })
                     .collect();
                 let (xs, m) = Self::input_rows(x, first.1)?;
@@ -498,6 +560,10 @@ impl Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Iq(w) => {
+                let (xs, m) = Self::input_rows(x, w.k)?;
+                Self::output(kernels::iq::matmul(w, &xs, m), x, w.n)
+            }
             Self::Blocks(p) => {
                 let (xs, m) = Self::input_rows(x, p.k)?;
                 Self::output(kernels::matmul(p, &xs, m), x, p.n)
@@ -629,6 +695,8 @@ struct Layer {
 enum Embedding {
     Quant(Arc<QTensor>),
     Tied(Arc<Packed>),
+    /// An IQ / MXFP4 table, dequantized row by row (shared with the output when tied).
+    Iq(Arc<IqMatrix>),
 }
 
 impl Embedding {
@@ -636,6 +704,7 @@ impl Embedding {
         match self {
             Self::Quant(q) => q.shape().dims()[0],
             Self::Tied(p) => p.n,
+            Self::Iq(m) => m.n,
         }
     }
 
@@ -651,6 +720,13 @@ impl Embedding {
                     p.dequantize_row(t as usize, row);
                 }
                 Ok(Tensor::from_vec(out, (1, tokens.len(), p.k), dev)?)
+            }
+            Self::Iq(m) => {
+                let mut out = vec![0f32; tokens.len() * m.k];
+                for (row, &t) in out.chunks_exact_mut(m.k).zip(tokens) {
+                    m.dequantize_row(t as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (1, tokens.len(), m.k), dev)?)
             }
         }
     }
@@ -694,7 +770,7 @@ impl Model {
             }
         };
         let qmm = |g: &mut Gguf, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Matrix::new(fetch(g, name, &[rows, cols], dev)?)
+            Matrix::fetch(g, name, &[rows, cols], dev)
         };
         let linear = |g: &mut Gguf, name: &str, rows: usize| -> Result<Linear> {
             Ok(Linear {
@@ -721,18 +797,27 @@ impl Model {
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
         let vocab = g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]);
-        let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
-        let (embed, output) = if g.has_tensor("output.weight") {
-            (
-                Embedding::Quant(embed_q),
-                qmm(g, "output.weight", vocab, e)?,
-            )
-        } else {
-            match Matrix::from_arc(embed_q.clone())? {
-                Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
-                candle => (Embedding::Quant(embed_q), candle),
-            }
-        };
+        let (embed, output) =
+            if let Some(mut m) = Matrix::fetch_iq(g, "token_embd.weight", &[vocab, e])? {
+                let m = Arc::new(m.remove(0));
+                let output = match g.has_tensor("output.weight") {
+                    true => qmm(g, "output.weight", vocab, e)?,
+                    false => Matrix::from_iq(m.clone(), dev)?,
+                };
+                (Embedding::Iq(m), output)
+            } else if g.has_tensor("output.weight") {
+                let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
+                (
+                    Embedding::Quant(embed_q),
+                    qmm(g, "output.weight", vocab, e)?,
+                )
+            } else {
+                let embed_q = Arc::new(fetch(g, "token_embd.weight", &[vocab, e], dev)?);
+                match Matrix::from_arc(embed_q.clone())? {
+                    Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
+                    candle => (Embedding::Quant(embed_q), candle),
+                }
+            };
         let act = if hp.arch == Arch::Gemma3 {
             Act::GeluTanh
         } else {

@@ -91,16 +91,16 @@ impl IqType {
     /// Bytes per block (sizeof(block_*) in ggml-common.h).
     pub fn block_bytes(self) -> usize {
         match self {
-            Self::Iq2Xxs => 2 + QK_K / 4,                // d, qs[QK_K/8] u16
-            Self::Iq2Xs => 2 + QK_K / 4 + QK_K / 32,     // d, qs u16, scales
-            Self::Iq2S => 2 + QK_K / 4 + QK_K / 16,      // d, qs (grid + signs), qh, scales
-            Self::Iq3Xxs => 2 + 3 * QK_K / 8,            // d, qs (grid + scales and signs)
+            Self::Iq2Xxs => 2 + QK_K / 4,            // d, qs[QK_K/8] u16
+            Self::Iq2Xs => 2 + QK_K / 4 + QK_K / 32, // d, qs u16, scales
+            Self::Iq2S => 2 + QK_K / 4 + QK_K / 16,  // d, qs (grid + signs), qh, scales
+            Self::Iq3Xxs => 2 + 3 * QK_K / 8,        // d, qs (grid + scales and signs)
             Self::Iq3S => 2 + QK_K / 4 + QK_K / 32 + QK_K / 8 + QK_K / 64, // d, qs, qh, signs, scales
-            Self::Iq1S => 2 + QK_K / 8 + QK_K / 16,      // d, qs, qh u16
+            Self::Iq1S => 2 + QK_K / 8 + QK_K / 16,                        // d, qs, qh u16
             Self::Iq1M => QK_K / 8 + QK_K / 16 + QK_K / 32, // qs, qh, scales (d inside them)
-            Self::Iq4Nl => 2 + QK / 2,                   // d, qs
-            Self::Iq4Xs => 2 + 2 + QK_K / 64 + QK_K / 2, // d, scales_h, scales_l, qs
-            Self::Mxfp4 => mxfp4::BLOCK_BYTES,           // e, qs
+            Self::Iq4Nl => 2 + QK / 2,                      // d, qs
+            Self::Iq4Xs => 2 + 2 + QK_K / 64 + QK_K / 2,    // d, scales_h, scales_l, qs
+            Self::Mxfp4 => mxfp4::BLOCK_BYTES,              // e, qs
         }
     }
 
@@ -261,13 +261,17 @@ pub fn dequantize_block(ty: IqType, b: &[u8], y: &mut [f32]) {
                     qs[4 * ib + 2] as usize | (h1 << 8 & 0x700),
                     qs[4 * ib + 3] as usize | (h1 << 4 & 0x700),
                 ];
-                let delta = [h0 & 0x08, h0 & 0x80, h1 & 0x08, h1 & 0x80]
-                    .map(|m| if m != 0 { -IQ1M_DELTA } else { IQ1M_DELTA });
+                let delta = [h0 & 0x08, h0 & 0x80, h1 & 0x08, h1 & 0x80].map(|m| {
+                    if m != 0 {
+                        -IQ1M_DELTA
+                    } else {
+                        IQ1M_DELTA
+                    }
+                });
                 for l in 0..4 {
                     let grid = IQ1S_GRID[idx[l]];
                     for j in 0..8 {
-                        y[32 * ib + 8 * l + j] =
-                            dl[l / 2] * (gb(grid, j) as i8 as f32 + delta[l]);
+                        y[32 * ib + 8 * l + j] = dl[l / 2] * (gb(grid, j) as i8 as f32 + delta[l]);
                     }
                 }
             }
@@ -486,8 +490,8 @@ pub fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                         qs[4 * ib + 2] as usize | (h1 << 8 & 0x700),
                         qs[4 * ib + 3] as usize | (h1 << 4 & 0x700),
                     ];
-                    let delta =
-                        [h0 & 0x08, h0 & 0x80, h1 & 0x08, h1 & 0x80].map(|m| 1 - 2 * (m != 0) as i32);
+                    let delta = [h0 & 0x08, h0 & 0x80, h1 & 0x08, h1 & 0x80]
+                        .map(|m| 1 - 2 * (m != 0) as i32);
                     let (mut s1, mut s2) = ([0i32; 2], [0i32; 2]);
                     for l in 0..4 {
                         let grid = IQ1S_GRID[idx[l]];
@@ -511,7 +515,8 @@ pub fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                 let h = u16_at(b, 2) as i32;
                 let mut bsum = 0i32;
                 for ib in 0..8 {
-                    let ls = (b[4 + ib / 2] as i32 >> (4 * (ib % 2)) & 0xF) | (h >> (2 * ib) & 3) << 4;
+                    let ls =
+                        (b[4 + ib / 2] as i32 >> (4 * (ib % 2)) & 0xF) | (h >> (2 * ib) & 3) << 4;
                     let qs = &b[8 + 16 * ib..];
                     let y = &q8[32 * ib..];
                     let mut sumi = 0i32;
@@ -681,7 +686,10 @@ mod tests {
     /// SmolLM2-135M requantized by llama.cpp's llama-quantize, an importance matrix from
     /// llama-imatrix where the type needs one).
     fn fixture(name: &str) -> (Vec<u8>, Vec<f32>) {
-        let path = format!("{}/tests/fixtures/iq/{name}.bin", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/iq/{name}.bin",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let (bb, be) = match IqType::ALL.into_iter().find(|t| t.name() == name) {
             Some(t) => (t.block_bytes(), t.block_elems()),
@@ -748,7 +756,11 @@ mod tests {
                     ty.name()
                 );
             }
-            assert!(want.iter().any(|&v| v != 0.0), "{}: a real block", ty.name());
+            assert!(
+                want.iter().any(|&v| v != 0.0),
+                "{}: a real block",
+                ty.name()
+            );
         }
     }
 
@@ -768,7 +780,10 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-6 * b.abs(), "{name} weight {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs(),
+                    "{name} weight {i}: {a} vs {b}"
+                );
             }
         }
     }
@@ -803,8 +818,10 @@ mod tests {
                     for j in 0..n {
                         let (wr, xr) = (&wf[j * k..(j + 1) * k], &xq[i * k..(i + 1) * k]);
                         let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b).sum();
-                        let scale: f64 = wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b).abs()).sum();
-                        for (what, v) in [("scalar", scalar[i * n + j]), ("best", best[i * n + j])] {
+                        let scale: f64 =
+                            wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                        for (what, v) in [("scalar", scalar[i * n + j]), ("best", best[i * n + j])]
+                        {
                             assert!(
                                 (v as f64 - want).abs() <= 1e-5 * scale + 1e-30,
                                 "{} {what} m={m} ({i},{j}): {v} vs {want}",
@@ -812,7 +829,12 @@ mod tests {
                             );
                         }
                         if ty.pairs_q8k() {
-                            assert_eq!(scalar[i * n + j], best[i * n + j], "{} ({i},{j})", ty.name());
+                            assert_eq!(
+                                scalar[i * n + j],
+                                best[i * n + j],
+                                "{} ({i},{j})",
+                                ty.name()
+                            );
                         }
                     }
                 }
@@ -825,14 +847,19 @@ mod tests {
         let x = random(QK_K, 3);
         let mut b = [Q8KBlock::default()];
         quantize_q8k(&x, &mut b);
-        let (imax, _) = x
-            .iter()
-            .enumerate()
-            .fold((0, 0f32), |(i, m), (j, &v)| if v.abs() > m { (j, v.abs()) } else { (i, m) });
+        let (imax, _) =
+            x.iter().enumerate().fold(
+                (0, 0f32),
+                |(i, m), (j, &v)| if v.abs() > m { (j, v.abs()) } else { (i, m) },
+            );
         // the largest magnitude maps to −127 (ggml keeps its sign in the scale)
         assert_eq!(b[0].qs[imax], -127);
         assert!((b[0].d + x[imax] / 127.0).abs() <= 1e-6 * x[imax].abs());
-        let sums: Vec<i16> = b[0].qs.chunks(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
+        let sums: Vec<i16> = b[0]
+            .qs
+            .chunks(16)
+            .map(|c| c.iter().map(|&q| q as i16).sum())
+            .collect();
         assert_eq!(b[0].bsums.to_vec(), sums);
         for (q, v) in b[0].qs.iter().zip(&x) {
             assert!((*q as f32 * b[0].d - v).abs() <= b[0].d.abs() * 0.5001);

@@ -100,8 +100,8 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                 let h = u16_at(b.add(2)) as i32;
                 let mut acc = _mm256_setzero_si256();
                 for j in 0..8 {
-                    let ls = (*b.add(4 + j / 2) as i32 >> (4 * (j % 2)) & 0xF)
-                        | (h >> (2 * j) & 3) << 4;
+                    let ls =
+                        (*b.add(4 + j / 2) as i32 >> (4 * (j % 2)) & 0xF) | (h >> (2 * j) & 3) << 4;
                     let q = _mm_loadu_si128(b.add(8 + 16 * j) as *const __m128i);
                     let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
                     let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
@@ -172,7 +172,8 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                         IQ2S_GRID[idx(1)] as i64,
                         IQ2S_GRID[idx(0)] as i64,
                     );
-                    let y = _mm256_sign_epi8(load(q8.add(32 * j)), signs32(u32_at(signs.add(4 * j))));
+                    let y =
+                        _mm256_sign_epi8(load(q8.add(32 * j)), signs32(u32_at(signs.add(4 * j))));
                     let sc = *scales.add(j) as i32;
                     let ls = scales2(2 * (sc & 0xF) + 1, 2 * (sc >> 4) + 1);
                     acc = _mm256_add_epi32(acc, udot(g, y, ls));
@@ -186,7 +187,8 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                     let aux = u32_at(gas.add(4 * j));
                     let q = qs.add(8 * j);
                     let gi = |l: usize| IQ3XXS_GRID[*q.add(l) as usize] as i32;
-                    let g = _mm256_set_epi32(gi(7), gi(6), gi(5), gi(4), gi(3), gi(2), gi(1), gi(0));
+                    let g =
+                        _mm256_set_epi32(gi(7), gi(6), gi(5), gi(4), gi(3), gi(2), gi(1), gi(0));
                     let s = _mm256_set_epi64x(
                         KEVEN_SIGNS[(aux >> 21 & 127) as usize] as i64,
                         KEVEN_SIGNS[(aux >> 14 & 127) as usize] as i64,
@@ -205,11 +207,11 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                 for j in 0..8 {
                     let h = *qh.add(j) as usize;
                     let q = qs.add(8 * j);
-                    let gi = |i: usize| {
-                        IQ3S_GRID[*q.add(i) as usize | (h << (8 - i) & 256)] as i32
-                    };
-                    let g = _mm256_set_epi32(gi(7), gi(6), gi(5), gi(4), gi(3), gi(2), gi(1), gi(0));
-                    let y = _mm256_sign_epi8(load(q8.add(32 * j)), signs32(u32_at(signs.add(4 * j))));
+                    let gi = |i: usize| IQ3S_GRID[*q.add(i) as usize | (h << (8 - i) & 256)] as i32;
+                    let g =
+                        _mm256_set_epi32(gi(7), gi(6), gi(5), gi(4), gi(3), gi(2), gi(1), gi(0));
+                    let y =
+                        _mm256_sign_epi8(load(q8.add(32 * j)), signs32(u32_at(signs.add(4 * j))));
                     let ls = 2 * (*scales.add(j / 2) >> (4 * (j % 2)) & 0xF) as i16 + 1;
                     acc = _mm256_add_epi32(acc, udot(g, y, _mm256_set1_epi16(ls)));
                 }
@@ -228,10 +230,7 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                     let g = _mm256_set_epi64x(gi(3), gi(2), gi(1), gi(0));
                     let ls = 2 * (h >> 12 & 7) as i32 + 1;
                     let p = _mm256_maddubs_epi16(ones, _mm256_sign_epi8(load(q8.add(32 * j)), g));
-                    acc = _mm256_add_epi32(
-                        acc,
-                        _mm256_madd_epi16(p, _mm256_set1_epi16(ls as i16)),
-                    );
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(ls as i16)));
                     let delta = if h & 0x8000 != 0 { -1 } else { 1 };
                     sumi1 += ls * delta * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32);
                 }
@@ -260,7 +259,12 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                             0x0101010101010101
                         }
                     };
-                    let delta = _mm256_set_epi64x(dv(h1 & 0x80), dv(h1 & 0x08), dv(h0 & 0x80), dv(h0 & 0x08));
+                    let delta = _mm256_set_epi64x(
+                        dv(h1 & 0x80),
+                        dv(h1 & 0x08),
+                        dv(h0 & 0x80),
+                        dv(h0 & 0x08),
+                    );
                     let s = sc[j / 2] >> (6 * (j % 2));
                     let ls = scales2(2 * (s & 7) as i32 + 1, 2 * (s >> 3 & 7) as i32 + 1);
                     let y = load(q8.add(32 * j));
@@ -269,9 +273,7 @@ pub unsafe fn dot_row_q8k(ty: IqType, row: &[u8], act: &[Q8KBlock]) -> f32 {
                     acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ls));
                     acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(p2, ls));
                 }
-                sumf += d
-                    * a.d
-                    * (hsum_i32(acc1) as f32 + IQ1M_DELTA * hsum_i32(acc2) as f32);
+                sumf += d * a.d * (hsum_i32(acc1) as f32 + IQ1M_DELTA * hsum_i32(acc2) as f32);
             }
             IqType::Iq4Nl | IqType::Mxfp4 => {
                 return scalar_q8k(ty, row, act);

@@ -61,7 +61,7 @@ impl Moe {
         dev: &Device,
     ) -> Result<Self> {
         let (n, e) = (hp.n_expert, hp.n_embd);
-        let router = Matrix::new(fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?)?;
+        let router = Matrix::fetch(g, &format!("{p}.ffn_gate_inp.weight"), &[n, e], dev)?;
         if hp.n_expert_used == 0 || hp.n_expert_used > n {
             bail!(
                 "{}: expert_used_count is {} but it must be between 1 and expert_count {n}",
@@ -79,6 +79,47 @@ impl Moe {
                     name("ffn_gate")
                 ),
             };
+            let iq = |g: &Gguf, part: &str, shape: [usize; 3]| -> Result<Option<Vec<Matrix>>> {
+                let Some(ms) = Matrix::fetch_iq(g, &name(part), &shape)? else {
+                    return Ok(None);
+                };
+                ms.into_iter()
+                    .map(|m| Matrix::from_iq(Arc::new(m), dev))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
+            };
+            // IQ / MXFP4 experts (gpt-oss, IQ2 DeepSeek): one matrix each, on tokentop's
+            // kernels; a part in a candle type beside them is split as usual.
+            let parts = [
+                iq(g, "ffn_gate", [n, n_ff, e])?,
+                iq(g, "ffn_up", [n, n_ff, e])?,
+                iq(g, "ffn_down", [n, e, n_ff])?,
+            ];
+            if parts.iter().any(Option::is_some) {
+                let [gate, up, down] = parts;
+                let mut take = |m: Option<Vec<Matrix>>, part: &str, shape: [usize; 3]| match m {
+                    Some(m) => Ok(m),
+                    None => split_experts(fetch(g, &name(part), &shape, dev)?, dev),
+                };
+                let gate = take(gate, "ffn_gate", [n, n_ff, e])?;
+                let up = take(up, "ffn_up", [n, n_ff, e])?;
+                let down = take(down, "ffn_down", [n, e, n_ff])?;
+                return Ok(Self {
+                    router,
+                    top_k: hp.n_expert_used,
+                    experts: Experts::Split(
+                        gate.into_iter()
+                            .zip(up)
+                            .zip(down)
+                            .map(|((gate, up), down)| Mlp {
+                                gate_up: GateUp::Separate { gate, up },
+                                down,
+                                act,
+                            })
+                            .collect(),
+                    ),
+                });
+            }
             let gate = fetch(g, &name("ffn_gate"), &[n, n_ff, e], dev)?;
             let up = fetch(g, &name("ffn_up"), &[n, n_ff, e], dev)?;
             let down = fetch(g, &name("ffn_down"), &[n, e, n_ff], dev)?;
@@ -114,7 +155,7 @@ impl Moe {
                 let name = |n: &str| format!("{p}.{n}.{x}.weight");
                 let n_ff = ff_width(g, &name("ffn_gate"), e, 1)?;
                 let t = |g: &mut Gguf, n: &str, shape: [usize; 2]| -> Result<Matrix> {
-                    Matrix::new(fetch(g, &name(n), &shape, dev)?)
+                    Matrix::fetch(g, &name(n), &shape, dev)
                 };
                 experts.push(Mlp {
                     gate_up: GateUp::Separate {
