@@ -166,3 +166,35 @@ fn tensors_of_types_candle_lacks_are_read_raw_and_run_on_tokentop_kernels() {
     assert!(mx.iter().all(|v| v.is_finite()));
     assert_ne!(mx, original, "the MXFP4 output matrix is used");
 }
+
+/// Stacked expert tensors in an IQ type (IQ2 DeepSeek, gpt-oss's MXFP4) split into one
+/// matrix per expert on tokentop's kernels, beside parts in candle's types.
+#[test]
+fn moe_experts_in_an_iq_type_load_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::new("qwen3moe");
+    spec.dtype = GgmlDType::Q4_0;
+    let base = common::synth(dir.path(), &spec);
+    let tokens = [1u32, 5, 9, 3];
+    let logits = |path: &std::path::Path| -> Vec<f32> {
+        let mut e = Engine::load(path, &LoadOptions::default(), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        e.score(&tokens, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let original = logits(&base);
+    let mut b = std::fs::read(&base).unwrap();
+    // gate and up of layer 0 as IQ4_NL (the same block size as Q4_0); down stays Q4_0.
+    for name in ["blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight"] {
+        patch_tensor(&mut b, name, None, Some(20), None);
+    }
+    let path = dir.path().join("moe-iq4_nl.gguf");
+    std::fs::write(&path, &b).unwrap();
+    let iq = logits(&path);
+    assert!(iq.iter().all(|v| v.is_finite()));
+    assert_ne!(iq, original, "the experts' IQ4_NL reading is used");
+}
