@@ -560,7 +560,7 @@ pub struct IqMatrix {
 impl IqMatrix {
     /// n rows of k weights in ggml's block layout; an error names what does not fit.
     pub fn new(ty: IqType, data: Vec<u8>, n: usize, k: usize) -> Result<Self, String> {
-        if k % ty.block_elems() != 0 {
+        if !k.is_multiple_of(ty.block_elems()) {
             return Err(format!(
                 "{}: rows of {k} weights are not whole blocks of {}",
                 ty.name(),
