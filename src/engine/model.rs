@@ -7,6 +7,7 @@
 //! sandwich norms, MoE, RoPE layout, sliding windows) that read better side by side.
 
 use super::gguf::{Gguf, Mapped};
+use super::kernels::iq::{IqMatrix, IqType};
 use super::kernels::{self, Kind, Packed};
 use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
@@ -649,9 +650,61 @@ impl Rope {
 enum Matrix {
     Blocks(Arc<Packed>),
     Candle(QMatMul),
+    /// The IQ types and MXFP4, which candle lacks: kernels/iq.rs on the CPU.
+    Iq(Arc<IqMatrix>),
 }
 
 impl Matrix {
+    /// The tensor as n matrices of its rows × cols (n = 1 for a 2-D `want`) when its type is
+    /// an IQ type or MXFP4, else None.
+    fn fetch_iq(g: &Gguf, name: &str, want: &[usize]) -> Result<Option<Vec<IqMatrix>>> {
+        let Some(ty) = g
+            .tensor_type(name)
+            .and_then(|t| IqType::from_ggml_id(t.id()))
+        else {
+            return Ok(None);
+        };
+        let (_, dims, data) = g.raw(name)?;
+        let bad = |what: String| anyhow::anyhow!("{}: tensor {name}: {what}", g.path.display());
+        if dims != want {
+            return Err(bad(format!(
+                "shape {dims:?} but the model's hyper-parameters need {want:?}"
+            )));
+        }
+        let (&k, rest) = dims
+            .split_last()
+            .ok_or_else(|| bad("no dimensions".into()))?;
+        let (&n, outer) = rest
+            .split_last()
+            .ok_or_else(|| bad("one dimension".into()))?;
+        let count: usize = outer.iter().product();
+        if count == 0 || data.len() % count != 0 {
+            return Err(bad(format!("{} bytes for shape {dims:?}", data.len())));
+        }
+        let per = data.len() / count;
+        data.chunks_exact(per)
+            .map(|d| IqMatrix::new(ty, d.to_vec(), n, k).map_err(bad))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// An IQ / MXFP4 matrix on `dev`: the CPU kernels, or on a GPU (no kernels there yet)
+    /// its weights dequantized to f16.
+    fn from_iq(m: Arc<IqMatrix>, dev: &Device) -> Result<Self> {
+        if dev.is_cpu() {
+            return Ok(Self::Iq(m));
+        }
+        static NOTE: std::sync::Once = std::sync::Once::new();
+        NOTE.call_once(|| {
+            eprintln!(
+                "tokentop: note: no GPU kernels for {} yet: its weights run dequantized to f16",
+                m.ty.name()
+            )
+        });
+        let t = Tensor::from_vec(m.dequantize(), (m.n, m.k), dev)?.to_dtype(DType::F16)?;
+        Ok(Self::Candle(QMatMul::TensorF16(t)))
+    }
+
     fn new(q: QTensor) -> Result<Self> {
         Self::from_arc(Arc::new(q))
     }
@@ -725,7 +778,7 @@ impl Matrix {
     fn forward_many<const N: usize>(ms: [&Matrix; N], x: &Tensor) -> Result<[Tensor; N]> {
         let key = |m: &Matrix| match m {
             Self::Blocks(p) => Some((p.kind, p.k)),
-            Self::Candle(_) => None,
+            Self::Candle(_) | Self::Iq(_) => None,
         };
         let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
         if let Some(first) = ms.iter().find_map(|m| key(m)) {
@@ -735,7 +788,7 @@ impl Matrix {
                     .iter()
                     .map(|&i| match ms[i] {
                         Self::Blocks(p) => p.as_ref(),
-                        Self::Candle(_) => unreachable!("grouped by kernel kind"),
+                        Self::Candle(_) | Self::Iq(_) => unreachable!("grouped by kernel kind"),
                     })
                     .collect();
                 let (xs, m) = Self::input_rows(x, first.1)?;
@@ -756,6 +809,10 @@ impl Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Iq(w) => {
+                let (xs, m) = Self::input_rows(x, w.k)?;
+                Self::output(kernels::iq::matmul(w, &xs, m), x, w.n)
+            }
             Self::Blocks(p) => {
                 let (xs, m) = Self::input_rows(x, p.k)?;
                 Self::output(kernels::matmul(p, &xs, m), x, p.n)
@@ -895,6 +952,8 @@ enum Embedding {
     },
     Quant(Arc<QTensor>),
     Tied(Arc<Packed>),
+    /// An IQ / MXFP4 table, dequantized row by row (shared with the output when tied).
+    Iq(Arc<IqMatrix>),
 }
 
 impl Embedding {
@@ -903,6 +962,7 @@ impl Embedding {
             Self::Mapped { rows, .. } => *rows,
             Self::Quant(q) => q.shape().dims()[0],
             Self::Tied(p) => p.n,
+            Self::Iq(m) => m.n,
         }
     }
 
@@ -939,6 +999,13 @@ impl Embedding {
                     p.dequantize_row(t as usize, row);
                 }
                 Ok(Tensor::from_vec(out, (1, tokens.len(), p.k), dev)?)
+            }
+            Self::Iq(m) => {
+                let mut out = vec![0f32; tokens.len() * m.k];
+                for (row, &t) in out.chunks_exact_mut(m.k).zip(tokens) {
+                    m.dequantize_row(t as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (1, tokens.len(), m.k), dev)?)
             }
         }
     }
@@ -1013,17 +1080,26 @@ impl Model {
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
         let vocab = g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]);
-        let (embed, output) = if g.has_tensor("output.weight") {
-            (
-                embedding(g, vocab, e, dev)?,
-                qmm(g, "output.weight", vocab, e)?,
-            )
-        } else {
-            match qmm(g, "token_embd.weight", vocab, e)? {
-                Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
-                candle => (embedding(g, vocab, e, dev)?, candle),
-            }
-        };
+        let (embed, output) =
+            if let Some(mut m) = Matrix::fetch_iq(g, "token_embd.weight", &[vocab, e])? {
+                g.release("token_embd.weight");
+                let m = Arc::new(m.remove(0));
+                let output = match g.has_tensor("output.weight") {
+                    true => qmm(g, "output.weight", vocab, e)?,
+                    false => Matrix::from_iq(m.clone(), dev)?,
+                };
+                (Embedding::Iq(m), output)
+            } else if g.has_tensor("output.weight") {
+                (
+                    embedding(g, vocab, e, dev)?,
+                    qmm(g, "output.weight", vocab, e)?,
+                )
+            } else {
+                match qmm(g, "token_embd.weight", vocab, e)? {
+                    Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
+                    candle => (embedding(g, vocab, e, dev)?, candle),
+                }
+            };
         let act = if hp.arch == Arch::Gemma3 {
             Act::GeluTanh
         } else {
@@ -1308,6 +1384,11 @@ fn candle_type(g: &Gguf, name: &str) -> Result<GgmlDType> {
 /// A weight matrix of `rows` × `cols`, built from the memory map (see `Matrix::from_bytes`);
 /// the map's pages are given back once it is built.
 fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize, dev: &Device) -> Result<Matrix> {
+    // The IQ types and MXFP4, which candle lacks, run on kernels/iq.rs from their raw blocks.
+    if let Some(mut m) = Matrix::fetch_iq(g, name, &[rows, cols])? {
+        g.release(name);
+        return Matrix::from_iq(Arc::new(m.remove(0)), dev);
+    }
     check_shape(g, name, &[rows, cols])?;
     let dtype = candle_type(g, name)?;
     let (_, _, raw) = g.raw(name)?;

@@ -25,6 +25,12 @@
 mod kquant;
 mod legacy;
 
+pub mod iq;
+#[cfg(target_arch = "x86_64")]
+mod iq_avx2;
+mod iq_tables;
+mod mxfp4;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

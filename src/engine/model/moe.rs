@@ -75,6 +75,53 @@ impl Moe {
                     name("ffn_gate")
                 ),
             };
+            let iq = |g: &Gguf, part: &str, shape: [usize; 3]| -> Result<Option<Vec<Matrix>>> {
+                let Some(ms) = Matrix::fetch_iq(g, &name(part), &shape)? else {
+                    return Ok(None);
+                };
+                g.release(&name(part));
+                ms.into_iter()
+                    .map(|m| Matrix::from_iq(Arc::new(m), dev))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
+            };
+            // IQ / MXFP4 experts (gpt-oss, IQ2 DeepSeek): one matrix each, on tokentop's
+            // kernels; a part in a candle type beside them is split as usual.
+            let parts = [
+                iq(g, "ffn_gate", [n, n_ff, e])?,
+                iq(g, "ffn_up", [n, n_ff, e])?,
+                iq(g, "ffn_down", [n, e, n_ff])?,
+            ];
+            if parts.iter().any(Option::is_some) {
+                let [gate, up, down] = parts;
+                let take = |m: Option<Vec<Matrix>>, part: &str, shape: [usize; 3]| match m {
+                    Some(m) => Ok(m),
+                    None => {
+                        check_shape(g, &name(part), &shape)?;
+                        let dtype = candle_type(g, &name(part))?;
+                        let (_, dims, raw) = g.raw(&name(part))?;
+                        split_experts(dtype, raw, dims, dev, |b| g.release_bytes(b))
+                    }
+                };
+                let gate = take(gate, "ffn_gate", [n, n_ff, e])?;
+                let up = take(up, "ffn_up", [n, n_ff, e])?;
+                let down = take(down, "ffn_down", [n, e, n_ff])?;
+                return Ok(Self {
+                    router,
+                    top_k: hp.n_expert_used,
+                    experts: Experts::Split(
+                        gate.into_iter()
+                            .zip(up)
+                            .zip(down)
+                            .map(|((gate, up), down)| Mlp {
+                                gate_up: GateUp::Separate { gate, up },
+                                down,
+                                act,
+                            })
+                            .collect(),
+                    ),
+                });
+            }
             let shapes = [
                 ("ffn_gate", [n, n_ff, e]),
                 ("ffn_up", [n, n_ff, e]),
