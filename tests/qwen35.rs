@@ -421,3 +421,37 @@ fn hostile_hyper_parameters_are_errors_not_crashes() {
         "{answered} answered, {errors} errors"
     );
 }
+
+/// Qwen3.5's pre-tokenizer (`tokenizer.ggml.pre` = "qwen35": Qwen2's split with combining
+/// marks kept in words) splits text as llama.cpp's does.
+#[test]
+fn the_qwen35_pre_tokenizer_matches_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "qwen35", GgmlDType::Q8_0);
+    let Some(server) = llama_server::start_model(&path, &[]) else {
+        return;
+    };
+    let engine = Engine::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    for text in [
+        "the cat in the hat",
+        "cafe\u{301} and nai\u{308}ve: e\u{301}ther, a\u{301}\u{301}b \u{301}in",
+        "It's 2026!\n\n  indented\tthen 12345 numbers",
+        "Ελληνικά και 中文, emoji 🙂 and more",
+    ] {
+        let body = serde_json::json!({ "content": text, "add_special": false });
+        let reply = ureq::post(&format!("{}/tokenize", server.url))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        let theirs: Vec<u32> = reply["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(engine.tokenizer.encode(text).unwrap(), theirs, "{text:?}");
+    }
+}

@@ -230,6 +230,14 @@ impl SynthSpec {
         } else {
             bpe_vocab(&mut md)
         };
+        if hybrid {
+            // Qwen3.5's own split rules (combining marks stay in words).
+            for (k, v) in md.iter_mut() {
+                if k == "tokenizer.ggml.pre" {
+                    *v = Value::String("qwen35".into());
+                }
+            }
+        }
 
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
