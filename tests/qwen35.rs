@@ -37,9 +37,10 @@ fn ascii(text: &str) -> Vec<u32> {
 /// 2 `<|im_end|>`; `ignore_eos` bans them anyway) and the bytes 0x80 and up (ids 131 to 258),
 /// which are not UTF-8 on their own: llama-server holds a token's probabilities back until its
 /// text is valid UTF-8 and then drops them, so a random model picking one would lose steps.
+/// So is 267, "e" with the first byte of a combining accent (synth's Qwen3.5 merge).
 /// A ban changes only the choice: the reported log-probabilities are of the raw logits.
 fn banned(id: u32) -> bool {
-    id == 0 || id == 2 || (131..=258).contains(&id)
+    id == 0 || id == 2 || (131..=258).contains(&id) || id == 267
 }
 
 fn log_softmax(logits: &Tensor) -> Vec<f64> {
