@@ -456,3 +456,53 @@ fn the_qwen35_pre_tokenizer_matches_llama_cpp() {
         assert_eq!(engine.tokenizer.encode(text).unwrap(), theirs, "{text:?}");
     }
 }
+
+/// Attention layers with one fused `attn_qkv` (query+gate, keys, values; llama.cpp's qwen35moe
+/// accepts it) give the logits the separate projections do.
+#[test]
+fn a_fused_attention_projection_equals_the_separate_ones() {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "qwen35moe", GgmlDType::F32);
+    let mut f = std::fs::File::open(&path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut ts: Vec<(String, QTensor)> = Vec::new();
+    let mut fused = 0;
+    for name in c.tensor_infos.keys() {
+        let t = c.tensor(&mut f, name, &Device::Cpu).unwrap();
+        let Some(layer) = name.strip_suffix(".attn_q.weight") else {
+            if !name.ends_with(".attn_k.weight") && !name.ends_with(".attn_v.weight") {
+                ts.push((name.clone(), t));
+            }
+            continue;
+        };
+        let part = |p: &str| {
+            c.tensor(
+                &mut std::fs::File::open(&path).unwrap(),
+                &format!("{layer}.{p}.weight"),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+        };
+        let all = Tensor::cat(&[part("attn_q"), part("attn_k"), part("attn_v")], 0).unwrap();
+        ts.push((
+            format!("{layer}.attn_qkv.weight"),
+            QTensor::quantize(&all, GgmlDType::F32).unwrap(),
+        ));
+        fused += 1;
+    }
+    assert_eq!(fused, 2);
+    let out = dir.path().join("fused.gguf");
+    let md: Vec<(&str, &gguf_file::Value)> =
+        c.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tr: Vec<(&str, &QTensor)> = ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &md, &tr).unwrap();
+    let tokens = ascii("fused or not, the same");
+    let (mut a, mut b) = (load(&path), load(&out));
+    let diff = common::max_abs_diff(&a.forward(&tokens).unwrap(), &b.forward(&tokens).unwrap());
+    assert!(diff < 1e-5, "prefill differs by {diff}");
+    let diff = common::max_abs_diff(&a.forward(&[70]).unwrap(), &b.forward(&[70]).unwrap());
+    assert!(diff < 1e-5, "decode differs by {diff}");
+}
