@@ -239,11 +239,21 @@ impl HParams {
             dn.check(g, self)?;
             match dn.first_attention_layer(self.n_layer) {
                 Some(i) => {
-                    let name = format!("blk.{i}.attn_q.weight");
-                    let d = shape(&name).with_context(|| {
-                        format!("{file} lacks the tensor {name} its architecture needs")
-                    })?;
-                    (d, vec![q_rows.saturating_mul(2), self.n_embd], name)
+                    let (q, qkv) = (
+                        format!("blk.{i}.attn_q.weight"),
+                        format!("blk.{i}.attn_qkv.weight"),
+                    );
+                    let q2 = q_rows.saturating_mul(2);
+                    match (shape(&q), shape(&qkv)) {
+                        (Some(d), _) => (d, vec![q2, self.n_embd], q),
+                        (None, Some(d)) => {
+                            let rows = q2.saturating_add(kv_rows.saturating_mul(2));
+                            (d, vec![rows, self.n_embd], qkv)
+                        }
+                        (None, None) => {
+                            bail!("{file} lacks the tensor {q} its architecture needs")
+                        }
+                    }
                 }
                 None => (vec![], vec![], String::new()),
             }

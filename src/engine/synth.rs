@@ -230,6 +230,11 @@ impl SynthSpec {
         } else {
             bpe_vocab(&mut md)
         };
+        let vocab = if hybrid {
+            qwen35_tokenizer(&mut md, vocab)
+        } else {
+            vocab
+        };
 
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
@@ -400,6 +405,27 @@ fn delta_net_metadata(md: &mut Vec<(String, Value)>, arch: &str, head_dim: usize
         k("ssm.inner_size"),
         Value::U32((head_dim * QWEN35_V_HEADS) as u32),
     ));
+}
+
+/// Qwen3.5's own split rules (combining marks stay in words), and a merge that only they
+/// allow: "e" with the first byte of U+0301 (a combining acute accent, UTF-8 CC 81; 0xCC is
+/// "Ì" in GPT-2's byte alphabet), so "e\u{301}" tokenizes differently under Qwen2's rules.
+/// Returns the vocabulary size.
+fn qwen35_tokenizer(md: &mut [(String, Value)], vocab: usize) -> usize {
+    let mut size = vocab;
+    for (k, v) in md.iter_mut() {
+        match (k.as_str(), v) {
+            ("tokenizer.ggml.pre", v) => *v = Value::String("qwen35".into()),
+            ("tokenizer.ggml.tokens", Value::Array(t)) => {
+                t.push(Value::String("eÌ".into()));
+                size = t.len();
+            }
+            ("tokenizer.ggml.token_type", Value::Array(t)) => t.push(Value::I32(1)),
+            ("tokenizer.ggml.merges", Value::Array(m)) => m.push(Value::String("e Ì".into())),
+            _ => {}
+        }
+    }
+    size
 }
 
 /// The tensors of one Gated DeltaNet layer, named and shaped as llama.cpp's qwen35 loader

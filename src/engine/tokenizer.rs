@@ -40,6 +40,8 @@ const MAX_MERGE_WORK: u64 = 1 << 29;
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen3.5's: Qwen2's with combining marks (\p{M}) kept in words.
+const QWEN35_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token texts that end a turn in the chat formats tokentop knows; any present in the
 /// vocabulary stops generation, like llama.cpp's EOG set.
@@ -229,6 +231,7 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let (regexes, ignore_merges): (&[&str], bool) = match pre {
         "llama3" | "llama-v3" | "llama-bpe" | "dbrx" | "smaug-bpe" => (&[LLAMA3_SPLIT], pre != "dbrx"),
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (&[QWEN2_SPLIT], false),
+        "qwen35" => (&[QWEN35_SPLIT], false),
         "gpt-2" | "gpt2" | "phi-2" | "default" | "olmo" | "mpt" => (&[GPT2_SPLIT], false),
         "starcoder" | "smollm" | "refact" => (&[r"\p{N}", GPT2_SPLIT], false),
         other => bail!(

@@ -281,6 +281,8 @@ pub(super) struct Hybrid {
     done: usize,
     /// The recurrent states after the last prompt: (position, one per DeltaNet layer).
     checkpoint: Option<(usize, Vec<State>)>,
+    /// A pass failed half-way: the states are not those of `done` tokens.
+    dirty: bool,
 }
 
 impl Hybrid {
@@ -400,6 +402,7 @@ impl Hybrid {
             tokens: Vec::new(),
             done: 0,
             checkpoint: None,
+            dirty: false,
         };
         hybrid.reset_states();
         Ok(hybrid)
@@ -412,10 +415,11 @@ impl Hybrid {
     /// Keeps the first `len` tokens: the states go back to the checkpoint when it lies within
     /// them, else to empty, and the next pass replays the tokens from there.
     pub(super) fn truncate(&mut self, len: usize) {
-        if len >= self.tokens.len() {
+        self.tokens.truncate(len);
+        if self.dirty {
+            self.recover();
             return;
         }
-        self.tokens.truncate(len);
         if self.done <= len {
             return;
         }
@@ -448,6 +452,19 @@ impl Hybrid {
         for b in &mut self.blocks {
             if let Mixer::Attention(a) = &mut b.mixer {
                 a.cache = KvCache::new(types);
+            }
+        }
+    }
+
+    /// After a failed pass: everything from the empty state, the tokens kept to replay.
+    fn recover(&mut self) {
+        self.reset_states();
+        self.done = 0;
+        self.checkpoint = None;
+        self.dirty = false;
+        for b in &mut self.blocks {
+            if let Mixer::Attention(a) = &mut b.mixer {
+                a.cache.len = 0;
             }
         }
     }
@@ -492,12 +509,12 @@ impl Hybrid {
         n_ctx: usize,
         dev: &Device,
     ) -> Result<Tensor> {
-        while self.done < self.tokens.len() {
-            let end = self.tokens.len().min(self.done + REPLAY_CHUNK);
-            let replay = self.tokens[self.done..end].to_vec();
-            self.run(&replay, embed, hp, n_ctx, dev)?;
+        if self.dirty {
+            self.recover();
         }
-        let x = self.run(tokens, embed, hp, n_ctx, dev)?;
+        let x = self.replay_and_run(tokens, embed, hp, n_ctx, dev);
+        self.dirty = x.is_err();
+        let x = x?;
         if tokens.len() > 1 {
             // The end of a prompt: where the next turn most likely diverges.
             let states = self
@@ -513,6 +530,22 @@ impl Hybrid {
         Ok(x)
     }
 
+    fn replay_and_run(
+        &mut self,
+        tokens: &[u32],
+        embed: &Embedding,
+        hp: &HParams,
+        n_ctx: usize,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        while self.done < self.tokens.len() {
+            let end = self.tokens.len().min(self.done + REPLAY_CHUNK);
+            let replay = self.tokens[self.done..end].to_vec();
+            self.run(&replay, embed, hp, n_ctx, dev)?;
+        }
+        self.run(tokens, embed, hp, n_ctx, dev)
+    }
+
     fn run(
         &mut self,
         tokens: &[u32],
@@ -524,7 +557,6 @@ impl Hybrid {
         let pos = self.done;
         let mask = attention_mask(tokens.len(), pos, None, dev)?;
         let mut x = embed.lookup(tokens, dev)?;
-        // A failed pass leaves the states half-written: the caller forgets the conversation.
         for b in &mut self.blocks {
             let h = norm(&x, &b.attn_norm, hp.rms_eps)?;
             let m = match &mut b.mixer {
