@@ -464,7 +464,7 @@ impl Hybrid {
         self.dirty = false;
         for b in &mut self.blocks {
             if let Mixer::Attention(a) = &mut b.mixer {
-                a.cache.len = 0;
+                a.cache.truncate(0);
             }
         }
     }
