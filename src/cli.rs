@@ -78,10 +78,10 @@ pub struct PerplexityCli {
 #[derive(Debug, Args, Clone, Copy, Default)]
 pub struct CacheArgs {
     /// Type of the cached keys on the CPU: f16, q8_0 or f32 (a GPU's cache is f32).
-    #[arg(long = "cache-type-k", value_enum, default_value_t = KvType::F16)]
+    #[arg(long = "cache-type-k", value_name = "TYPE", value_enum, default_value_t = KvType::F16)]
     pub k: KvType,
     /// Type of the cached values on the CPU: f16, q8_0 or f32.
-    #[arg(long = "cache-type-v", value_enum, default_value_t = KvType::F16)]
+    #[arg(long = "cache-type-v", value_name = "TYPE", value_enum, default_value_t = KvType::F16)]
     pub v: KvType,
 }
 

@@ -60,6 +60,8 @@ fn generation_options_are_checked_at_parse_time() {
         (&["--ctx", "0"], "invalid value '0' for '--ctx <CTX>': context length must be at least 1"),
         (&["--ctx", "18446744073709551615"], "invalid value '18446744073709551615' for '--ctx <CTX>': context length must be at most 16777216"),
         (&["--seed", "-1"], "invalid value '-1' for '--seed <SEED>': seed must be a whole number from 0 to 18446744073709551615"),
+        (&["--cache-type-k", "q4_0"], "invalid value 'q4_0' for '--cache-type-k <TYPE>' [possible values: f16, q8_0, f32]; a similar value exists: 'q8_0'"),
+        (&["--cache-type-v", "int4"], "invalid value 'int4' for '--cache-type-v <TYPE>' [possible values: f16, q8_0, f32]"),
     ];
     for (opts, message) in cases {
         for cmd in [&["run", "--prompt", "hi"][..], &["ui"][..]] {
@@ -82,6 +84,7 @@ fn bench_options_are_checked_before_any_model_is_fetched() {
         (&["-t", "2,100000"], "invalid value '100000' for '--threads <THREADS>': threads must be at most 1024"),
         (&["-r", "0"], "invalid value '0' for '--repetitions <REPS>': repetitions must be at least 1"),
         (&["-o", "xml"], "invalid value 'xml' for '--output <OUTPUT>' [possible values: md, csv, json, jsonl]"),
+        (&["--cache-type-k", "bf16"], "invalid value 'bf16' for '--cache-type-k <TYPE>' [possible values: f16, q8_0, f32]; a similar value exists: 'f16'"),
     ];
     for (opts, message) in cases {
         let args: Vec<&str> = ["bench"].iter().chain(opts.iter()).copied().collect();

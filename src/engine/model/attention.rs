@@ -517,7 +517,7 @@ struct RowBlock<'a> {
 /// The online-softmax update of one row over one block, with plain loops.
 fn scalar_row_block(r: &RowBlock, m: &mut f32, l: &mut f32, o: &mut [f32], s: &mut [f32]) {
     let dim = r.dim;
-    for j in r.a..r.z {
+    for (j, sj) in s.iter_mut().enumerate().take(r.z).skip(r.a) {
         let kr = &r.kf[j * dim..(j + 1) * dim];
         // Eight partial sums, which the compiler can keep in vector lanes.
         let mut acc = [0f32; 8];
@@ -528,11 +528,8 @@ fn scalar_row_block(r: &RowBlock, m: &mut f32, l: &mut f32, o: &mut [f32], s: &m
             }
             c += 8;
         }
-        let mut dot: f32 = acc.iter().sum();
-        for c in c..dim {
-            dot += r.q[c] * kr[c];
-        }
-        s[j] = dot * r.scale;
+        let tail: f32 = r.q[c..dim].iter().zip(&kr[c..]).map(|(a, b)| a * b).sum();
+        *sj = (acc.iter().sum::<f32>() + tail) * r.scale;
     }
     let mx = s[r.a..r.z]
         .iter()
@@ -555,8 +552,7 @@ fn scalar_row_block(r: &RowBlock, m: &mut f32, l: &mut f32, o: &mut [f32], s: &m
             *x *= alpha;
         }
     }
-    for j in r.a..r.z {
-        let p = s[j];
+    for (j, &p) in s.iter().enumerate().take(r.z).skip(r.a) {
         for (x, &vv) in o.iter_mut().zip(&r.vf[j * dim..(j + 1) * dim]) {
             *x += p * vv;
         }
@@ -622,7 +618,7 @@ mod avx2 {
             8.333_452e-3,
             4.166_579_6e-2,
             1.666_666_5e-1,
-            5.000_000_1e-1,
+            0.5,
         ] {
             y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
         }
