@@ -91,8 +91,10 @@ fn real_gemma_base_completes_plainly_and_stops_at_a_paragraph_end() {
     );
     assert!(stats.generated_tokens < 300, "{text}");
     assert!(!text.contains("<start_of_turn>") && !text.trim().is_empty());
+    // A paragraph ends at a blank line, or where the model writes markup instead of text
+    // (Gemma 3 base puts `<start_of_image>` between paragraphs): never shown.
+    assert!(!text.contains("<start_of_image>"), "{text:?}");
     if reason == FinishReason::ParagraphEnd {
-        assert!(text.ends_with("\n\n"), "{text:?}");
         assert!(!text.trim_end().contains("\n\n"), "one paragraph: {text:?}");
     }
 }

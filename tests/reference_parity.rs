@@ -5,18 +5,27 @@ use candle_core::{Device, Tensor};
 use tokentop::engine::{gguf::Gguf, model::Model};
 use tokentop::protocol::{KvType, KvTypes};
 
+/// A short prompt (under the fused attention's query blocks) gives candle's logits; a
+/// longer one the same choices, with the logits moved as the comment in `check` says.
 #[test]
 fn llama_logits_match_candle_reference() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let dev = Device::Cpu;
     let tokens: Vec<u32> = vec![
         1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
         407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1,
         520, 9531, 198,
     ];
-    let mut g = Gguf::open(&path).unwrap();
+    check(&path, &tokens[..5], 1e-2, 1e-3);
+    check(&path, &tokens, 1.0, 0.2);
+}
+
+/// Prefill of `tokens` and one decode step, ours against candle-transformers': the largest
+/// and the mean logit difference under `max` and `mean`, the same greedy token.
+fn check(path: &std::path::Path, tokens: &[u32], max: f32, mean_max: f32) {
+    let dev = Device::Cpu;
+    let mut g = Gguf::open(path).unwrap();
     let mut ours = Model::load(&mut g, 512, &dev).unwrap();
     // The reference keeps an f32 cache; ours defaults to f16 (llama.cpp's default), whose
     // rounding moves this 135M Q4_1 model's logits by up to 1.2 (activation quantization
@@ -27,22 +36,29 @@ fn llama_logits_match_candle_reference() {
         v: KvType::F32,
     })
     .unwrap();
-    let a = ours.forward(&tokens).unwrap();
+    let a = ours.forward(tokens).unwrap();
 
-    let mut f = std::fs::File::open(&path).unwrap();
+    let mut f = std::fs::File::open(path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference =
         candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)
             .unwrap();
-    let input = Tensor::new(tokens.as_slice(), &dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let input = Tensor::new(tokens, &dev).unwrap().unsqueeze(0).unwrap();
     let b = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
     let diff = common::max_abs_diff(&a, &b);
     let am = a.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     let bm = b.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-    assert!(diff < 1e-2, "max logit difference {diff}");
+    // Past 5 prompt rows the attention is tokentop's blocked fused pass (online softmax, its
+    // own order of sums), no longer candle's bit for bit; the 135M Q4_1 model's 8-bit
+    // activation quantization turns those last-place differences into flipped roundings, which
+    // move its logits (up to 0.66 here, 0.11 on average). Perplexity on 512-token chunks
+    // stays within 0.1% of before (bench/RESULTS.md) and the choices are the same.
+    let mean = mean_abs_diff(&a, &b);
+    assert!(
+        diff < max && mean < mean_max,
+        "{} tokens: logit difference max {diff}, mean {mean}",
+        tokens.len()
+    );
     assert_eq!(am, bm);
 
     // One decode step on top of the cache.
@@ -56,5 +72,22 @@ fn llama_logits_match_candle_reference() {
         .squeeze(0)
         .unwrap();
     let diff2 = common::max_abs_diff(&a2, &b2);
-    assert!(diff2 < 1e-2, "decode step max logit difference {diff2}");
+    let mean2 = mean_abs_diff(&a2, &b2);
+    assert!(
+        diff2 < max && mean2 < mean_max,
+        "decode step logit difference: max {diff2}, mean {mean2}"
+    );
+    assert_eq!(
+        a2.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+        b2.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    );
+}
+
+fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.mean(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("comparable tensors")
 }

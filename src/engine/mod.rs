@@ -429,6 +429,11 @@ impl Engine {
             if !params.ignore_eos && self.tokenizer.is_stop(next) {
                 break FinishReason::Eos;
             }
+            // A base model that writes markup (Gemma 3's `<start_of_image>` between
+            // paragraphs) has left the running text: that ends the paragraph too.
+            if plain && !params.ignore_eos && has_text && self.tokenizer.is_markup(next) {
+                break FinishReason::ParagraphEnd;
+            }
             history.push(next);
             let mut paragraph_end = false;
             if let Some(text) = stream.push(&self.tokenizer, next)? {

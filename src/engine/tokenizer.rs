@@ -63,6 +63,9 @@ pub struct ModelTokenizer {
     pub eos: Option<u32>,
     /// Every id that ends an answer: EOS, EOT and known end-of-turn tokens.
     pub stop_ids: Vec<u32>,
+    /// Added tokens that are markup, not text (`<start_of_image>`, `<|fim_pad|>`): a base
+    /// model writing one has left the running text.
+    pub markup_ids: std::collections::HashSet<u32>,
     pub add_bos: bool,
     /// Where it came from, for the model info line.
     pub source: String,
@@ -101,6 +104,10 @@ impl ModelTokenizer {
         self.stop_ids.contains(&id)
     }
 
+    pub fn is_markup(&self, id: u32) -> bool {
+        self.markup_ids.contains(&id)
+    }
+
     /// Builds the tokenizer for a model file: a `tokenizer.json` in the same folder wins.
     pub fn for_model(g: &Gguf) -> Result<Self> {
         let beside = g.path.with_file_name("tokenizer.json");
@@ -126,6 +133,18 @@ impl ModelTokenizer {
                 }
             }
         }
+        let markup_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| {
+                let c = &t.content;
+                c.len() > 2
+                    && c.starts_with('<')
+                    && c.ends_with('>')
+                    && !c.chars().any(char::is_whitespace)
+            })
+            .map(|(id, _)| id)
+            .collect();
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
         let add_bos = g
             .get_bool("tokenizer.ggml.add_bos_token")
@@ -135,6 +154,7 @@ impl ModelTokenizer {
             bos,
             eos,
             stop_ids,
+            markup_ids,
             add_bos,
             source,
         })
