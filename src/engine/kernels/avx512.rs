@@ -12,8 +12,8 @@
 //! as stored, Q8_0 + 128) and the offset is taken back per lane as `offset · Σ y` (Q5_0's 16
 //! per block, as avx2.rs does).
 //!
-//! Prefill unpacks a group once into that register layout (with the scales spread per
-//! row) and sweeps four activation rows at a time over it, reusing each weight register
+//! Prefill unpacks a group once into that register layout (`Tile`, with the scales spread
+//! per row) and sweeps four activation rows at a time over it, reusing each weight register
 //! for all four.
 
 use super::avx2::{half4, update};
@@ -151,111 +151,130 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
     out
 }
 
-/// Bytes per block of an unpacked tile (`unpack`), and f32 per block of its scales and mins.
-pub const TILE_BYTES: usize = 128;
-pub const TILE_SCALES: usize = 16;
-
-/// Unpacks a packed group into `block4`'s registers (`q`, 128 bytes per block) and its
-/// scales and mins spread per row (16 f32 per block: lanes 4r..4r+4 hold row r's).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn unpack(
+/// A packed group unpacked once for prefill, to be swept over many activation rows: per
+/// block, `block4`'s two registers (128 bytes), the scales and mins spread per row (lanes
+/// 4r..4r+4 hold row r's), and for Q4_0/Q8_0 `−128·Σ w` per lane.
+///
+/// Q4_0/Q8_0 weights are kept signed here, and each activation row is made unsigned instead
+/// (y + 128, one xor): the correction `128·Σ w` then belongs to the weights and is computed
+/// once per tile, not once per activation row (`Σ w·y = Σ w·(y + 128) − 128·Σ w`).
+pub struct Tile {
     kind: Kind,
-    group: &[u8],
-    nb: usize,
-    q: &mut [u8],
-    d: &mut [f32],
-    m: &mut [f32],
-) {
-    let gb = 4 * kind.block_bytes();
-    debug_assert!(group.len() >= nb * gb && q.len() >= nb * TILE_BYTES);
-    debug_assert!(d.len() >= nb * TILE_SCALES && m.len() >= nb * TILE_SCALES);
-    let (om, _, _) = kind.packed_offsets();
-    for b in 0..nb {
-        let p = group.as_ptr().add(b * gb);
-        let (lo, hi) = block4(kind, p);
-        let qp = q.as_mut_ptr().add(b * TILE_BYTES);
-        _mm512_storeu_si512(qp as *mut __m512i, lo);
-        _mm512_storeu_si512(qp.add(64) as *mut __m512i, hi);
-        _mm512_storeu_ps(d.as_mut_ptr().add(b * TILE_SCALES), per_row(half4(p)));
-        if kind.has_min() {
-            _mm512_storeu_ps(
-                m.as_mut_ptr().add(b * TILE_SCALES),
-                per_row(half4(p.add(om))),
-            );
-        }
-    }
+    q: Vec<__m512i>,
+    d: Vec<__m512>,
+    m: Vec<__m512>,
+    corr: Vec<__m512i>,
 }
 
-/// An unpacked group's four rows against four rows of activations: out[i][r] is row r
-/// against activation row i, with `dot4`'s arithmetic.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn tile4(
-    kind: Kind,
-    q: &[u8],
-    d: &[f32],
-    m: &[f32],
-    acts: [&[Q8Block]; 4],
-) -> [[f32; 4]; 4] {
-    let nb = acts[0].len();
-    debug_assert!(acts.iter().all(|a| a.len() == nb));
-    debug_assert!(q.len() >= nb * TILE_BYTES && d.len() >= nb * TILE_SCALES);
-    let a = acts.map(|a| a.as_ptr());
-    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+impl Tile {
+    /// Unpacks a group of nb packed blocks.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; `group` holds nb packed blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn unpack(kind: Kind, group: &[u8], nb: usize) -> Self {
+        let gb = 4 * kind.block_bytes();
+        debug_assert!(group.len() >= nb * gb);
+        let (om, _, _) = kind.packed_offsets();
+        let signed = matches!(kind, Kind::Q4_0 | Kind::Q8_0);
+        let mut t = Self {
+            kind,
+            q: Vec::with_capacity(2 * nb),
+            d: Vec::with_capacity(nb),
+            m: Vec::new(),
+            corr: Vec::new(),
+        };
         for b in 0..nb {
-            let qp = q.as_ptr().add(b * TILE_BYTES);
-            let wl = _mm512_loadu_si512(qp as *const __m512i);
-            let wh = _mm512_loadu_si512(qp.add(64) as *const __m512i);
-            let db = _mm512_loadu_ps(d.as_ptr().add(b * TILE_SCALES));
-            for (acc, &a) in acc.iter_mut().zip(&a) {
-                let a = &*a.add(b);
-                let (yl, yh) = y_halves(a);
-                let s = _mm512_mul_ps(db, _mm512_set1_ps(a.d));
-                acc[0] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(lanes(kind, wl, yl)), acc[0]);
-                acc[1] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(lanes(kind, wh, yh)), acc[1]);
+            let p = group.as_ptr().add(b * gb);
+            let (lo, hi) = block4(kind, p);
+            for w in [lo, hi] {
+                let w = match kind {
+                    Kind::Q4_0 => _mm512_sub_epi8(w, _mm512_set1_epi8(8)),
+                    Kind::Q8_0 => _mm512_xor_si512(w, _mm512_set1_epi8(-128)),
+                    _ => w,
+                };
+                if signed {
+                    let z = _mm512_setzero_si512();
+                    // 0x80: 128 as the unsigned operand.
+                    let c = _mm512_dpbusd_epi32(z, _mm512_set1_epi8(-128), w);
+                    t.corr.push(_mm512_sub_epi32(z, c));
+                }
+                t.q.push(w);
+            }
+            t.d.push(per_row(half4(p)));
+            if kind.has_min() {
+                t.m.push(per_row(half4(p.add(om))));
             }
         }
-        return acc.map(|[lo, hi]| finish(lo, hi));
+        t
     }
-    // Lane 4r + i: row r against activation row i.
-    let z = _mm512_setzero_si512();
-    let mut sumf = _mm512_setzero_ps();
-    for b in 0..nb {
-        let qp = q.as_ptr().add(b * TILE_BYTES);
-        let wl = _mm512_loadu_si512(qp as *const __m512i);
-        let wh = _mm512_loadu_si512(qp.add(64) as *const __m512i);
-        let ab = a.map(|a| &*a.add(b));
-        let v = ab.map(|a| {
-            let (yl, yh) = y_halves(a);
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wl, yl), wh, yh)
-        });
-        // Chunk r of v[i] holds row r's four partial sums: transpose-add to lane 4r + i.
-        let t0 = _mm512_add_epi32(
-            _mm512_unpacklo_epi32(v[0], v[1]),
-            _mm512_unpackhi_epi32(v[0], v[1]),
-        );
-        let t1 = _mm512_add_epi32(
-            _mm512_unpacklo_epi32(v[2], v[3]),
-            _mm512_unpackhi_epi32(v[2], v[3]),
-        );
-        let mut sumi =
-            _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-        if kind == Kind::Q5_0 {
-            // Σ (q − 16)·y = Σ q·y − 16·Σ y, exactly.
-            let isum = _mm_setr_epi32(ab[0].isum, ab[1].isum, ab[2].isum, ab[3].isum);
-            sumi = _mm512_sub_epi32(sumi, _mm512_broadcast_i32x4(_mm_slli_epi32::<4>(isum)));
+
+    /// The tile's four rows against four rows of activations: out[i][r] is row r against
+    /// activation row i, with `dot4`'s arithmetic.
+    ///
+    /// # Safety
+    /// As for `unpack`; every activation row holds the tile's nb blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot4x4(&self, acts: [&[Q8Block]; 4]) -> [[f32; 4]; 4] {
+        let (kind, nb) = (self.kind, self.d.len());
+        debug_assert!(acts.iter().all(|a| a.len() == nb));
+        let a = acts.map(|a| a.as_ptr());
+        if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+            let flip = _mm512_set1_epi8(-128);
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+            for b in 0..nb {
+                let (wl, wh) = (self.q[2 * b], self.q[2 * b + 1]);
+                let (cl, ch) = (self.corr[2 * b], self.corr[2 * b + 1]);
+                let db = self.d[b];
+                for (acc, &a) in acc.iter_mut().zip(&a) {
+                    let a = &*a.add(b);
+                    let (yl, yh) = y_halves(a);
+                    let (yl, yh) = (_mm512_xor_si512(yl, flip), _mm512_xor_si512(yh, flip));
+                    let s = _mm512_mul_ps(db, _mm512_set1_ps(a.d));
+                    let ll = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cl, yl, wl));
+                    let lh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(ch, yh, wh));
+                    acc[0] = _mm512_fmadd_ps(s, ll, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(s, lh, acc[1]);
+                }
+            }
+            return acc.map(|[lo, hi]| finish(lo, hi));
         }
-        let ad = _mm512_broadcast_f32x4(_mm_setr_ps(ab[0].d, ab[1].d, ab[2].d, ab[3].d));
-        let db = _mm512_loadu_ps(d.as_ptr().add(b * TILE_SCALES));
-        let mut t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sumi), db), ad);
-        if kind.has_min() {
-            let mb = _mm512_loadu_ps(m.as_ptr().add(b * TILE_SCALES));
-            let s = _mm512_broadcast_f32x4(_mm_setr_ps(ab[0].s, ab[1].s, ab[2].s, ab[3].s));
-            t = _mm512_add_ps(t, _mm512_mul_ps(mb, s));
+        // Lane 4r + i: row r against activation row i.
+        let z = _mm512_setzero_si512();
+        let mut sumf = _mm512_setzero_ps();
+        for b in 0..nb {
+            let (wl, wh) = (self.q[2 * b], self.q[2 * b + 1]);
+            let ab = a.map(|a| &*a.add(b));
+            let v = ab.map(|a| {
+                let (yl, yh) = y_halves(a);
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wl, yl), wh, yh)
+            });
+            // Chunk r of v[i] holds row r's four partial sums: transpose-add to lane 4r + i.
+            let t0 = _mm512_add_epi32(
+                _mm512_unpacklo_epi32(v[0], v[1]),
+                _mm512_unpackhi_epi32(v[0], v[1]),
+            );
+            let t1 = _mm512_add_epi32(
+                _mm512_unpacklo_epi32(v[2], v[3]),
+                _mm512_unpackhi_epi32(v[2], v[3]),
+            );
+            let mut sumi =
+                _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+            if kind == Kind::Q5_0 {
+                // Σ (q − 16)·y = Σ q·y − 16·Σ y, exactly.
+                let isum = _mm_setr_epi32(ab[0].isum, ab[1].isum, ab[2].isum, ab[3].isum);
+                sumi = _mm512_sub_epi32(sumi, _mm512_broadcast_i32x4(_mm_slli_epi32::<4>(isum)));
+            }
+            let ad = _mm512_broadcast_f32x4(_mm_setr_ps(ab[0].d, ab[1].d, ab[2].d, ab[3].d));
+            let mut t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sumi), self.d[b]), ad);
+            if kind.has_min() {
+                let s = _mm512_broadcast_f32x4(_mm_setr_ps(ab[0].s, ab[1].s, ab[2].s, ab[3].s));
+                t = _mm512_add_ps(t, _mm512_mul_ps(self.m[b], s));
+            }
+            sumf = _mm512_add_ps(sumf, t);
         }
-        sumf = _mm512_add_ps(sumf, t);
+        let mut v = [0f32; 16];
+        _mm512_storeu_ps(v.as_mut_ptr(), sumf);
+        std::array::from_fn(|i| std::array::from_fn(|r| v[4 * r + i]))
     }
-    let mut v = [0f32; 16];
-    _mm512_storeu_ps(v.as_mut_ptr(), sumf);
-    std::array::from_fn(|i| std::array::from_fn(|r| v[4 * r + i]))
 }

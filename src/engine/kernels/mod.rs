@@ -322,17 +322,14 @@ fn group_rows<'a>(
             if m >= 4 {
                 // Prefill: the group unpacked once into registers' layout, swept over the
                 // rows of x four at a time.
-                let mut q = vec![0u8; nb * avx512::TILE_BYTES];
-                let mut d = vec![0f32; nb * avx512::TILE_SCALES];
-                let mut mins = vec![0f32; nb * avx512::TILE_SCALES];
-                // SAFETY: isa() found AVX-512 F/BW/VL/VNNI (and AVX2); buffers sized for nb
-                // blocks.
-                unsafe { avx512::unpack(kind, group, nb, &mut q, &mut d, &mut mins) };
+                // SAFETY: isa() found AVX-512 F/BW/VL/VNNI (and AVX2); the group holds nb
+                // packed blocks.
+                let tile = unsafe { avx512::Tile::unpack(kind, group, nb) };
                 for i0 in (0..m).step_by(4) {
                     // Past the last row, repeat it and drop the results.
                     let rows = std::array::from_fn(|j| act((i0 + j).min(m - 1)));
                     // SAFETY: as above; every row holds nb blocks.
-                    let v = unsafe { avx512::tile4(kind, &q, &d, &mins, rows) };
+                    let v = unsafe { tile.dot4x4(rows) };
                     for (j, v) in v.into_iter().enumerate().take(m - i0) {
                         for (r, v) in v.into_iter().enumerate() {
                             put(i0 + j, r, v);
