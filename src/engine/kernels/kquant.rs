@@ -498,9 +498,7 @@ fn tile_rows(
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx2 => unsafe { super::kquant_avx2::tile_rows(kind, order, tile, acts) },
         #[cfg(target_arch = "x86_64")]
-        Kernels::Avx512Vnni => unsafe {
-            super::kquant_avx512::tile_rows(kind, order, tile, acts)
-        },
+        Kernels::Avx512Vnni => unsafe { super::kquant_avx512::tile_rows(kind, order, tile, acts) },
         _ => {
             let mut out = [[0f32; 8]; 8];
             for (o, act) in out.iter_mut().zip(acts) {
@@ -660,7 +658,9 @@ mod tests {
                         .unwrap();
                     let job = [Job { w: &packed, x: &x }];
                     let kq = kind.kquant().unwrap();
-                    let ours = matmul_jobs(Kernels::best(Some(isa)), kq, &job).pop().unwrap();
+                    let ours = matmul_jobs(Kernels::best(Some(isa)), kq, &job)
+                        .pop()
+                        .unwrap();
                     for kernels in Kernels::available(Some(isa)) {
                         let v = matmul_jobs(kernels, kq, &job).pop().unwrap();
                         assert_eq!(ours, v, "{dtype:?} n={n} m={m}: {kernels:?}");
@@ -699,6 +699,59 @@ mod tests {
             "{:?}: {exact_cases} values bit-identical to candle, {reordered_cases} in another order within tolerance",
             Kernels::available(Some(isa))
         );
+    }
+
+    /// Several jobs in one parallel region (fused Q/K/V, gate/up, MoE experts), with tile
+    /// blocks that cross job boundaries and inputs shared or not, give each job's own result.
+    #[test]
+    fn fused_kquant_jobs_equal_single_jobs() {
+        let Some(isa) = isa() else {
+            eprintln!("SKIPPED: no kernel instruction set on this CPU");
+            return;
+        };
+        let dev = Device::Cpu;
+        let k = 512;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let Some(kind) = Kind::from_dtype(dtype) else {
+                continue;
+            };
+            let kq = kind.kquant().unwrap();
+            let mats: Vec<Packed> = [(1000, 11), (52, 12), (8, 13)]
+                .iter()
+                .map(|&(n, seed)| {
+                    let w = Tensor::from_vec(random(n * k, seed), (n, k), &dev).unwrap();
+                    let q = QTensor::quantize(&w, dtype).unwrap();
+                    Packed::new(kind, &q.data().unwrap(), n, k)
+                })
+                .collect();
+            let (x1, x2) = (random(k, 21), random(9 * k, 22));
+            let jobs = [
+                Job {
+                    w: &mats[0],
+                    x: &x1,
+                },
+                Job {
+                    w: &mats[1],
+                    x: &x1,
+                },
+                Job {
+                    w: &mats[2],
+                    x: &x2,
+                },
+                Job {
+                    w: &mats[0],
+                    x: &x2,
+                },
+            ];
+            let kernels = Kernels::best(Some(isa));
+            let fused = matmul_jobs(kernels, kq, &jobs);
+            for (j, y) in jobs.iter().zip(&fused) {
+                let single = matmul_jobs(kernels, kq, std::slice::from_ref(j))
+                    .pop()
+                    .unwrap();
+                assert_eq!(*y, single, "{dtype:?} n={} m={}", j.w.n, j.x.len() / k);
+            }
+        }
     }
 
     /// Activations quantize exactly as candle's block_q8_K: its vec_dot of a Q8_K matrix

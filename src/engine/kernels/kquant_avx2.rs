@@ -51,10 +51,7 @@ pub(super) unsafe fn shift(x: __m256i, n: i32) -> __m256i {
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q45k<const MT: usize, const Q5: bool>(
-    tile: &[u8],
-    acts: &[&[Q8KBlock]],
-) -> [__m256; MT] {
+unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = if Q5 { KQuant::Q5K } else { KQuant::Q4K }.tile_bytes();
     let kb = acts[0].len();
     debug_assert!(tile.len() >= kb * tb && acts.len() >= MT);
@@ -205,10 +202,8 @@ pub(super) unsafe fn q6k_lanes(tile: &[u8], act: &[Q8KBlock]) -> __m256 {
                     let i = 2 * hh + e;
                     let y = bcast(a.qs.as_ptr().add(16 * s + 4 * i));
                     // (q − 32)·a per pair, |·| ≤ 2·32·128, as candle subtracts 32·a.
-                    let p16 = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q, y),
-                        _mm256_maddubs_epi16(m32, y),
-                    );
+                    let p16 =
+                        _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(m32, y));
                     let l = 4 * (s % 2) + i;
                     isum[l] = _mm256_add_epi32(isum[l], _mm256_madd_epi16(p16, sc));
                 }

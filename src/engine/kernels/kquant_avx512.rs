@@ -11,10 +11,7 @@ use std::arch::x86_64::*;
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q45k<const MT: usize, const Q5: bool>(
-    tile: &[u8],
-    acts: &[&[Q8KBlock]],
-) -> [__m256; MT] {
+unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = if Q5 { KQuant::Q5K } else { KQuant::Q4K }.tile_bytes();
     let kb = acts[0].len();
     debug_assert!(tile.len() >= kb * tb && acts.len() >= MT);
