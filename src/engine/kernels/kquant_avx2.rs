@@ -50,6 +50,8 @@ pub(super) unsafe fn shift(x: __m256i, n: i32) -> __m256i {
 }
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = if Q5 { KQuant::Q5K } else { KQuant::Q4K }.tile_bytes();
@@ -112,6 +114,8 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
 }
 
 /// Q6_K: one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = KQuant::Q6K.tile_bytes();

@@ -10,6 +10,8 @@ use super::kquant_avx2::{bcast, bytes_i8, bytes_u8, halves, q6k_lanes, shift};
 use std::arch::x86_64::*;
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = if Q5 { KQuant::Q5K } else { KQuant::Q4K }.tile_bytes();
@@ -60,6 +62,8 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
 }
 
 /// Q6_K per sub-block: one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = KQuant::Q6K.tile_bytes();
