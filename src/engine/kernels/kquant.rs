@@ -46,6 +46,10 @@ pub struct Q8KBlock {
     pub qs: [i8; QK_K],
     /// Σ qs over each 16 consecutive values.
     pub bsums: [i16; QK_K / 16],
+    /// d·(bsums[2s] + bsums[2s+1]) per 32 values, and 32·bsums[s] per 16, as the Q4_K/Q5_K
+    /// and Q6_K kernels use them (computed once per row, not once per tile).
+    pub dsum32: [f32; QK_K / 32],
+    pub sum16x32: [f32; QK_K / 16],
 }
 
 impl Default for Q8KBlock {
@@ -54,6 +58,8 @@ impl Default for Q8KBlock {
             d: 0.0,
             qs: [0; QK_K],
             bsums: [0; QK_K / 16],
+            dsum32: [0.0; QK_K / 32],
+            sum16x32: [0.0; QK_K / 16],
         }
     }
 }
@@ -81,6 +87,12 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8KBlock]) {
             *s = q.iter().map(|&q| q as i32).sum::<i32>() as i16;
         }
         b.d = 1.0 / iscale;
+        for (s, v) in b.dsum32.iter_mut().enumerate() {
+            *v = b.d * (b.bsums[2 * s] as i32 + b.bsums[2 * s + 1] as i32) as f32;
+        }
+        for (v, &s) in b.sum16x32.iter_mut().zip(&b.bsums) {
+            *v = 32.0 * s as f32;
+        }
     }
 }
 
@@ -363,14 +375,13 @@ fn tile_scalar(kind: KQuant, order: Order, tile: &[u8], act: &[Q8KBlock]) -> [f3
                         let scale = rb.d * rb.sc[s] as f32;
                         let min = rb.dmin * rb.mn[s] as f32;
                         acc = (dot(32 * s, 32) as f32).mul_add(scale * a.d, acc);
-                        let bsum = (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;
-                        acc = (-min).mul_add(a.d * bsum, acc);
+                        acc = (-min).mul_add(a.dsum32[s], acc);
                     }
                 }
                 (KQuant::Q6K, Order::SubBlocks) => {
                     for s in 0..16 {
                         let scale = rb.d * rb.sc[s] as f32;
-                        let f = dot(16 * s, 16) as f32 - 32.0 * a.bsums[s] as f32;
+                        let f = dot(16 * s, 16) as f32 - a.sum16x32[s];
                         acc = f.mul_add(scale * a.d, acc);
                     }
                 }
@@ -420,23 +431,76 @@ impl Order {
     }
 }
 
-/// One tile (all its super-blocks) against up to four activation rows: `acc[i][r]`.
-#[allow(unused_variables)]
+/// Which tile kernels run: chosen once per call from the instruction set the kernels module
+/// detected, plus AVX512-VNNI where this CPU reports it (at run time, never at build time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kernels {
+    /// The scalar reference (no SIMD kernel on this CPU; also checked against in tests).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C (kquant_avx2.rs).
+    Avx2,
+    /// AVX2 plus AVX512F, AVX512VL and AVX512-VNNI (kquant_avx512.rs).
+    Avx512Vnni,
+}
+
+impl Kernels {
+    /// The fastest this CPU runs, given the kernels module's instruction set.
+    pub(super) fn best(isa: Option<Isa>) -> Self {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_some() {
+            let vnni = *VNNI.get_or_init(|| {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            });
+            return if vnni { Self::Avx512Vnni } else { Self::Avx2 };
+        }
+        let _ = (isa, &VNNI);
+        Self::Scalar
+    }
+
+    /// Every variant this CPU runs (for tests).
+    #[cfg(test)]
+    fn available(isa: Option<Isa>) -> Vec<Self> {
+        let mut v = vec![Self::Scalar];
+        if isa.is_some() && cfg!(target_arch = "x86_64") {
+            v.push(Self::Avx2);
+        }
+        if Self::best(isa) == Self::Avx512Vnni {
+            v.push(Self::Avx512Vnni);
+        }
+        v
+    }
+
+    /// Activation rows one kernel call takes (AVX-512 has the registers for eight).
+    fn rows_per_call(self) -> usize {
+        if self == Self::Avx512Vnni {
+            8
+        } else {
+            4
+        }
+    }
+}
+
+/// One tile (all its super-blocks) against up to `rows_per_call` activation rows:
+/// `acc[i][r]`.
 fn tile_rows(
-    isa: Option<Isa>,
+    kernels: Kernels,
     kind: KQuant,
     order: Order,
     tile: &[u8],
     acts: &[&[Q8KBlock]],
-) -> [[f32; 8]; 4] {
-    match isa {
-        // SAFETY: Kind::from_dtype routes K-quants here only on x86-64 where isa() found
-        // AVX2 (and FMA, F16C), which every x86 instruction set tokentop detects includes.
+) -> [[f32; 8]; 8] {
+    match kernels {
+        // SAFETY: `Kernels::best` picks Avx2 only where the kernels module found AVX2, FMA
+        // and F16C, and Avx512Vnni only where AVX512F, VL and VNNI are reported as well.
         #[cfg(target_arch = "x86_64")]
-        Some(_) => unsafe { super::kquant_avx2::tile_rows(kind, order, tile, acts) },
-        #[allow(unreachable_patterns)]
+        Kernels::Avx2 => unsafe { super::kquant_avx2::tile_rows(kind, order, tile, acts) },
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512Vnni => unsafe { super::kquant_avx512::tile_rows(kind, order, tile, acts) },
         _ => {
-            let mut out = [[0f32; 8]; 4];
+            let mut out = [[0f32; 8]; 8];
             for (o, act) in out.iter_mut().zip(acts) {
                 *o = tile_scalar(kind, order, tile, act);
             }
@@ -447,8 +511,7 @@ fn tile_rows(
 
 /// Several K-quant matrices of one kind and width, each on its own rows, in one parallel
 /// region on candle's barrier pool (as `super::matmul_jobs` does for the legacy types).
-/// `isa` None runs the scalar reference.
-pub(super) fn matmul_jobs(isa: Option<Isa>, kind: KQuant, jobs: &[Job]) -> Vec<Vec<f32>> {
+pub(super) fn matmul_jobs(kernels: Kernels, kind: KQuant, jobs: &[Job]) -> Vec<Vec<f32>> {
     let Some(first) = jobs.first() else {
         return Vec::new();
     };
@@ -489,27 +552,40 @@ pub(super) fn matmul_jobs(isa: Option<Isa>, kind: KQuant, jobs: &[Job]) -> Vec<V
         })
         .collect();
     let total: usize = jobs.iter().map(|j| j.w.n.div_ceil(TILE)).sum();
+    // Prefill: a block of tiles (about 256 KiB of weights) is swept over every activation
+    // row, four or eight rows at a time, so the rows are read once per block rather than once per
+    // tile and the block stays in cache; decode is the same loop with one row.
+    let block = (256 << 10) / (kb * tb).max(1);
     candle_core::utils::barrier_pool().execute_chunked(total, |tiles| {
-        for g in tiles {
+        let mut g = tiles.start;
+        while g < tiles.end {
             let t = starts.partition_point(|&s| s <= g) - 1;
             let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
-            let (n, ti) = (w.n, g - starts[t]);
-            let tile = &w.data()[ti * kb * tb..(ti + 1) * kb * tb];
-            let rows = TILE.min(n - ti * TILE);
+            let n = w.n;
+            let first = g - starts[t];
+            let last = (first + block.max(1))
+                .min(n.div_ceil(TILE))
+                .min(tiles.end - starts[t]);
             let order = Order::of(kind, m);
-            for i0 in (0..m).step_by(4) {
-                let mt = 4.min(m - i0);
-                let rows_x: [&[Q8KBlock]; 4] =
+            let step = kernels.rows_per_call();
+            for i0 in (0..m).step_by(step) {
+                let mt = step.min(m - i0);
+                let rows_x: [&[Q8KBlock]; 8] =
                     std::array::from_fn(|i| &acts[(i0 + i.min(mt - 1)) * kb..][..kb]);
-                let v = tile_rows(isa, kind, order, tile, &rows_x[..mt]);
-                for (di, v) in v.iter().enumerate().take(mt) {
-                    for (r, &v) in v.iter().enumerate().take(rows) {
-                        // SAFETY: element (i0 + di, ti·8 + r) of job t's output belongs to
-                        // this task; each output holds m · n values.
-                        unsafe { *out.0.add((i0 + di) * n + ti * TILE + r) = v };
+                for ti in first..last {
+                    let tile = &w.data()[ti * kb * tb..(ti + 1) * kb * tb];
+                    let rows = TILE.min(n - ti * TILE);
+                    let v = tile_rows(kernels, kind, order, tile, &rows_x[..mt]);
+                    for (di, v) in v.iter().enumerate().take(mt) {
+                        for (r, &v) in v.iter().enumerate().take(rows) {
+                            // SAFETY: element (i0 + di, ti·8 + r) of job t's output belongs
+                            // to this task; each output holds m · n values.
+                            unsafe { *out.0.add((i0 + di) * n + ti * TILE + r) = v };
+                        }
                     }
                 }
             }
+            g = starts[t] + last;
         }
     });
     ys
@@ -582,9 +658,13 @@ mod tests {
                         .unwrap();
                     let job = [Job { w: &packed, x: &x }];
                     let kq = kind.kquant().unwrap();
-                    let ours = matmul_jobs(Some(isa), kq, &job).pop().unwrap();
-                    let scalar = matmul_jobs(None, kq, &job).pop().unwrap();
-                    assert_eq!(ours, scalar, "{dtype:?} n={n} m={m}: SIMD vs scalar order");
+                    let ours = matmul_jobs(Kernels::best(Some(isa)), kq, &job)
+                        .pop()
+                        .unwrap();
+                    for kernels in Kernels::available(Some(isa)) {
+                        let v = matmul_jobs(kernels, kq, &job).pop().unwrap();
+                        assert_eq!(ours, v, "{dtype:?} n={n} m={m}: {kernels:?}");
+                    }
                     let candle_tiles = match dtype {
                         GgmlDType::Q4K => n % 16 == 0,
                         // m = 1: both run candle's vec_dot order, whatever n.
@@ -616,8 +696,62 @@ mod tests {
             }
         }
         eprintln!(
-            "{isa:?}: {exact_cases} values bit-identical to candle, {reordered_cases} in another order within tolerance"
+            "{:?}: {exact_cases} values bit-identical to candle, {reordered_cases} in another order within tolerance",
+            Kernels::available(Some(isa))
         );
+    }
+
+    /// Several jobs in one parallel region (fused Q/K/V, gate/up, MoE experts), with tile
+    /// blocks that cross job boundaries and inputs shared or not, give each job's own result.
+    #[test]
+    fn fused_kquant_jobs_equal_single_jobs() {
+        let Some(isa) = isa() else {
+            eprintln!("SKIPPED: no kernel instruction set on this CPU");
+            return;
+        };
+        let dev = Device::Cpu;
+        let k = 512;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let Some(kind) = Kind::from_dtype(dtype) else {
+                continue;
+            };
+            let kq = kind.kquant().unwrap();
+            let mats: Vec<Packed> = [(1000, 11), (52, 12), (8, 13)]
+                .iter()
+                .map(|&(n, seed)| {
+                    let w = Tensor::from_vec(random(n * k, seed), (n, k), &dev).unwrap();
+                    let q = QTensor::quantize(&w, dtype).unwrap();
+                    Packed::new(kind, &q.data().unwrap(), n, k)
+                })
+                .collect();
+            let (x1, x2) = (random(k, 21), random(9 * k, 22));
+            let jobs = [
+                Job {
+                    w: &mats[0],
+                    x: &x1,
+                },
+                Job {
+                    w: &mats[1],
+                    x: &x1,
+                },
+                Job {
+                    w: &mats[2],
+                    x: &x2,
+                },
+                Job {
+                    w: &mats[0],
+                    x: &x2,
+                },
+            ];
+            let kernels = Kernels::best(Some(isa));
+            let fused = matmul_jobs(kernels, kq, &jobs);
+            for (j, y) in jobs.iter().zip(&fused) {
+                let single = matmul_jobs(kernels, kq, std::slice::from_ref(j))
+                    .pop()
+                    .unwrap();
+                assert_eq!(*y, single, "{dtype:?} n={} m={}", j.w.n, j.x.len() / k);
+            }
+        }
     }
 
     /// Activations quantize exactly as candle's block_q8_K: its vec_dot of a Q8_K matrix
@@ -633,16 +767,20 @@ mod tests {
         let bytes = q.data().unwrap();
         let mut ours = vec![Q8KBlock::default(); 4];
         quantize_activations(&x, &mut ours);
-        assert_eq!(std::mem::size_of::<Q8KBlock>() * 4, bytes.len());
-        for (b, theirs) in ours
-            .iter()
-            .zip(bytes.chunks_exact(std::mem::size_of::<Q8KBlock>()))
-        {
+        // candle's block_q8_K: d, qs, bsums (tokentop's adds the sums the kernels use).
+        let candle_block = 4 + QK_K + 2 * QK_K / 16;
+        assert_eq!(candle_block * 4, bytes.len());
+        for (b, theirs) in ours.iter().zip(bytes.chunks_exact(candle_block)) {
             assert_eq!(b.d.to_le_bytes(), theirs[0..4], "d");
             let qs: Vec<u8> = b.qs.iter().map(|&q| q as u8).collect();
             assert_eq!(qs, theirs[4..4 + QK_K], "qs");
             let bs: Vec<u8> = b.bsums.iter().flat_map(|s| s.to_le_bytes()).collect();
             assert_eq!(bs, theirs[4 + QK_K..], "bsums");
+            for s in 0..8 {
+                let pair = b.bsums[2 * s] as i32 + b.bsums[2 * s + 1] as i32;
+                assert_eq!(b.dsum32[s], b.d * pair as f32);
+                assert_eq!(b.sum16x32[2 * s], 32.0 * b.bsums[2 * s] as f32);
+            }
         }
     }
 }

@@ -8,34 +8,34 @@ use std::arch::x86_64::*;
 /// Four activation bytes broadcast to every lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bcast(p: *const i8) -> __m256i {
+pub(super) unsafe fn bcast(p: *const i8) -> __m256i {
     _mm256_set1_epi32((p as *const i32).read_unaligned())
 }
 
 /// Eight bytes as eight f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_u8(p: *const u8) -> __m256 {
+pub(super) unsafe fn bytes_u8(p: *const u8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_i8(p: *const u8) -> __m256 {
+pub(super) unsafe fn bytes_i8(p: *const u8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }
 
 /// Eight f16 as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn halves(p: *const u8) -> __m256 {
+pub(super) unsafe fn halves(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// `x` shifted left by `n` bits (right by −n) in each 16-bit lane; callers mask bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn shift(x: __m256i, n: i32) -> __m256i {
+pub(super) unsafe fn shift(x: __m256i, n: i32) -> __m256i {
     match n {
         4 => _mm256_slli_epi16(x, 4),
         3 => _mm256_slli_epi16(x, 3),
@@ -50,6 +50,8 @@ unsafe fn shift(x: __m256i, n: i32) -> __m256i {
 }
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = if Q5 { KQuant::Q5K } else { KQuant::Q4K }.tile_bytes();
@@ -103,8 +105,8 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
                 let da = a[i].d;
                 let f = _mm256_cvtepi32_ps(isum[i]);
                 acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(da)), acc[i]);
-                let bsum = (a[i].bsums[2 * s] as i32 + a[i].bsums[2 * s + 1] as i32) as f32;
-                acc[i] = _mm256_fnmadd_ps(min, _mm256_set1_ps(da * bsum), acc[i]);
+                let dsum = _mm256_broadcast_ss(&a[i].dsum32[s]);
+                acc[i] = _mm256_fnmadd_ps(min, dsum, acc[i]);
             }
         }
     }
@@ -112,6 +114,8 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
 }
 
 /// Q6_K: one tile against MT activation rows.
+// b indexes the tile's super-blocks and every activation row's blocks at once.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT] {
     let tb = KQuant::Q6K.tile_bytes();
@@ -155,7 +159,7 @@ unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT
                 let da = a[i].d;
                 let f = _mm256_sub_ps(
                     _mm256_cvtepi32_ps(isum[i]),
-                    _mm256_set1_ps(32.0 * a[i].bsums[s] as f32),
+                    _mm256_broadcast_ss(&a[i].sum16x32[s]),
                 );
                 acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(da)), acc[i]);
             }
@@ -168,7 +172,7 @@ unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT
 /// sums per row (lane l: weights 4l..4l+3 of every 32, times their sub-block scale, exact
 /// integers), `lane = fma(d·d_a, lane, lane)`, and at the end candle's hsum_float_8.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_lanes(tile: &[u8], act: &[Q8KBlock]) -> __m256 {
+pub(super) unsafe fn q6k_lanes(tile: &[u8], act: &[Q8KBlock]) -> __m256 {
     let tb = KQuant::Q6K.tile_bytes();
     debug_assert!(tile.len() >= act.len() * tb);
     let mask = _mm256_set1_epi8(0x0F);
@@ -221,13 +225,13 @@ unsafe fn q6k_lanes(tile: &[u8], act: &[Q8KBlock]) -> __m256 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run<const MT: usize>(kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) -> [[f32; 8]; 4] {
+unsafe fn run<const MT: usize>(kind: KQuant, tile: &[u8], acts: &[&[Q8KBlock]]) -> [[f32; 8]; 8] {
     let acc = match kind {
         KQuant::Q4K => q45k::<MT, false>(tile, acts),
         KQuant::Q5K => q45k::<MT, true>(tile, acts),
         KQuant::Q6K => q6k::<MT>(tile, acts),
     };
-    let mut out = [[0f32; 8]; 4];
+    let mut out = [[0f32; 8]; 8];
     for (o, a) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), a);
     }
@@ -246,10 +250,10 @@ pub unsafe fn tile_rows(
     order: Order,
     tile: &[u8],
     acts: &[&[Q8KBlock]],
-) -> [[f32; 8]; 4] {
+) -> [[f32; 8]; 8] {
     if order == Order::Lanes {
         debug_assert!(kind == KQuant::Q6K && acts.len() == 1);
-        let mut out = [[0f32; 8]; 4];
+        let mut out = [[0f32; 8]; 8];
         _mm256_storeu_ps(out[0].as_mut_ptr(), q6k_lanes(tile, acts[0]));
         return out;
     }

@@ -37,6 +37,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod kquant_avx2;
+#[cfg(target_arch = "x86_64")]
+mod kquant_avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -212,7 +214,7 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
         "one kind and width"
     );
     if let Some(kq) = kind.kquant() {
-        return kquant::matmul_jobs(Some(isa), kq, jobs);
+        return kquant::matmul_jobs(kquant::Kernels::best(Some(isa)), kq, jobs);
     }
     let nb = k / QK;
     // Quantized activations, once per distinct input slice.
