@@ -14,6 +14,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
+mod gpt_oss;
 mod moe;
 
 /// The architectures this engine runs, by their GGUF `general.architecture` name.
@@ -25,11 +26,14 @@ pub enum Arch {
     Qwen3Moe,
     Gemma3,
     Phi3,
+    /// OpenAI's gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE).
+    GptOss,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 6] =
-        ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3"];
+    pub const SUPPORTED: [&'static str; 7] = [
+        "llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "gpt-oss",
+    ];
 
     pub fn from_gguf_name(name: &str) -> Result<Self> {
         Ok(match name {
@@ -39,6 +43,7 @@ impl Arch {
             "qwen3moe" => Self::Qwen3Moe,
             "gemma3" => Self::Gemma3,
             "phi3" => Self::Phi3,
+            "gpt-oss" => Self::GptOss,
             other => bail!(
                 "unsupported architecture \"{other}\": tokentop runs {}",
                 Self::SUPPORTED.join(", ")
@@ -54,6 +59,7 @@ impl Arch {
             Self::Qwen3Moe => "qwen3moe",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
+            Self::GptOss => "gpt-oss",
         }
     }
 
@@ -85,6 +91,8 @@ pub struct HParams {
     pub swa_period: usize,
     pub rope_base_local: f32,
     pub rope_scale_global: f32,
+    /// YaRN context extension (`rope.scaling.type = yarn`), gpt-oss only for now.
+    pub yarn: Option<gpt_oss::Yarn>,
 }
 
 impl HParams {
@@ -124,7 +132,7 @@ impl HParams {
         } else {
             10_000.0
         };
-        let sliding_window = (arch == Arch::Gemma3)
+        let sliding_window = matches!(arch, Arch::Gemma3 | Arch::GptOss)
             .then(|| {
                 g.get_u32(&key("attention.sliding_window"))
                     .map(|v| v as usize)
@@ -153,6 +161,11 @@ impl HParams {
             swa_period: 6,
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
+            yarn: None,
+        };
+        let hp = match arch {
+            Arch::GptOss => gpt_oss::hparams(g, hp)?,
+            _ => hp,
         };
         hp.check(g)?;
         Ok(hp)
@@ -657,6 +670,7 @@ impl Mlp {
 enum Ffn {
     Dense(Mlp),
     Moe(moe::Moe),
+    GptOss(gpt_oss::Moe),
 }
 
 impl Ffn {
@@ -664,6 +678,7 @@ impl Ffn {
         match self {
             Ffn::Dense(mlp) => mlp.forward(x),
             Ffn::Moe(m) => m.forward(x),
+            Ffn::GptOss(m) => m.forward(x),
         }
     }
 }
@@ -681,6 +696,10 @@ struct Layer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     attn_out: Matrix,
+    /// gpt-oss: a bias on the attention output and a learned logit per head that joins
+    /// every softmax of that head (an "attention sink").
+    attn_out_b: Option<Tensor>,
+    sinks: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     ffn: Ffn,
@@ -782,17 +801,25 @@ impl Model {
         let freq_factors: Option<Vec<f32>> = opt_f32(g, "rope_freqs.weight", hp.rope_dim / 2)?
             .map(|t| t.flatten_all().and_then(|t| t.to_vec1()))
             .transpose()?;
-        let rope_global = Arc::new(Rope::new(
-            &hp,
-            hp.rope_base,
-            hp.rope_scale_global,
-            freq_factors.as_deref(),
-            n_ctx,
-            dev,
-        )?);
-        let rope_local = match hp.sliding_window {
-            Some(_) => Arc::new(Rope::new(&hp, hp.rope_base_local, 1.0, None, n_ctx, dev)?),
-            None => rope_global.clone(),
+        let (rope_global, rope_local) = if hp.arch == Arch::GptOss {
+            (
+                Arc::new(gpt_oss::rope(&hp, hp.rope_base, n_ctx, dev)?),
+                Arc::new(gpt_oss::rope(&hp, hp.rope_base_local, n_ctx, dev)?),
+            )
+        } else {
+            let global = Arc::new(Rope::new(
+                &hp,
+                hp.rope_base,
+                hp.rope_scale_global,
+                freq_factors.as_deref(),
+                n_ctx,
+                dev,
+            )?);
+            let local = match hp.sliding_window {
+                Some(_) => Arc::new(Rope::new(&hp, hp.rope_base_local, 1.0, None, n_ctx, dev)?),
+                None => global.clone(),
+            };
+            (global, local)
         };
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
@@ -841,7 +868,9 @@ impl Model {
                     v: linear(g, &format!("{p}.attn_v"), kvd)?,
                 }
             };
-            let ffn = if hp.n_expert > 1 {
+            let ffn = if hp.arch == Arch::GptOss {
+                Ffn::GptOss(gpt_oss::Moe::load(g, &p, &hp, dev)?)
+            } else if hp.n_expert > 1 {
                 Ffn::Moe(moe::Moe::load(g, &p, &hp, act, dev)?)
             } else {
                 let (gate_up, n_ff) = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
@@ -867,14 +896,33 @@ impl Model {
                 })
             };
             let sliding = hp.is_sliding(i);
+            // gpt-oss names its pre-FFN norm post_attention_norm (llama.cpp's attn_post_norm).
+            let (post_attn_norm, ffn_norm) = if hp.arch == Arch::GptOss {
+                (
+                    None,
+                    vec_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
+                )
+            } else {
+                (
+                    opt_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
+                    vec_f32(g, &format!("{p}.ffn_norm.weight"), e)?,
+                )
+            };
+            let sinks = if hp.arch == Arch::GptOss {
+                Some(vec_f32(g, &format!("{p}.attn_sinks.weight"), hp.n_head)?)
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"), e)?,
                 qkv,
                 q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"), hd)?,
                 k_norm: opt_f32(g, &format!("{p}.attn_k_norm.weight"), hd)?,
                 attn_out: qmm(g, &format!("{p}.attn_output.weight"), e, qd)?,
-                post_attn_norm: opt_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
-                ffn_norm: vec_f32(g, &format!("{p}.ffn_norm.weight"), e)?,
+                attn_out_b: opt_f32(g, &format!("{p}.attn_output.bias"), e)?,
+                sinks,
+                post_attn_norm,
+                ffn_norm,
                 ffn,
                 post_ffn_norm: opt_f32(g, &format!("{p}.post_ffw_norm.weight"), e)?,
                 rope: if sliding {
@@ -1117,13 +1165,19 @@ fn layer_forward(
             .broadcast_add(mask)?
             .reshape((b * nkv, n_rep * seq, total))?;
     }
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let att = match &l.sinks {
+        Some(sinks) => gpt_oss::softmax_with_sinks(&att, sinks, (b, nkv, n_rep, seq))?,
+        None => candle_nn::ops::softmax_last_dim(&att)?,
+    };
     let out = att
         .matmul(&v)?
         .reshape((b, nh, seq, hd))?
         .transpose(1, 2)?
         .reshape((b, seq, nh * hd))?;
     let mut out = l.attn_out.forward(&out)?;
+    if let Some(bias) = &l.attn_out_b {
+        out = out.broadcast_add(bias)?;
+    }
     if let Some(w) = &l.post_attn_norm {
         out = norm(&out, w, hp.rms_eps)?;
     }

@@ -39,6 +39,10 @@ const MAX_MERGE_WORK: u64 = 1 << 29;
 // Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// o200k (gpt-4o, gpt-oss, Llama 4): the regex of the model's tokenizer.json, which llama.cpp
+/// quotes beside its lookahead rewrite for its own regex engine (LLAMA_VOCAB_PRE_TYPE_GPT4O);
+/// the tokenizers crate's Oniguruma runs the original.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token texts that end a turn in the chat formats tokentop knows; any present in the
@@ -229,6 +233,7 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let (regexes, ignore_merges): (&[&str], bool) = match pre {
         "llama3" | "llama-v3" | "llama-bpe" | "dbrx" | "smaug-bpe" => (&[LLAMA3_SPLIT], pre != "dbrx"),
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (&[QWEN2_SPLIT], false),
+        "gpt-4o" | "llama4" => (&[GPT4O_SPLIT], false),
         "gpt-2" | "gpt2" | "phi-2" | "default" | "olmo" | "mpt" => (&[GPT2_SPLIT], false),
         "starcoder" | "smollm" | "refact" => (&[r"\p{N}", GPT2_SPLIT], false),
         other => bail!(

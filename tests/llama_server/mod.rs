@@ -70,6 +70,11 @@ pub fn tool(name: &str) -> Result<PathBuf, String> {
 /// Starts llama-server with `extra` arguments and waits until it answers /health.
 pub fn start(extra: &[&str]) -> Option<Server> {
     let model = super::common::smollm2()?;
+    start_model(&model, extra)
+}
+
+/// Starts llama-server on `model` (a synthetic file, say) like `start`.
+pub fn start_model(model: &std::path::Path, extra: &[&str]) -> Option<Server> {
     let bin = match binary() {
         Ok(b) => b,
         Err(e) => return skip(&e),
@@ -80,7 +85,7 @@ pub fn start(extra: &[&str]) -> Option<Server> {
         .port();
     let child = Command::new(&bin)
         .arg("-m")
-        .arg(&model)
+        .arg(model)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--metrics", "--slots", "-t", "1", "-c", "2048", "-np", "1"])
         .args(extra)
