@@ -37,6 +37,8 @@ pub struct AppConfig {
     pub theme: Theme,
     pub params: GenParams,
     pub n_ctx: usize,
+    /// KV cache element types on the CPU.
+    pub kv: crate::protocol::KvTypes,
     pub profiles: Vec<Profile>,
     pub system: Option<String>,
     /// A server to chat with instead of the embedded engine.
@@ -151,6 +153,7 @@ struct Io {
     session: SessionFile,
     sessions_dir: PathBuf,
     n_ctx: usize,
+    kv: crate::protocol::KvTypes,
     /// Results of background work (downloads), drained each frame.
     tx: Sender<Msg>,
 }
@@ -175,6 +178,7 @@ impl Io {
                 path,
                 opts: LoadOptions {
                     n_ctx: self.n_ctx,
+                    kv: self.kv,
                     keep_previous,
                 },
             }),
@@ -444,6 +448,7 @@ async fn event_loop(
         session: SessionFile::new(sessions_dir.clone()),
         sessions_dir,
         n_ctx: cfg.n_ctx,
+        kv: cfg.kv,
         tx,
     };
     let label = match (&endpoint, crate::remote::remote_model(&cfg.model)) {

@@ -22,6 +22,8 @@ pub struct BenchArgs {
     pub threads: Vec<usize>,
     pub reps: usize,
     pub output: Output,
+    /// KV cache element types on the CPU.
+    pub kv: crate::protocol::KvTypes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,6 +189,7 @@ fn run_here(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
                 format!("depth {max_depth} + {longest} tokens exceed any model's context")
             })?;
         let mut model = Model::load(&mut g, needed, &device)?;
+        model.set_kv_types(args.kv)?;
         let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
         if model.n_ctx < needed {
             bail!(
@@ -345,6 +348,10 @@ fn run_child(args: &BenchArgs, threads: usize) -> Result<Vec<Row>> {
             &threads.to_string(),
             "-o",
             "jsonl",
+            "--cache-type-k",
+            args.kv.k.as_str(),
+            "--cache-type-v",
+            args.kv.v.as_str(),
         ])
         .stderr(std::process::Stdio::piped())
         .output()

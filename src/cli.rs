@@ -3,7 +3,8 @@
 use crate::catalog::{fetch, Catalog, ModelRef};
 use crate::engine::worker::EngineHandle;
 use crate::protocol::{
-    EngineCmd, EngineEvent, GenParams, LoadOptions, Message, ModelInfo, RequestId, Role,
+    EngineCmd, EngineEvent, GenParams, KvType, KvTypes, LoadOptions, Message, ModelInfo, RequestId,
+    Role,
 };
 use crate::stats::ollama_block;
 use anyhow::{anyhow, bail, Context, Result};
@@ -69,6 +70,28 @@ pub struct PerplexityCli {
     /// Score at most this many chunks (default: all the text holds).
     #[arg(long, allow_negative_numbers = true, value_parser = count("chunks", 1, usize::MAX))]
     pub chunks: Option<usize>,
+    #[command(flatten)]
+    pub kv: CacheArgs,
+}
+
+/// The KV cache's element types on the CPU, with llama.cpp's option names.
+#[derive(Debug, Args, Clone, Copy, Default)]
+pub struct CacheArgs {
+    /// Type of the cached keys on the CPU: f16, q8_0 or f32 (a GPU's cache is f32).
+    #[arg(long = "cache-type-k", value_enum, default_value_t = KvType::F16)]
+    pub k: KvType,
+    /// Type of the cached values on the CPU: f16, q8_0 or f32.
+    #[arg(long = "cache-type-v", value_enum, default_value_t = KvType::F16)]
+    pub v: KvType,
+}
+
+impl CacheArgs {
+    pub fn types(&self) -> KvTypes {
+        KvTypes {
+            k: self.k,
+            v: self.v,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +151,8 @@ pub struct BenchCli {
     pub reps: usize,
     #[arg(short = 'o', long, value_enum, default_value = "md")]
     pub output: crate::bench::Output,
+    #[command(flatten)]
+    pub kv: CacheArgs,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +224,8 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 4096, allow_negative_numbers = true,
           value_parser = count("context length", 1, MAX_TOKENS_ARG))]
     pub ctx: usize,
+    #[command(flatten)]
+    pub kv: CacheArgs,
 }
 
 /// The largest token count any option takes (2^24 = 16,777,216): more than any model's
@@ -413,7 +440,7 @@ pub fn list(catalog: &Catalog) -> Result<()> {
         note!("tokentop: warning: {w}");
     }
     let mut out = format!(
-        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<15} {:<8}  LOCAL\n",
+        "{:<32} {:<8} {:>9} {:>9} {:<8} {:>9}  {:<24} {:<8}  LOCAL\n",
         "ID", "ARCH", "PARAMS", "ACTIVE", "QUANT", "SIZE", "TAGS", "SOURCE"
     );
     let mut used = Vec::new();
@@ -424,13 +451,17 @@ pub fn list(catalog: &Catalog) -> Result<()> {
             (o.label(), p.display().to_string())
         });
         out.push_str(&format!(
-            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>8.1}G  {:<15} {:<8}  {}{}\n",
+            "{:<32} {:<8} {:>8}B {:>8}B {:<8} {:>9}  {:<24} {:<8}  {}{}\n",
             m.id,
             m.arch,
             m.params_b,
             m.active_params_b,
             m.quant,
-            m.size as f64 / 1e9,
+            format!(
+                "{}{:.1}G",
+                if m.approx_size { "~" } else { "" },
+                m.size as f64 / 1e9
+            ),
             if m.tags.is_empty() {
                 "-".to_string()
             } else {
@@ -469,14 +500,21 @@ struct EngineGone;
 
 /// Loads a model on the engine thread, waiting for the handshake.
 pub fn load(engine: &EngineHandle, path: PathBuf, ctx: usize) -> Result<ModelInfo> {
-    load_on(engine, path, ctx, false)
+    load_on(engine, path, ctx, KvTypes::default(), false)
 }
 
-fn load_on(engine: &EngineHandle, path: PathBuf, ctx: usize, remote: bool) -> Result<ModelInfo> {
+fn load_on(
+    engine: &EngineHandle,
+    path: PathBuf,
+    ctx: usize,
+    kv: KvTypes,
+    remote: bool,
+) -> Result<ModelInfo> {
     engine.send(EngineCmd::Load {
         path,
         opts: LoadOptions {
             n_ctx: ctx,
+            kv,
             ..Default::default()
         },
     });
@@ -512,7 +550,7 @@ pub fn run(catalog: &Catalog, args: &RunArgs) -> Result<()> {
     // An engine panic is reported as one error line rather than a panic message.
     let _hook = crate::app::PanicHook::install(false);
     let remote = args.endpoint.is_some();
-    let mut info = load_on(&engine, path, args.gen.ctx, remote)?;
+    let mut info = load_on(&engine, path, args.gen.ctx, args.gen.kv.types(), remote)?;
     if !remote {
         info.name = catalog.model_title(&info.path);
     }
@@ -658,8 +696,9 @@ fn drop_oldest_exchange(history: &mut Vec<Message>) -> Option<usize> {
     Some(dropped.iter().map(|m| m.content.chars().count()).sum())
 }
 
-/// Prints the tokens of `req` as they come and the stats block at the end; returns the text.
-/// When stdout is closed under it, the answer is cancelled and the error is a quiet exit.
+/// Prints the tokens of `req` as they come and the stats block at the end; returns the text
+/// without its thinking block (what the next turn sends back, as llama-server does). When
+/// stdout is closed under it, the answer is cancelled and the error is a quiet exit.
 fn stream_answer(
     engine: &EngineHandle,
     req: RequestId,
@@ -667,6 +706,8 @@ fn stream_answer(
 ) -> Result<String> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
+    let sent = std::time::Instant::now();
+    let mut think = crate::think::Tracker::default();
     let stop = |e: std::io::Error| {
         engine.send(EngineCmd::Cancel { req });
         stdout_error(e)
@@ -678,6 +719,7 @@ fn stream_answer(
                     .and_then(|_| out.flush())
                     .map_err(stop)?;
                 text.push_str(&t);
+                think.piece(&text, std::time::Instant::now());
             }
             EngineEvent::Finished {
                 req: r,
@@ -685,12 +727,20 @@ fn stream_answer(
                 reason,
             } if r == req => {
                 writeln!(out).and_then(|_| out.flush()).map_err(stop)?;
-                let _ = write!(
-                    std::io::stderr(),
-                    "\n{}",
-                    ollama_block(&stats, load, reason)
-                );
-                return Ok(text);
+                let mut block = ollama_block(&stats, load, reason);
+                if let Some(time) = think.duration(std::time::Instant::now()) {
+                    let first = think.answered.map_or("none".into(), |t| {
+                        crate::stats::fmt_duration(t.saturating_duration_since(sent))
+                    });
+                    let mut line = |k: &str, v: String| {
+                        block.push_str(&format!("{:<22}{v}\n", format!("{k}:")))
+                    };
+                    line("thinking count", format!("{} token(s)", think.pieces));
+                    line("thinking duration", crate::stats::fmt_duration(time));
+                    line("time to first answer", first);
+                }
+                let _ = write!(std::io::stderr(), "\n{block}");
+                return Ok(crate::think::split(&text).answer.to_string());
             }
             EngineEvent::Failed { req: r, error } if r == req => bail!("{error}"),
             _ => {}
@@ -741,6 +791,7 @@ pub fn ui(catalog: Catalog, args: &UiArgs) -> Result<()> {
         theme,
         params: args.gen.params(),
         n_ctx: args.gen.ctx,
+        kv: args.gen.kv.types(),
         profiles,
         system: args.system.clone(),
         endpoint,
@@ -760,6 +811,7 @@ pub fn perplexity(catalog: &Catalog, p: &PerplexityCli) -> Result<()> {
     let device = crate::engine::default_device();
     let opts = LoadOptions {
         n_ctx: p.ctx,
+        kv: p.kv.types(),
         ..Default::default()
     };
     let mut engine = crate::engine::Engine::load(&path, &opts, &device)?;
@@ -805,6 +857,7 @@ pub fn bench(catalog: &Catalog, b: &BenchCli) -> Result<()> {
         threads,
         reps: b.reps,
         output: b.output,
+        kv: b.kv.types(),
     })?;
     print_out(&table)
 }

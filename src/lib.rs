@@ -17,5 +17,6 @@ pub mod state;
 pub mod stats;
 pub mod telemetry;
 pub mod theme;
+pub mod think;
 pub mod top;
 pub mod ui;

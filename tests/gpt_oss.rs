@@ -31,8 +31,13 @@ fn write(dir: &Path, dtype: GgmlDType, mxfp4: bool) -> PathBuf {
     path
 }
 
+/// With an f32 KV cache, as the llama-server it is compared with keeps.
 fn load(path: &Path) -> Model {
-    Model::load(&mut Gguf::open(path).unwrap(), 512, &Device::Cpu).unwrap()
+    let mut m = Model::load(&mut Gguf::open(path).unwrap(), 512, &Device::Cpu).unwrap();
+    let f32 = tokentop::protocol::KvType::F32;
+    m.set_kv_types(tokentop::protocol::KvTypes { k: f32, v: f32 })
+        .unwrap();
+    m
 }
 
 /// Text as the synthetic byte-level vocabulary's tokens (3 control tokens, then the bytes).

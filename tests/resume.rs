@@ -399,3 +399,52 @@ fn the_parts_of_a_split_model_download_in_order_beside_each_other() {
     );
     assert!(hub.gets().is_empty());
 }
+
+/// An entry whose size is only approximate (`approx_size = true`, no sha256: written without
+/// the hub at hand) takes the hub's file when it is within 2% of that size, verified by the
+/// hub's sha256, and `list` then finds it in the cache; an exact size that is off is refused
+/// before any byte is fetched, and so is an approximate one that is 10% off.
+#[test]
+fn an_approximate_catalog_size_takes_the_hubs_file_within_two_percent() {
+    let bytes = model_bytes(LEN);
+    let hub = Hub::start(vec![("m.gguf", bytes.clone())], Mode::Honour);
+    let catalog_with = |sb: &Sandbox, size: usize, approx: bool| {
+        let text = catalog(
+            "m.gguf",
+            size as u64,
+            None,
+            "{ kind = \"hf\", repo = \"org/m\", files = [\"m.gguf\"] }",
+        )
+        .replace(
+            "sources = [",
+            &format!("approx_size = {approx}\nsources = ["),
+        );
+        sb.write_catalog(&text)
+    };
+    let sb = Sandbox::new();
+    let near = LEN + LEN / 100;
+    let cat = catalog_with(&sb, near, false);
+    let out = pull(&sb, &cat, &hub);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "has {LEN} bytes in m.gguf, the catalog expects {near}"
+        )),
+        "{err}"
+    );
+    let far = catalog_with(&sb, LEN + LEN / 10, true);
+    let err = stderr(&pull(&sb, &far, &hub));
+    assert!(err.contains("the catalog expects about"), "{err}");
+    assert!(hub.gets().is_empty(), "nothing fetched for a refused size");
+
+    let cat = catalog_with(&sb, near, true);
+    let out = pull(&sb, &cat, &hub);
+    assert_pulled(&sb, &out, &bytes);
+    let list = stdout(&sb.run(&["--catalog", cat.to_str().unwrap(), "list"]));
+    let line = list.lines().find(|l| l.starts_with("m ")).unwrap();
+    assert!(
+        line.contains("~0.0G") && line.contains("hf-cache"),
+        "{line}"
+    );
+}

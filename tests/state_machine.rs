@@ -1072,3 +1072,60 @@ fn switching_models_during_an_ab_run_ends_it() {
     assert_eq!(st.mode, Mode::Chat);
     assert!(st.chat.is_empty());
 }
+
+/// A reasoning model's answer: its `<think>` block is counted and timed apart, the footer
+/// says when the first answer token came, the next turn sends the answer without the block,
+/// and Ctrl-T toggles how the chat shows it.
+#[test]
+fn thinking_block_is_measured_and_not_sent_back() {
+    let mut st = ready("a");
+    typed(&mut st, "2+2?");
+    let req = req_of(&update(&mut st, key(KeyCode::Enter)));
+    update(
+        &mut st,
+        Msg::Engine(EngineEvent::Prefilled {
+            req,
+            prompt_tokens: 20,
+            cached_tokens: 0,
+            ttft: Duration::from_millis(120),
+            kv_bytes: 10,
+        }),
+    );
+    for t in ["<think>", "\nTwo", " plus two", ".\n", "</think>"] {
+        token(&mut st, req, t);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = st.stream.as_ref().unwrap();
+    assert_eq!(s.think.pieces, 5);
+    assert!(s.think.answered.is_none(), "no answer text yet");
+    assert_eq!(s.thought(Instant::now()).unwrap().first_answer, None);
+    for t in ["\n\n", "It is", " 4."] {
+        token(&mut st, req, t);
+    }
+    finish(&mut st, req, 8, FinishReason::Eos);
+    let th = st.chat.last().unwrap().footer.as_ref().unwrap().thinking;
+    let th = th.expect("the footer has the thinking block");
+    assert_eq!(th.tokens, 5);
+    assert!(th.time >= Duration::from_millis(15), "{th:?}");
+    let first = th.first_answer.expect("an answer came");
+    assert!(first >= th.time, "{th:?}");
+    let line = tokentop::ui::footer_text(st.chat.last().unwrap().footer.as_ref().unwrap());
+    assert!(
+        line.contains("first answer") && line.contains("thought 5 tokens"),
+        "{line}"
+    );
+
+    typed(&mut st, "and 3+3?");
+    let fx = update(&mut st, key(KeyCode::Enter));
+    match fx.iter().find(|e| matches!(e, Effect::Generate { .. })) {
+        Some(Effect::Generate { messages, .. }) => assert_eq!(
+            messages[1],
+            Message::new(Role::Assistant, "It is 4."),
+            "the thinking block stays out of the next prompt"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(!st.show_thinking);
+    update(&mut st, ctrl('t'));
+    assert!(st.show_thinking && st.status.contains("shown"));
+}

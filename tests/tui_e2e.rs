@@ -609,6 +609,7 @@ fn a_ten_megabyte_session_reopens_and_answers_keys() {
             reason: tokentop::protocol::FinishReason::Eos,
             joules: None,
             peak_rss: 0,
+            thinking: None,
         });
         let q = common::entry(tokentop::protocol::Role::User, &format!("question {turn}"));
         file.append(&q).unwrap();

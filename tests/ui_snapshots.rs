@@ -33,6 +33,7 @@ fn footer(decode: f64, tokens: usize) -> Footer {
         reason: FinishReason::Eos,
         joules: Some(12.0),
         peak_rss: 2 * GB,
+        thinking: None,
     }
 }
 
@@ -174,6 +175,7 @@ fn speed_pane_while_streaming_is_live() {
         energy_j: 0.0,
         energy_known: false,
         peak_rss: 0,
+        think: Default::default(),
     });
     // 20 tokens after the first, in two seconds.
     insta::assert_snapshot!(draw(34, 8, &st, now, ui::render_speed));
@@ -218,6 +220,33 @@ fn roofline_pane() {
 fn chat_pane_with_markdown_and_footer() {
     let now = Instant::now();
     insta::assert_snapshot!(draw(70, 20, &fixture(now), now, ui::render_chat));
+}
+
+/// A reasoning model's answer: the thinking block collapsed to one line with its tokens and
+/// time, the footer with the time to the first answer token; Ctrl-T shows the block.
+#[test]
+fn chat_pane_with_thinking_block() {
+    let now = Instant::now();
+    let mut st = fixture(now);
+    let mut f = footer(25.5, 64);
+    f.thinking = Some(tokentop::state::Thought {
+        tokens: 41,
+        time: Duration::from_millis(1630),
+        first_answer: Some(Duration::from_millis(1910)),
+    });
+    st.chat.truncate(1);
+    st.chat.push(ChatEntry {
+        role: Role::Assistant,
+        text: "<think>\nThe user wants Rust.\nShow a main.\n</think>\n\nUse `fn main() {}`.".into(),
+        model: "Qwen3 0.6B".into(),
+        footer: Some(f),
+    });
+    insta::assert_snapshot!(
+        "thinking_collapsed",
+        draw(100, 8, &st, now, ui::render_chat)
+    );
+    st.show_thinking = true;
+    insta::assert_snapshot!("thinking_shown", draw(100, 10, &st, now, ui::render_chat));
 }
 
 #[test]

@@ -138,7 +138,7 @@ pub fn ensure_local(model: &CatalogModel, report: Report) -> Result<PathBuf> {
 /// Never a path outside the store or those stores.
 pub fn locate(model: &CatalogModel, found: &[Found]) -> Option<(PathBuf, Origin)> {
     let target = store_dir().ok()?.join(&model.file);
-    if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == model.size) {
+    if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && model.size_matches(m.len())) {
         return Some((target, Origin::Store));
     }
     let cached = model.sources.iter().find_map(|s| match s {
@@ -166,7 +166,13 @@ pub fn locate(model: &CatalogModel, found: &[Found]) -> Option<(PathBuf, Origin)
 /// Found files that may be `model`: one file of its size, whose content address (when the
 /// store has one) is the catalog's sha256; those with an equal address first.
 fn matching<'a>(model: &'a CatalogModel, found: &'a [Found]) -> impl Iterator<Item = &'a Found> {
-    let fits = move |f: &&Found| !f.split && f.size == model.size;
+    // An approximate size also needs the entry's file name: a size alone could be another
+    // quantization of a similar model.
+    let fits = move |f: &&Found| {
+        !f.split
+            && model.size_matches(f.size)
+            && (!model.approx_size || f.path.file_name().is_some_and(|n| *n == *model.file))
+    };
     let same = move |f: &&Found| matches!((&f.sha256, &model.sha256), (Some(a), Some(b)) if a.eq_ignore_ascii_case(b));
     let unknown = move |f: &&Found| f.sha256.is_none() || model.sha256.is_none();
     found
@@ -243,7 +249,8 @@ fn fetch_hf(
                 "downloading {} from Hugging Face {repo}",
                 files.join(" + ")
             ));
-            let paths = hf::download(repo, revision, files, model.size, report)?;
+            let expect = (model.size, model.approx_size);
+            let paths = hf::download(repo, revision, files, expect, report)?;
             // The download was checked against the hub's sha256 (the blob's name); when
             // that is the catalog's too, it needs no second read.
             if let ([single], Some(want)) = (paths.as_slice(), &model.sha256) {

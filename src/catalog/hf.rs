@@ -205,13 +205,13 @@ fn head(repo: &str, revision: &str, file: &str) -> Result<Remote> {
 
 /// Downloads `files` of `repo` into the cache, in order, with one progress bar for all of
 /// them, and returns their snapshot paths. Files already in the cache are not fetched
-/// again. `expect_size` (the catalog's size of all files together) is checked against what
-/// the hub says before anything is downloaded.
+/// again. `expect_size` (the catalog's size of all files together, and whether it is only
+/// approximate) is checked against what the hub says before anything is downloaded.
 pub fn download(
     repo: &str,
     revision: Option<&str>,
     files: &[String],
-    expect_size: u64,
+    expect_size: (u64, bool),
     report: Report,
 ) -> Result<Vec<PathBuf>> {
     let root = cache_root().context("no home directory for the Hugging Face cache")?;
@@ -221,11 +221,13 @@ pub fn download(
         .map(|f| head(repo, rev, f))
         .collect::<Result<Vec<_>>>()?;
     let total: u64 = remotes.iter().map(|r| r.size).sum();
-    if total != expect_size {
+    let (size, approx) = expect_size;
+    if !super::size_matches(size, approx, total) {
         bail!(
-            "Hugging Face {repo} has {} bytes in {}, the catalog expects {expect_size}",
+            "Hugging Face {repo} has {} bytes in {}, the catalog expects {}{size}",
             total,
-            files.join(" + ")
+            files.join(" + "),
+            if approx { "about " } else { "" }
         );
     }
     // In the TUI (quiet) the bar is hidden but read by the switcher (bytes, rate, ETA).

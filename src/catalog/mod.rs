@@ -41,6 +41,12 @@ pub struct CatalogModel {
     pub file: String,
     /// Bytes of the file; the switcher uses it to say whether a model fits.
     pub size: u64,
+    /// `size` is rounded: the exact byte count was not to hand when the entry was written.
+    /// A download then trusts the hub's size and its sha256 (the LFS object id), and a
+    /// stored file counts as this model within [`APPROX_SIZE_TOLERANCE`] of `size` (and
+    /// with the entry's file name, where a store does not hash its files).
+    #[serde(default)]
+    pub approx_size: bool,
     /// Checked after every download when known.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -63,6 +69,27 @@ pub enum Source {
         packages: Vec<String>,
         members: Vec<String>,
     },
+}
+
+/// How far a file may be from an approximate catalog size (2%, well inside the gap between
+/// two quantizations of one model).
+pub const APPROX_SIZE_TOLERANCE: f64 = 0.02;
+
+/// Whether `len` bytes is a catalog `size`: exactly, or within the tolerance if `approx`.
+pub fn size_matches(size: u64, approx: bool, len: u64) -> bool {
+    if approx {
+        (len as f64 - size as f64).abs() <= size as f64 * APPROX_SIZE_TOLERANCE
+    } else {
+        len == size
+    }
+}
+
+impl CatalogModel {
+    /// Whether a file of `len` bytes has this model's size: exactly, or within the tolerance
+    /// when the catalog's size is approximate.
+    pub fn size_matches(&self, len: u64) -> bool {
+        size_matches(self.size, self.approx_size, len)
+    }
 }
 
 impl Catalog {

@@ -56,10 +56,11 @@ pub fn check(store: &Path, model: &CatalogModel, path: &Path, report: Report) ->
     if !meta.is_file() {
         return Ok(Check::Bad("is not a regular file".into()));
     }
-    if meta.len() != model.size {
+    if !model.size_matches(meta.len()) {
         return Ok(Check::Bad(format!(
-            "is {} bytes, the catalog expects {}",
+            "is {} bytes, the catalog expects {}{}",
             meta.len(),
+            if model.approx_size { "about " } else { "" },
             model.size
         )));
     }

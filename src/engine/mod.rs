@@ -224,11 +224,12 @@ impl Engine {
         let n_ctx = hp.context_len(opts.n_ctx);
         check_fits(
             g.weight_bytes(),
-            hp.context_bytes(n_ctx, PREFILL_CHUNK),
+            hp.context_bytes(n_ctx, PREFILL_CHUNK, device.is_cpu().then_some(opts.kv)),
             n_ctx,
             available_for_weights(device),
         )?;
-        let model = Model::load(&mut g, opts.n_ctx, device)?;
+        let mut model = Model::load(&mut g, opts.n_ctx, device)?;
+        model.set_kv_types(opts.kv)?;
         let name = g
             .get_str("general.name")
             .map(str::to_string)
@@ -312,8 +313,19 @@ impl Engine {
         on_event: impl FnMut(GenEvent) -> Flow,
     ) -> Result<(GenStats, FinishReason)> {
         let start = Instant::now();
-        let tokens = self.prompt_tokens(messages)?;
-        self.generate_tokens(start, &tokens, params, on_event)
+        let text = self.template.render(messages, true)?;
+        let tokens = self.tokenizer.encode(&text)?;
+        // A template that opens the thinking block itself (DeepSeek-R1's distills): the
+        // answer's text gets the tag the model never writes, so it reads like any other.
+        let mut open = crate::think::prompt_opens_block(&text);
+        let mut on_event = on_event;
+        self.generate_tokens(start, &tokens, params, |ev| match ev {
+            GenEvent::Token(t) if open => {
+                open = false;
+                on_event(GenEvent::Token(&format!("{}\n{t}", crate::think::OPEN)))
+            }
+            ev => on_event(ev),
+        })
     }
 
     /// Like `generate` for an already tokenized prompt (benchmarks use this).

@@ -9,13 +9,16 @@
 use super::gguf::Gguf;
 use super::kernels::iq::{IqMatrix, IqType};
 use super::kernels::{self, Kind, Packed};
+use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
+pub(crate) mod attention;
 mod gpt_oss;
 mod moe;
+mod qwen35;
 
 /// The architectures this engine runs, by their GGUF `general.architecture` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +29,24 @@ pub enum Arch {
     Qwen3Moe,
     Gemma3,
     Phi3,
+    /// Qwen3.5 / Qwen3.6: Gated DeltaNet layers between gated full attention (model/qwen35.rs).
+    Qwen35,
+    Qwen35Moe,
     /// OpenAI's gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE).
     GptOss,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 7] = [
-        "llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "gpt-oss",
+    pub const SUPPORTED: [&'static str; 9] = [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen3moe",
+        "gemma3",
+        "phi3",
+        "qwen35",
+        "qwen35moe",
+        "gpt-oss",
     ];
 
     pub fn from_gguf_name(name: &str) -> Result<Self> {
@@ -43,6 +57,8 @@ impl Arch {
             "qwen3moe" => Self::Qwen3Moe,
             "gemma3" => Self::Gemma3,
             "phi3" => Self::Phi3,
+            "qwen35" => Self::Qwen35,
+            "qwen35moe" => Self::Qwen35Moe,
             "gpt-oss" => Self::GptOss,
             other => bail!(
                 "unsupported architecture \"{other}\": tokentop runs {}",
@@ -59,6 +75,8 @@ impl Arch {
             Self::Qwen3Moe => "qwen3moe",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
+            Self::Qwen35 => "qwen35",
+            Self::Qwen35Moe => "qwen35moe",
             Self::GptOss => "gpt-oss",
         }
     }
@@ -91,6 +109,8 @@ pub struct HParams {
     pub swa_period: usize,
     pub rope_base_local: f32,
     pub rope_scale_global: f32,
+    /// Qwen3.5's linear-attention layers (None for every other architecture).
+    pub delta_net: Option<qwen35::DeltaNetParams>,
     /// YaRN context extension (`rope.scaling.type = yarn`), gpt-oss only for now.
     pub yarn: Option<gpt_oss::Yarn>,
 }
@@ -142,9 +162,17 @@ impl HParams {
             Some("linear") => g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0),
             _ => 1.0,
         };
+        let delta_net = qwen35::DeltaNetParams::from_gguf(g, arch)?;
+        let nextn = delta_net.as_ref().map_or(0, |d| d.nextn_layers);
+        if nextn >= n_layer {
+            bail!(
+                "{}: {p}.nextn_predict_layers is {nextn} of {n_layer} blocks",
+                g.path.display()
+            );
+        }
         let hp = Self {
             arch,
-            n_layer,
+            n_layer: n_layer - nextn,
             n_embd,
             n_head,
             n_kv_head,
@@ -161,6 +189,7 @@ impl HParams {
             swa_period: 6,
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
+            delta_net,
             yarn: None,
         };
         let hp = match arch {
@@ -218,15 +247,32 @@ impl HParams {
             bail!("{file}: {p}.attention.key_length is 0");
         }
         let shape = |name: &str| g.tensor_dims(name).map(<[usize]>::to_vec);
-        let want_q = if let Some(d) = shape("blk.0.attn_qkv.weight") {
+        let want_q = if let Some(dn) = &self.delta_net {
+            // Gated attention: the Q projection yields a query and a gate per head.
+            dn.check(g, self)?;
+            match dn.first_attention_layer(self.n_layer) {
+                Some(i) => {
+                    let name = format!("blk.{i}.attn_q.weight");
+                    let d = shape(&name).with_context(|| {
+                        format!("{file} lacks the tensor {name} its architecture needs")
+                    })?;
+                    (d, vec![q_rows.saturating_mul(2), self.n_embd], name)
+                }
+                None => (vec![], vec![], String::new()),
+            }
+        } else if let Some(d) = shape("blk.0.attn_qkv.weight") {
             let rows = q_rows.checked_add(kv_rows.saturating_mul(2));
             (
                 d,
                 vec![rows.unwrap_or(usize::MAX), self.n_embd],
-                "blk.0.attn_qkv.weight",
+                "blk.0.attn_qkv.weight".to_string(),
             )
         } else if let Some(d) = shape("blk.0.attn_q.weight") {
-            (d, vec![q_rows, self.n_embd], "blk.0.attn_q.weight")
+            (
+                d,
+                vec![q_rows, self.n_embd],
+                "blk.0.attn_q.weight".to_string(),
+            )
         } else {
             bail!("{file} lacks the tensor blk.0.attn_q.weight its architecture needs");
         };
@@ -297,22 +343,48 @@ impl HParams {
 
     /// Bytes the model needs beyond its weights at an `n_ctx`-token context: the KV cache
     /// when full, the rotary tables and the attention scratch of one prefill chunk.
-    pub fn context_bytes(&self, n_ctx: usize, chunk: usize) -> u64 {
+    /// `kv`: the cache types on the CPU (fused attention: no score tensor, only the chunk's
+    /// queries and outputs); None on a GPU (an f32 cache and candle's score and mask tensors).
+    pub fn context_bytes(&self, n_ctx: usize, chunk: usize, kv: Option<KvTypes>) -> u64 {
         let f = 4u64; // f32
         let (ctx, chunk) = (n_ctx as u64, chunk.min(n_ctx) as u64);
-        let kv = (self.n_layer as u64)
-            .saturating_mul(2 * self.n_kv_head as u64 * self.head_dim as u64)
-            .saturating_mul(ctx)
-            .saturating_mul(f);
+        // Qwen3.5's Gated DeltaNet layers keep a recurrent state instead of a KV cache.
+        let attn_layers = self
+            .delta_net
+            .as_ref()
+            .map_or(self.n_layer, |d| d.attention_layers(self.n_layer));
+        let per_pos = |bytes_per_row: u64| {
+            (attn_layers as u64)
+                .saturating_mul(self.n_kv_head as u64)
+                .saturating_mul(bytes_per_row)
+                .saturating_mul(ctx)
+        };
+        let row = |ty: crate::protocol::KvType| ty.row_bytes(self.head_dim) as u64;
+        let (kv_bytes, scratch) = match kv {
+            Some(t) => (
+                per_pos(row(t.k)).saturating_add(per_pos(row(t.v))),
+                4u64.saturating_mul(chunk)
+                    .saturating_mul(self.n_head as u64 * self.head_dim as u64)
+                    .saturating_mul(f),
+            ),
+            None => (
+                per_pos(2 * self.head_dim as u64 * f),
+                (self.n_head as u64 + 1)
+                    .saturating_mul(chunk)
+                    .saturating_mul(ctx)
+                    .saturating_mul(f),
+            ),
+        };
+        let kv_bytes = kv_bytes.saturating_add(
+            self.delta_net
+                .as_ref()
+                .map_or(0, |d| d.state_bytes(self.n_layer)),
+        );
         let tables = 2u64
             .saturating_mul(3 * ctx)
             .saturating_mul(self.rope_dim as u64 / 2)
             .saturating_mul(f);
-        let scratch = (self.n_head as u64 + 1)
-            .saturating_mul(chunk)
-            .saturating_mul(ctx)
-            .saturating_mul(f);
-        kv.saturating_add(tables).saturating_add(scratch)
+        kv_bytes.saturating_add(tables).saturating_add(scratch)
     }
 
     fn is_sliding(&self, layer: usize) -> bool {
@@ -320,55 +392,211 @@ impl HParams {
     }
 }
 
-/// A per-layer KV cache preallocated in growing chunks and written in place; `truncate`
-/// drops a suffix so a new chat turn can keep the prefix it shares with the last one.
+/// A layer's KV cache. On the CPU it holds the chosen element types for the fused attention
+/// (model/attention.rs); on a GPU, f32 tensors preallocated in growing chunks and written in
+/// place. `truncate` drops a suffix so a new chat turn can keep the prefix it shares with the
+/// last one.
 #[derive(Debug, Default)]
-struct KvCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    len: usize,
+pub(crate) struct KvCache {
+    types: KvTypes,
+    store: Store,
+}
+
+#[derive(Debug, Default)]
+enum Store {
+    #[default]
+    Empty,
+    Host {
+        k: attention::KvStore,
+        v: attention::KvStore,
+    },
+    Device {
+        k: Tensor,
+        v: Tensor,
+        len: usize,
+    },
 }
 
 impl KvCache {
-    fn capacity(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    pub(crate) fn new(types: KvTypes) -> Self {
+        Self {
+            types,
+            store: Store::Empty,
+        }
     }
 
-    fn append(&mut self, k: &Tensor, v: &Tensor, max_len: usize) -> Result<(Tensor, Tensor)> {
-        let seq = k.dim(2)?;
-        let need = self.len + seq;
-        if need > max_len {
-            bail!("KV cache full: {need} positions needed, {max_len} allocated");
+    pub(crate) fn len(&self) -> usize {
+        match &self.store {
+            Store::Empty => 0,
+            Store::Host { k, .. } => k.len(),
+            Store::Device { len, .. } => *len,
         }
-        if need > self.capacity() {
-            let cap = need.max(self.capacity() * 2).max(256).min(max_len);
-            let (b, h, _, d) = k.dims4()?;
-            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
-                }
-                Ok(buf)
-            };
-            self.k = Some(grow(&self.k)?);
-            self.v = Some(grow(&self.v)?);
+    }
+
+    pub(crate) fn truncate(&mut self, n: usize) {
+        match &mut self.store {
+            Store::Empty => {}
+            Store::Host { k, v } => {
+                k.truncate(n);
+                v.truncate(n);
+            }
+            Store::Device { len, .. } => *len = (*len).min(n),
         }
-        let (kb, vb) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = need;
-        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
     }
 
     fn bytes(&self) -> usize {
-        [&self.k, &self.v]
-            .iter()
-            .filter_map(|t| t.as_ref())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        match &self.store {
+            Store::Empty => 0,
+            Store::Host { k, v } => k.bytes() + v.bytes(),
+            Store::Device { k, v, .. } => [k, v]
+                .iter()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+        }
     }
+
+    /// The GPU path: appends (b, heads, seq, d) keys and values and returns views of the
+    /// cached ones.
+    fn append_device(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        max_len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let (old, len) = match std::mem::take(&mut self.store) {
+            Store::Device { k, v, len } => (Some((k, v)), len),
+            _ => (None, 0),
+        };
+        let need = len + seq;
+        if need > max_len {
+            bail!("KV cache full: {need} positions needed, {max_len} allocated");
+        }
+        let capacity = old.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+        let (kb, vb) = match old {
+            Some(old) if need <= capacity => old,
+            old => {
+                let cap = need.max(capacity * 2).max(256).min(max_len);
+                let (b, h, _, d) = k.dims4()?;
+                let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                    let buf = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+                    if let (Some(old), true) = (old, len > 0) {
+                        buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    }
+                    Ok(buf)
+                };
+                (
+                    grow(old.as_ref().map(|o| &o.0))?,
+                    grow(old.as_ref().map(|o| &o.1))?,
+                )
+            }
+        };
+        kb.slice_set(&k.contiguous()?, 2, len)?;
+        vb.slice_set(&v.contiguous()?, 2, len)?;
+        let views = (kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?);
+        self.store = Store::Device {
+            k: kb,
+            v: vb,
+            len: need,
+        };
+        Ok(views)
+    }
+}
+
+/// Self-attention of one layer over its cache, for every architecture's forward: appends
+/// this call's keys and values at positions `pos..pos + seq` and returns
+/// softmax(q·kᵀ·scale + causal mask [+ window])·v as (b, seq, n_head · head_dim).
+/// q: (b, n_head, seq, hd); k, v: (b, n_kv, seq, hd), any strides; grouped-query heads
+/// adjacent (query head h uses KV head h / (n_head / n_kv)). On the CPU this is the fused
+/// kernel over the cache in its chosen types; on a GPU candle's ops, with `mask` (from
+/// `attention_mask`, None when every key is visible). `sinks`: gpt-oss's logit per query
+/// head that joins its softmax (see model/gpt_oss.rs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cached_attention(
+    cache: &mut KvCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (pos, window, sinks): (usize, Option<usize>, Option<&Tensor>),
+    scale: f64,
+    n_ctx: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, nh, seq, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    if cache.len() != pos {
+        bail!(
+            "attention at position {pos} but the cache holds {} positions",
+            cache.len()
+        );
+    }
+    if q.device().is_cpu() && b == 1 {
+        if matches!(cache.store, Store::Empty | Store::Device { .. }) {
+            cache.store = Store::Host {
+                k: attention::KvStore::new(cache.types.k, nkv, hd)?,
+                v: attention::KvStore::new(cache.types.v, nkv, hd)?,
+            };
+        }
+        let Store::Host { k: kc, v: vc } = &mut cache.store else {
+            unreachable!("set above")
+        };
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        kc.append(&flat(k)?, seq, n_ctx)
+            .context("appending to the KV cache")?;
+        vc.append(&flat(v)?, seq, n_ctx)
+            .context("appending to the KV cache")?;
+        let q = flat(q)?;
+        let sinks = sinks.map(flat).transpose()?;
+        let out = attention::attend(
+            &attention::Query {
+                q: &q,
+                n_head: nh,
+                seq,
+                pos,
+                window,
+                scale: scale as f32,
+                sinks: sinks.as_deref(),
+            },
+            kc,
+            vc,
+        )?;
+        return Ok(Tensor::from_vec(out, (b, seq, nh * hd), k.device())?);
+    }
+    let (k, v) = cache
+        .append_device(k, v, n_ctx)
+        .context("appending to the KV cache")?;
+    let total = k.dim(2)?;
+    // Grouped-query attention without copying K/V: the n_rep query heads that share one KV
+    // head are adjacent, so fold them into the row dimension of one matmul per KV head.
+    let n_rep = nh / nkv;
+    let q = q.contiguous()?.reshape((b * nkv, n_rep * seq, hd))?;
+    // squeeze keeps the cache views strided instead of copying them (batch is always 1).
+    let (k, v) = if b == 1 {
+        (k.squeeze(0)?, v.squeeze(0)?)
+    } else {
+        (
+            k.reshape((b * nkv, total, hd))?,
+            v.reshape((b * nkv, total, hd))?,
+        )
+    };
+    let mut att = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        att = att
+            .reshape((b * nkv, n_rep, seq, total))?
+            .broadcast_add(mask)?
+            .reshape((b * nkv, n_rep * seq, total))?;
+    }
+    let att = match sinks {
+        Some(sinks) => gpt_oss::softmax_with_sinks(&att, sinks, (b, nkv, n_rep, seq))?,
+        None => candle_nn::ops::softmax_last_dim(&att)?,
+    };
+    Ok(att
+        .matmul(&v)?
+        .reshape((b, nh, seq, hd))?
+        .transpose(1, 2)?
+        .reshape((b, seq, nh * hd))?)
 }
 
 #[derive(Debug, Clone)]
@@ -514,7 +742,7 @@ impl Matrix {
             q.shape().dims(),
             q.device().is_cpu(),
         ) {
-            if k % kernels::QK == 0 {
+            if k % kind.block_weights() == 0 {
                 return Ok(Self::Blocks(Arc::new(Packed::new(kind, &q.data()?, n, k))));
             }
         }
@@ -762,6 +990,8 @@ pub struct Model {
     output_norm: Tensor,
     output: Matrix,
     device: Device,
+    /// Qwen3.5's layers with their recurrent state (then `layers` is empty).
+    hybrid: Option<qwen35::Hybrid>,
 }
 
 fn norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -856,8 +1086,12 @@ impl Model {
             hp.n_kv_head * hp.head_dim,
             hp.head_dim,
         );
+        let hybrid = match hp.delta_net {
+            Some(_) => Some(qwen35::Hybrid::load(g, &hp, n_ctx, dev)?),
+            None => None,
+        };
         let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
+        for i in 0..if hybrid.is_some() { 0 } else { hp.n_layer } {
             let p = format!("blk.{i}");
             let qkv = if g.has_tensor(&format!("{p}.attn_qkv.weight")) {
                 Qkv::Fused(linear(g, &format!("{p}.attn_qkv"), qd + 2 * kvd)?)
@@ -944,6 +1178,7 @@ impl Model {
             layers,
             output,
             device: dev.clone(),
+            hybrid,
         })
     }
 
@@ -953,19 +1188,41 @@ impl Model {
 
     /// Tokens currently held in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.cache.len)
+        if let Some(h) = &self.hybrid {
+            return h.cached_len();
+        }
+        self.layers.first().map_or(0, |l| l.cache.len())
     }
 
     /// Keeps the first `len` cached positions and forgets the rest.
     pub fn truncate_cache(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.cache.len = l.cache.len.min(len);
+        if let Some(h) = &mut self.hybrid {
+            h.truncate(len);
         }
+        for l in &mut self.layers {
+            l.cache.truncate(len);
+        }
+    }
+
+    /// Empties the KV cache and stores it in `types` from now on (on the CPU; a GPU's
+    /// cache stays f32). A type this model's head size cannot use is an error.
+    pub fn set_kv_types(&mut self, types: KvTypes) -> Result<()> {
+        for ty in [types.k, types.v] {
+            attention::KvStore::new(ty, self.hp.n_kv_head, self.hp.head_dim)?;
+        }
+        for l in &mut self.layers {
+            l.cache = KvCache::new(types);
+        }
+        if let Some(h) = &mut self.hybrid {
+            h.set_kv_types(types);
+        }
+        Ok(())
     }
 
     /// Bytes the KV cache buffers occupy now.
     pub fn kv_cache_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.cache.bytes()).sum()
+        let hybrid = self.hybrid.as_ref().map_or(0, qwen35::Hybrid::bytes);
+        hybrid + self.layers.iter().map(|l| l.cache.bytes()).sum::<usize>()
     }
 
     /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
@@ -1012,14 +1269,18 @@ impl Model {
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
+        if let Some(h) = &mut self.hybrid {
+            return h.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
+        }
         let mut x = self.embed.lookup(tokens, &self.device)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
+        // Mask tensors only for candle's attention on a GPU: the CPU kernel masks by range.
         let mut masks: [Option<Tensor>; 2] = [None, None];
         for layer in &mut self.layers {
             let slot = usize::from(layer.window.is_some());
-            if masks[slot].is_none() {
+            if masks[slot].is_none() && !self.device.is_cpu() {
                 masks[slot] = attention_mask(seq, pos, layer.window, &self.device)?;
             }
             x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, masks[slot].as_ref())?;
@@ -1138,42 +1399,18 @@ fn layer_forward(
     let q = l.rope.apply(&q.transpose(1, 2)?.contiguous()?, pos)?;
     let k = l.rope.apply(&k.transpose(1, 2)?.contiguous()?, pos)?;
     let v = v.reshape((b, seq, nkv, hd))?.transpose(1, 2)?;
-    let (k, v) = l
-        .cache
-        .append(&k, &v, n_ctx)
-        .context("appending to the KV cache")?;
-    let total = k.dim(2)?;
-
-    // Grouped-query attention without copying K/V: the n_rep query heads that share one KV
-    // head are adjacent, so fold them into the row dimension of one matmul per KV head.
-    let n_rep = nh / nkv;
-    let q = q.reshape((b * nkv, n_rep * seq, hd))?;
-    // squeeze keeps the cache views strided instead of copying them (batch is always 1).
-    let (k, v) = if b == 1 {
-        (k.squeeze(0)?, v.squeeze(0)?)
-    } else {
-        (
-            k.reshape((b * nkv, total, hd))?,
-            v.reshape((b * nkv, total, hd))?,
-        )
-    };
     let scale = 1.0 / (hd as f64).sqrt();
-    let mut att = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        att = att
-            .reshape((b * nkv, n_rep, seq, total))?
-            .broadcast_add(mask)?
-            .reshape((b * nkv, n_rep * seq, total))?;
-    }
-    let att = match &l.sinks {
-        Some(sinks) => gpt_oss::softmax_with_sinks(&att, sinks, (b, nkv, n_rep, seq))?,
-        None => candle_nn::ops::softmax_last_dim(&att)?,
-    };
-    let out = att
-        .matmul(&v)?
-        .reshape((b, nh, seq, hd))?
-        .transpose(1, 2)?
-        .reshape((b, seq, nh * hd))?;
+    let sinks = l.sinks.as_ref();
+    let out = cached_attention(
+        &mut l.cache,
+        &q,
+        &k,
+        &v,
+        (pos, l.window, sinks),
+        scale,
+        n_ctx,
+        mask,
+    )?;
     let mut out = l.attn_out.forward(&out)?;
     if let Some(bias) = &l.attn_out_b {
         out = out.broadcast_add(bias)?;
@@ -1188,4 +1425,21 @@ fn layer_forward(
         f = norm(&f, w, hp.rms_eps)?;
     }
     Ok((x + f)?)
+}
+
+/// Appends `k`, `v` (b, kv heads, seq, head_dim) to `cache` at its end and attends `q` (b,
+/// heads, seq, head_dim) over it with no window: the heads' outputs as (b, seq, heads ×
+/// head_dim). For architectures whose attention blocks live in their own module (qwen35).
+pub(crate) fn attend(
+    cache: &mut KvCache,
+    hp: &HParams,
+    n_ctx: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scale = 1.0 / (hp.head_dim as f64).sqrt();
+    let pos = cache.len();
+    cached_attention(cache, q, k, v, (pos, None, None), scale, n_ctx, mask)
 }

@@ -152,7 +152,7 @@ impl SynthSpec {
     pub fn new(arch: &str) -> Self {
         Self {
             arch: arch.to_string(),
-            experts: matches!(arch, "qwen3moe" | "gpt-oss").then_some(SynthExperts {
+            experts: matches!(arch, "qwen3moe" | "qwen35moe" | "gpt-oss").then_some(SynthExperts {
                 count: 4,
                 used: 2,
                 stacked: true,
@@ -200,6 +200,14 @@ impl SynthSpec {
             (k("rope.freq_base"), Value::F32(10_000.0)),
             (k("rope.dimension_count"), Value::U32(head_dim as u32)),
         ];
+        if matches!(arch, "qwen35" | "qwen35moe") {
+            // Partial rotary, as Qwen3.5 rotates a quarter of each head.
+            md.retain(|(key, _)| key != &k("rope.dimension_count"));
+            md.push((
+                k("rope.dimension_count"),
+                Value::U32(QWEN35_ROPE_DIM as u32),
+            ));
+        }
         if matches!(arch, "gemma3" | "gpt-oss") {
             md.push((k("attention.sliding_window"), Value::U32(WINDOW as u32)));
         }
@@ -212,6 +220,10 @@ impl SynthSpec {
             md.push((k("rope.scaling.factor"), Value::F32(32.0)));
             md.push((k("rope.scaling.original_context_length"), Value::U32(4096)));
         }
+        let hybrid = matches!(arch, "qwen35" | "qwen35moe");
+        if hybrid {
+            delta_net_metadata(&mut md, arch, head_dim);
+        }
         if let Some(e) = self.experts {
             md.push((k("expert_count"), Value::U32(e.count as u32)));
             md.push((k("expert_used_count"), Value::U32(e.used as u32)));
@@ -219,6 +231,12 @@ impl SynthSpec {
                 k("expert_feed_forward_length"),
                 Value::U32(expert_ff as u32),
             ));
+            if arch == "qwen35moe" {
+                md.push((
+                    k("expert_shared_feed_forward_length"),
+                    Value::U32(n_ff as u32),
+                ));
+            }
         }
         let vocab = if self.sentencepiece {
             sentencepiece_vocab(&mut md)
@@ -263,37 +281,61 @@ impl SynthSpec {
                 dt
             };
             tensors.push((p("attn_norm.weight"), ones(n_embd, &mut q)?));
-            if arch == "gpt-oss" {
-                // Its pre-FFN norm, under llama.cpp's name for it.
+            if hybrid {
                 tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
-                tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
-                tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
-                tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
-                tensors.push((p("attn_output.bias"), q(&[n_embd], GgmlDType::F32)?));
-                tensors.push((p("attn_sinks.weight"), q(&[n_head], GgmlDType::F32)?));
+                if (i + 1) % QWEN35_FULL_ATTENTION_INTERVAL == 0 {
+                    // Gated attention: the Q projection also yields a per-head gate.
+                    tensors.push((p("attn_q.weight"), q(&[2 * qd, n_embd], dt)?));
+                    tensors.push((p("attn_k.weight"), q(&[kvd, n_embd], dt)?));
+                    tensors.push((p("attn_v.weight"), q(&[kvd, n_embd], dt)?));
+                    tensors.push((p("attn_output.weight"), q(&[n_embd, qd], dt)?));
+                    tensors.push((p("attn_q_norm.weight"), ones(head_dim, &mut q)?));
+                    tensors.push((p("attn_k_norm.weight"), ones(head_dim, &mut q)?));
+                } else {
+                    delta_net_tensors(&mut tensors, &p, n_embd, head_dim, dt, &mut q)?;
+                }
             } else {
-                tensors.push((p("ffn_norm.weight"), ones(n_embd, &mut q)?));
+                if arch == "gpt-oss" {
+                    // Its pre-FFN norm, under llama.cpp's name for it.
+                    tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
+                    tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
+                    tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
+                    tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
+                    tensors.push((p("attn_output.bias"), q(&[n_embd], GgmlDType::F32)?));
+                    tensors.push((p("attn_sinks.weight"), q(&[n_head], GgmlDType::F32)?));
+                } else {
+                    tensors.push((p("ffn_norm.weight"), ones(n_embd, &mut q)?));
+                }
+                tensors.push((p("attn_output.weight"), q(&[n_embd, qd], dt)?));
+                if arch == "phi3" {
+                    tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, n_embd], dt)?));
+                } else {
+                    tensors.push((p("attn_q.weight"), q(&[qd, n_embd], dt)?));
+                    tensors.push((p("attn_k.weight"), q(&[kvd, n_embd], dt)?));
+                    tensors.push((p("attn_v.weight"), q(&[kvd, n_embd], big)?));
+                }
+                if arch == "qwen2" {
+                    tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
+                    tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
+                    tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
+                }
+                if matches!(arch, "qwen3" | "qwen3moe" | "gemma3") {
+                    tensors.push((p("attn_q_norm.weight"), ones(head_dim, &mut q)?));
+                    tensors.push((p("attn_k_norm.weight"), ones(head_dim, &mut q)?));
+                }
+                if arch == "gemma3" {
+                    tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
+                    tensors.push((p("post_ffw_norm.weight"), ones(n_embd, &mut q)?));
+                }
             }
-            tensors.push((p("attn_output.weight"), q(&[n_embd, qd], dt)?));
-            if arch == "phi3" {
-                tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, n_embd], dt)?));
-            } else {
-                tensors.push((p("attn_q.weight"), q(&[qd, n_embd], dt)?));
-                tensors.push((p("attn_k.weight"), q(&[kvd, n_embd], dt)?));
-                tensors.push((p("attn_v.weight"), q(&[kvd, n_embd], big)?));
-            }
-            if arch == "qwen2" {
-                tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
-                tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
-                tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
-            }
-            if matches!(arch, "qwen3" | "qwen3moe" | "gemma3") {
-                tensors.push((p("attn_q_norm.weight"), ones(head_dim, &mut q)?));
-                tensors.push((p("attn_k_norm.weight"), ones(head_dim, &mut q)?));
-            }
-            if arch == "gemma3" {
-                tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
-                tensors.push((p("post_ffw_norm.weight"), ones(n_embd, &mut q)?));
+            if arch == "qwen35moe" {
+                tensors.push((
+                    p("ffn_gate_inp_shexp.weight"),
+                    q(&[n_embd], GgmlDType::F32)?,
+                ));
+                tensors.push((p("ffn_gate_shexp.weight"), q(&[n_ff, n_embd], dt)?));
+                tensors.push((p("ffn_up_shexp.weight"), q(&[n_ff, n_embd], dt)?));
+                tensors.push((p("ffn_down_shexp.weight"), q(&[n_embd, n_ff], dt)?));
             }
             match self.experts {
                 Some(e) => {
@@ -363,6 +405,77 @@ impl SynthSpec {
         std::fs::write(path, bytes)?;
         Ok(())
     }
+}
+
+/// Qwen3.5 shapes: rotary dimensions per head (of `head_dim`), the sections llama.cpp's
+/// multi-axis rope splits them into (all text positions, covering every rotary pair as the real
+/// models' [11, 11, 10, 0] do), every n-th layer full attention, the rest Gated DeltaNet with
+/// `QWEN35_K_HEADS` key heads shared by twice as many value heads (as Qwen3.6-35B-A3B's 16 and
+/// 32), and the causal convolution's width.
+pub const QWEN35_ROPE_DIM: usize = 8;
+pub const QWEN35_ROPE_SECTIONS: [i32; 4] = [2, 1, 1, 0];
+pub const QWEN35_FULL_ATTENTION_INTERVAL: usize = 2;
+pub const QWEN35_K_HEADS: usize = 2;
+pub const QWEN35_V_HEADS: usize = 4;
+pub const QWEN35_CONV: usize = 4;
+
+fn delta_net_metadata(md: &mut Vec<(String, Value)>, arch: &str, head_dim: usize) {
+    let k = |s: &str| format!("{arch}.{s}");
+    md.push((
+        k("rope.dimension_sections"),
+        Value::Array(
+            QWEN35_ROPE_SECTIONS
+                .iter()
+                .map(|&v| Value::I32(v))
+                .collect(),
+        ),
+    ));
+    md.push((
+        k("full_attention_interval"),
+        Value::U32(QWEN35_FULL_ATTENTION_INTERVAL as u32),
+    ));
+    md.push((k("ssm.conv_kernel"), Value::U32(QWEN35_CONV as u32)));
+    md.push((k("ssm.state_size"), Value::U32(head_dim as u32)));
+    md.push((k("ssm.group_count"), Value::U32(QWEN35_K_HEADS as u32)));
+    md.push((k("ssm.time_step_rank"), Value::U32(QWEN35_V_HEADS as u32)));
+    md.push((
+        k("ssm.inner_size"),
+        Value::U32((head_dim * QWEN35_V_HEADS) as u32),
+    ));
+}
+
+/// The tensors of one Gated DeltaNet layer, named and shaped as llama.cpp's qwen35 loader
+/// wants them (src/models/qwen35.cpp `load_arch_tensors`); the convolution, decay and norm
+/// stay f32 as llama-quantize keeps them.
+fn delta_net_tensors(
+    tensors: &mut Vec<(String, QTensor)>,
+    p: &dyn Fn(&str) -> String,
+    n_embd: usize,
+    head_dim: usize,
+    dt: GgmlDType,
+    q: &mut dyn FnMut(&[usize], GgmlDType) -> Result<QTensor>,
+) -> Result<()> {
+    let f32 = GgmlDType::F32;
+    let key_dim = head_dim * QWEN35_K_HEADS;
+    let value_dim = head_dim * QWEN35_V_HEADS;
+    let conv_dim = 2 * key_dim + value_dim;
+    tensors.push((p("attn_qkv.weight"), q(&[conv_dim, n_embd], dt)?));
+    tensors.push((p("attn_gate.weight"), q(&[value_dim, n_embd], dt)?));
+    tensors.push((p("ssm_conv1d.weight"), q(&[conv_dim, QWEN35_CONV], f32)?));
+    tensors.push((p("ssm_dt.bias"), q(&[QWEN35_V_HEADS], f32)?));
+    // A = -exp(A_log): negative, so the state decays.
+    let a = q(&[QWEN35_V_HEADS], f32)?.dequantize(&Device::Cpu)?;
+    let a = ((a.abs()? + 0.5)? * -1.0)?;
+    tensors.push((p("ssm_a"), QTensor::quantize(&a, f32)?));
+    tensors.push((p("ssm_beta.weight"), q(&[QWEN35_V_HEADS, n_embd], f32)?));
+    tensors.push((p("ssm_alpha.weight"), q(&[QWEN35_V_HEADS, n_embd], f32)?));
+    let norm = q(&[head_dim], f32)?.dequantize(&Device::Cpu)?;
+    tensors.push((
+        p("ssm_norm.weight"),
+        QTensor::quantize(&((norm * 0.1)? + 1.0)?, f32)?,
+    ));
+    tensors.push((p("ssm_out.weight"), q(&[n_embd, value_dim], dt)?));
+    Ok(())
 }
 
 /// A seeded generator for the weights: candle's CPU device cannot be seeded, and tests need

@@ -10,14 +10,48 @@ use std::time::Duration;
 /// One parsed chunk of an answer.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Piece {
-    /// Answer text in this chunk (reasoning text included, as the local engine shows it).
+    /// Answer text in this chunk.
     pub text: String,
+    /// Reasoning text in this chunk, which servers send apart (`reasoning_content`, Ollama's
+    /// `thinking`); the worker shows it as a thinking block, as the local engine does.
+    pub thinking: String,
     /// The server says the answer is over: "stop", "length", …
     pub finish: Option<String>,
     /// Token counts and timings the server attached (usually to the last chunk).
     pub server: Option<ServerStats>,
     /// The end of the stream (`data: [DONE]`, or Ollama's `"done": true`).
     pub done: bool,
+}
+
+/// Puts a stream's reasoning text inside `<think>` tags, as a local model writes it, so a
+/// remote answer's thinking block reads the same in the chat.
+#[derive(Debug, Default)]
+pub struct ThinkTags {
+    /// Reasoning text has come and its block is not closed yet.
+    open: bool,
+}
+
+impl ThinkTags {
+    /// A piece's text as the chat shows it.
+    pub fn wrap(&mut self, p: &Piece) -> String {
+        let mut text = String::new();
+        if !p.thinking.is_empty() {
+            if !self.open {
+                text.push_str(crate::think::OPEN);
+                self.open = true;
+            }
+            text.push_str(&p.thinking);
+        }
+        if !p.text.is_empty() {
+            if self.open {
+                text.push_str(crate::think::CLOSE);
+                text.push_str("\n\n");
+                self.open = false;
+            }
+            text.push_str(&p.text);
+        }
+        text
+    }
 }
 
 #[derive(Deserialize)]
@@ -93,7 +127,7 @@ pub fn parse_sse_data(data: &str) -> Result<Piece> {
     let mut piece = Piece::default();
     for ch in &c.choices {
         if let Some(t) = &ch.delta.reasoning_content {
-            piece.text.push_str(t);
+            piece.thinking.push_str(t);
         }
         if let Some(t) = &ch.delta.content {
             piece.text.push_str(t);
@@ -165,7 +199,7 @@ pub fn parse_ollama_line(line: &str) -> Result<Piece> {
     }
     let mut piece = Piece::default();
     if let Some(m) = l.message {
-        piece.text.push_str(&m.thinking);
+        piece.thinking.push_str(&m.thinking);
         piece.text.push_str(&m.content);
     }
     if l.done {
@@ -195,5 +229,36 @@ mod tests {
         assert!(format!("{e:#}").starts_with("malformed stream"), "{e:#}");
         let e = parse_sse_data(r#"{"error":{"message":"boom"}}"#).unwrap_err();
         assert_eq!(e.to_string(), "the server stopped the answer: boom");
+    }
+
+    /// Reasoning text, as llama-server (`--reasoning-format deepseek`: `reasoning_content`
+    /// deltas) and Ollama (`message.thinking`, docs/api.md's thinking example) stream it,
+    /// becomes a `<think>` block before the answer.
+    #[test]
+    fn reasoning_text_becomes_a_thinking_block() {
+        let lines = [
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"Okay, "}}],"object":"chat.completion.chunk"}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"2+2."}}],"object":"chat.completion.chunk"}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"4"}}],"object":"chat.completion.chunk"}"#,
+        ];
+        let mut tags = ThinkTags::default();
+        let text: String = lines
+            .iter()
+            .map(|l| tags.wrap(&parse_sse_data(l).unwrap()))
+            .collect();
+        assert_eq!(text, "<think>Okay, 2+2.</think>\n\n4");
+        let p = crate::think::split(&text);
+        assert_eq!((p.thought, p.answer), (Some("Okay, 2+2."), "4"));
+
+        let ollama = [
+            r#"{"model":"deepseek-r1","created_at":"2025-05-29T09:35:56.836222Z","message":{"role":"assistant","content":"","thinking":"Hmm"},"done":false}"#,
+            r#"{"model":"deepseek-r1","created_at":"2025-05-29T09:35:57.836222Z","message":{"role":"assistant","content":"Yes."},"done":false}"#,
+        ];
+        let mut tags = ThinkTags::default();
+        let text: String = ollama
+            .iter()
+            .map(|l| tags.wrap(&parse_ollama_line(l).unwrap()))
+            .collect();
+        assert_eq!(text, "<think>Hmm</think>\n\nYes.");
     }
 }

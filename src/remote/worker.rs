@@ -7,7 +7,7 @@
 //! connection at its next read (the next token): the server sees the client go and stops.
 //! A server that sends nothing for the endpoint's timeout fails the answer.
 
-use super::stream::{parse_ollama_line, parse_sse_data, Piece};
+use super::stream::{parse_ollama_line, parse_sse_data, Piece, ThinkTags};
 use super::{Endpoint, Kind};
 use crate::engine::worker::EngineHandle;
 use crate::protocol::{
@@ -106,6 +106,8 @@ struct Active {
     finish: Option<String>,
     server: Option<ServerStats>,
     cancel: Arc<AtomicBool>,
+    /// Reasoning text wrapped in `<think>` tags as it comes.
+    tags: ThinkTags,
 }
 
 struct Worker {
@@ -247,6 +249,7 @@ impl Worker {
             finish: None,
             server: None,
             cancel,
+            tags: ThinkTags::default(),
         });
         let spawned = std::thread::Builder::new()
             .name("tokentop-remote-stream".into())
@@ -264,7 +267,8 @@ impl Worker {
         a.heard = now;
         match ev {
             StreamEv::Piece(p) => {
-                if !p.text.is_empty() {
+                let text = a.tags.wrap(&p);
+                if !text.is_empty() {
                     if a.first.is_none() {
                         a.first = Some(now);
                         let ttft = now - a.started;
@@ -278,7 +282,7 @@ impl Worker {
                     }
                     a.pieces += 1;
                     a.last_token = Some(now);
-                    let _ = self.ev.send(EngineEvent::Token { req, text: p.text });
+                    let _ = self.ev.send(EngineEvent::Token { req, text });
                 }
                 if p.finish.is_some() {
                     a.finish = p.finish;

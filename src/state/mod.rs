@@ -25,6 +25,20 @@ pub struct Footer {
     pub reason: FinishReason,
     pub joules: Option<f64>,
     pub peak_rss: u64,
+    /// The answer's thinking block, when it had one (sessions from before have none).
+    #[serde(default)]
+    pub thinking: Option<Thought>,
+}
+
+/// A thinking block as the footer reports it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Thought {
+    /// Pieces (close to tokens) of the block, its tags included.
+    pub tokens: usize,
+    pub time: Duration,
+    /// Request to the first answer token after the block; none when the answer stopped
+    /// while still thinking.
+    pub first_answer: Option<Duration>,
 }
 
 /// How a note that turns left the context begins (see [`State::drop_oldest_turns`]).
@@ -105,6 +119,8 @@ pub struct Stream {
     pub energy_j: f64,
     pub energy_known: bool,
     pub peak_rss: u64,
+    /// The thinking block of the answer so far.
+    pub think: crate::think::Tracker,
 }
 
 impl Stream {
@@ -121,7 +137,21 @@ impl Stream {
             energy_j: 0.0,
             energy_known: true,
             peak_rss: rss,
+            think: crate::think::Tracker::default(),
         }
+    }
+
+    /// The thinking block as the footer reports it, measured up to `now`.
+    pub fn thought(&self, now: Instant) -> Option<Thought> {
+        let time = self.think.duration(now)?;
+        Some(Thought {
+            tokens: self.think.pieces,
+            time,
+            first_answer: self
+                .think
+                .answered
+                .map(|t| t.saturating_duration_since(self.started)),
+        })
     }
 
     /// Decode rate while streaming, after the first token, so it converges on the final one.
@@ -156,6 +186,7 @@ impl Stream {
             reason,
             joules: self.energy_known.then_some(self.energy_j),
             peak_rss: self.peak_rss,
+            thinking: self.thought(now),
         }
     }
 }
@@ -296,6 +327,8 @@ pub struct State {
     last_sample: Option<Instant>,
     /// Tokens of context after the last answer (see `context_used`).
     pub context: usize,
+    /// Thinking blocks shown in full rather than collapsed to one line (Ctrl-T).
+    pub show_thinking: bool,
 }
 
 impl State {
@@ -335,6 +368,7 @@ impl State {
             remote: None,
             last_sample: None,
             context: 0,
+            show_thinking: false,
         }
     }
 
@@ -353,7 +387,8 @@ impl State {
     }
 
     /// Messages for the engine: the system prompt and the conversation so far, without the
-    /// turns dropped from the context and without notes.
+    /// turns dropped from the context, without notes, and past answers without their
+    /// thinking blocks (as reasoning models' own templates and llama-server send them).
     pub fn messages(&self) -> Vec<Message> {
         self.system_prompt
             .iter()
@@ -362,7 +397,12 @@ impl State {
                 self.chat[self.context_start()..]
                     .iter()
                     .filter(|e| e.role != Role::System)
-                    .map(|e| Message::new(e.role, e.text.clone())),
+                    .map(|e| match e.role {
+                        Role::Assistant => {
+                            Message::new(e.role, crate::think::split(&e.text).answer.to_string())
+                        }
+                        _ => Message::new(e.role, e.text.clone()),
+                    }),
             )
             .collect()
     }
@@ -919,6 +959,14 @@ fn on_chat_key(st: &mut State, k: KeyEvent) -> Vec<Effect> {
             return fx;
         }
         KeyCode::Char('u') if ctrl(&k, 'u') => st.input.clear(),
+        KeyCode::Char('t') if ctrl(&k, 't') => {
+            st.show_thinking = !st.show_thinking;
+            st.status = if st.show_thinking {
+                "thinking blocks shown in full".into()
+            } else {
+                "thinking blocks collapsed".into()
+            };
+        }
         KeyCode::Char('d') if ctrl(&k, 'd') => return st.drop_oldest_turns(),
         KeyCode::Char(c) if !k.modifiers.contains(KeyModifiers::CONTROL) => {
             let mut b = [0u8; 4];
@@ -948,6 +996,7 @@ fn footer(stats: &GenStats, reason: FinishReason, stream: &Stream) -> Footer {
         reason,
         joules: stream.energy_known.then_some(stream.energy_j),
         peak_rss: stream.peak_rss,
+        thinking: stream.thought(Instant::now()),
     }
 }
 
@@ -1027,14 +1076,14 @@ fn on_engine(st: &mut State, ev: EngineEvent) -> Vec<Effect> {
         EngineEvent::Token { text, .. } => {
             let s = st.stream.as_mut().expect("current request");
             s.pieces += 1;
-            match st.ab.as_mut() {
-                Some(ab) if ab.phase == AbPhase::AnswerA => ab.a.answer.push_str(&text),
-                Some(ab) if ab.phase == AbPhase::AnswerB => ab.b.answer.push_str(&text),
-                _ => {
-                    if let Some(e) = st.chat.last_mut() {
-                        e.text.push_str(&text);
-                    }
-                }
+            let answer = match st.ab.as_mut() {
+                Some(ab) if ab.phase == AbPhase::AnswerA => Some(&mut ab.a.answer),
+                Some(ab) if ab.phase == AbPhase::AnswerB => Some(&mut ab.b.answer),
+                _ => st.chat.last_mut().map(|e| &mut e.text),
+            };
+            if let Some(answer) = answer {
+                answer.push_str(&text);
+                s.think.piece(answer, Instant::now());
             }
             vec![]
         }

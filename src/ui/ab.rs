@@ -2,7 +2,7 @@
 //! model, where it stands (waiting, loading, prefilling, the live decode rate, or its footer
 //! once done) and its text, following the end of the text as it streams.
 
-use super::{block, footer_text, markdown, Ctx};
+use super::{answer_lines, block, footer_text, Ctx};
 use crate::state::{AbPhase, AbRun, AbSide, State};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -30,8 +30,14 @@ pub fn render_live(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
         let [head_area, body] =
             Layout::vertical([Constraint::Length(head_h), Constraint::Min(0)]).areas(column);
         f.render_widget(head, head_area);
-        let text =
-            Paragraph::new(markdown::lines(&side.answer, ctx.theme)).wrap(Wrap { trim: false });
+        let writing = match ab.phase {
+            AbPhase::AnswerA => i == 0,
+            AbPhase::AnswerB => i == 1,
+            _ => false,
+        };
+        let live = st.stream.as_ref().filter(|_| writing);
+        let lines = answer_lines(&side.answer, side.footer.as_ref(), live, false, ctx);
+        let text = Paragraph::new(lines).wrap(Wrap { trim: false });
         // Follow the end of the answer.
         let total = text.line_count(body.width) as u16;
         let y = total.saturating_sub(body.height);

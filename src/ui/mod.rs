@@ -84,15 +84,22 @@ fn wrapped_rows(line: &Line<'static>, width: u16) -> usize {
 /// What identifies an entry's text without reading all of it each frame: where it lives,
 /// its length, its first and last 4 KB, and whether it has a footer. Finished entries are
 /// never edited in place, only replaced (a reopened session) or removed.
-type EntryKey = (usize, usize, u64, bool);
+/// Thinking blocks shown in full or not (Ctrl-T) changes every answer that has one.
+type EntryKey = (usize, usize, u64, bool, bool);
 
-fn entry_key(e: &ChatEntry) -> EntryKey {
+fn entry_key(e: &ChatEntry, show_thinking: bool) -> EntryKey {
     use std::hash::{Hash, Hasher};
     let b = e.text.as_bytes();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b[..b.len().min(4096)].hash(&mut h);
     b[b.len().saturating_sub(4096)..].hash(&mut h);
-    (b.as_ptr() as usize, b.len(), h.finish(), e.footer.is_some())
+    (
+        b.as_ptr() as usize,
+        b.len(),
+        h.finish(),
+        e.footer.is_some(),
+        show_thinking,
+    )
 }
 
 /// Width of the telemetry column.
@@ -219,8 +226,22 @@ pub fn footer_text(f: &Footer) -> String {
         Some(j) if f.tokens > 0 => format!(" · {:.2} J/tok", j / f.tokens as f64),
         _ => String::new(),
     };
+    // A thinking model's answer starts after its block: that wait is shown beside TTFT.
+    let thought = match f.thinking {
+        Some(th) => {
+            let answer = th
+                .first_answer
+                .map_or("none".into(), |d| format!("{:.2}s", d.as_secs_f64()));
+            format!(
+                " · first answer {answer} (thought {} tokens, {:.1}s)",
+                th.tokens,
+                th.time.as_secs_f64()
+            )
+        }
+        None => String::new(),
+    };
     format!(
-        "TTFT {:.2}s · prefill {:.0} tok/s · decode {:.1} tok/s · {} tokens · {}{energy}",
+        "TTFT {:.2}s{thought} · prefill {:.0} tok/s · decode {:.1} tok/s · {} tokens · {}{energy}",
         f.ttft.as_secs_f64(),
         f.prefill_rate,
         f.decode_rate,
@@ -229,7 +250,48 @@ pub fn footer_text(f: &Footer) -> String {
     )
 }
 
-fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> {
+/// An answer's lines: its thinking block collapsed to one line (or in full when `shown`),
+/// then the answer as markdown. `live` is the stream still writing it.
+pub(crate) fn answer_lines(
+    text: &str,
+    footer: Option<&Footer>,
+    live: Option<&crate::state::Stream>,
+    shown: bool,
+    ctx: &Ctx,
+) -> Vec<Line<'static>> {
+    let t = ctx.theme;
+    let parts = crate::think::split(text);
+    let mut out = Vec::new();
+    if let Some(thought) = parts.thought {
+        let (pieces, time) = match (live, footer.and_then(|f| f.thinking)) {
+            (Some(s), _) => (Some(s.think.pieces), s.think.duration(ctx.now)),
+            (None, Some(th)) => (Some(th.tokens), Some(th.time)),
+            (None, None) => (None, None),
+        };
+        let style = Style::default().fg(t.dim).add_modifier(Modifier::ITALIC);
+        out.push(Line::styled(
+            crate::think::summary(!parts.closed, pieces, time, shown),
+            style,
+        ));
+        if shown {
+            out.extend(
+                thought
+                    .lines()
+                    .map(|l| Line::styled(format!("│ {l}"), Style::default().fg(t.dim))),
+            );
+        }
+    }
+    out.extend(markdown::lines(parts.answer, t));
+    out
+}
+
+fn entry_lines(
+    e: &ChatEntry,
+    live: Option<&crate::state::Stream>,
+    show_thinking: bool,
+    ctx: &Ctx,
+) -> Vec<Line<'static>> {
+    let streaming = live.is_some();
     let t = ctx.theme;
     let mut out = Vec::new();
     match e.role {
@@ -249,7 +311,13 @@ fn entry_lines(e: &ChatEntry, streaming: bool, ctx: &Ctx) -> Vec<Line<'static>> 
                 e.model.clone(),
                 Style::default().fg(t.accent).add_modifier(Modifier::BOLD),
             ));
-            out.extend(markdown::lines(&e.text, t));
+            out.extend(answer_lines(
+                &e.text,
+                e.footer.as_ref(),
+                live,
+                show_thinking,
+                ctx,
+            ));
             if streaming {
                 let caret = Span::styled("▌", Style::default().fg(t.accent));
                 if out.len() > 1 {
@@ -284,12 +352,14 @@ pub fn render_chat(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
     let mut total = 0usize;
     for (i, e) in st.chat.iter().enumerate() {
         let streaming = st.stream.is_some() && st.ab.is_none() && i + 1 == n;
-        let key = entry_key(e);
+        let key = entry_key(e, st.show_thinking);
         let slot = &mut cache[i];
         match slot {
             Some(c) if !streaming && c.key == key => c.rewrap(width),
             _ => {
-                let mut c = CachedEntry::new(key, entry_lines(e, streaming, ctx), width);
+                let live = st.stream.as_ref().filter(|_| streaming);
+                let lines = entry_lines(e, live, st.show_thinking, ctx);
+                let mut c = CachedEntry::new(key, lines, width);
                 if streaming {
                     // Never reused: the next frame's text differs.
                     c.key.0 = 0;
@@ -396,6 +466,20 @@ pub fn render_speed(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
         .and_then(|s| s.ttft)
         .or(st.last.as_ref().map(|l| l.ttft))
         .map_or("—".into(), |d| format!("{:.2}s", d.as_secs_f64()));
+    // Time to the first answer token, for an answer that thinks first.
+    let answer = match &st.stream {
+        Some(s) if s.think.began.is_some() => Some(s.thought(ctx.now).and_then(|t| t.first_answer)),
+        Some(_) => None,
+        None => st
+            .last
+            .as_ref()
+            .and_then(|l| l.thinking)
+            .map(|t| t.first_answer),
+    }
+    .map(|a| match a {
+        Some(d) => format!(" · answer {:.2}s", d.as_secs_f64()),
+        None => " · answer …".into(),
+    });
     let prefill = st
         .last
         .as_ref()
@@ -412,6 +496,7 @@ pub fn render_speed(f: &mut Frame, area: Rect, st: &State, ctx: &Ctx) {
         Line::from(vec![
             Span::styled("TTFT ", Style::default().fg(t.dim)),
             Span::raw(ttft),
+            Span::styled(answer.unwrap_or_default(), Style::default().fg(t.dim)),
         ]),
         Line::from(vec![
             Span::styled("prefill ", Style::default().fg(t.dim)),
@@ -820,6 +905,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("Ctrl-N", "new conversation"),
     ("Ctrl-D", "context full: drop the oldest turns from it"),
     ("Ctrl-E", "export the conversation to Markdown"),
+    ("Ctrl-T", "show or collapse thinking blocks"),
     ("Ctrl-Y", "copy the last answer (OSC 52)"),
     ("PgUp / PgDn / wheel", "scroll"),
     ("? / F1", "this help"),
@@ -829,6 +915,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("TTFT", "request to first sampled token, measured by the engine (prefill included)"),
     ("prefill", "prompt tokens evaluated per second (tokens reused from the cache excluded)"),
     ("decode", "tokens per second after the first token, which belongs to TTFT"),
+    ("answer", "thinking models: request to the first token after the <think> block"),
     ("context", "tokens in the conversation / context allocated"),
     ("memory", "the pool (system RAM, cgroup limit or unified memory): model weights, KV cache, other use, free; the GPU's memory, share or wired limit (Mac: sysctl iogpu.wired_limit_mb)"),
     ("power", "NVML GPU energy, macmon (Mac), RAPL, hwmon or battery watts; else n/a and why"),

@@ -90,6 +90,8 @@ pub fn all_specs() -> Vec<SynthSpec> {
         k_moe,
         SynthSpec::new("gemma3"),
         SynthSpec::new("phi3"),
+        SynthSpec::new("qwen35"),
+        SynthSpec::new("qwen35moe"),
     ]
 }
 

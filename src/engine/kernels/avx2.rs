@@ -1,4 +1,5 @@
 //! The legacy 32-block kernels with AVX2 (+FMA, F16C): bit-identical to candle's x86 results.
+//! Also the fallback of avx512.rs for a matrix's tail rows.
 
 use super::{Kind, Q8Block, QK};
 use std::arch::x86_64::*;
@@ -37,7 +38,7 @@ unsafe fn half(p: *const u8) -> f32 {
 /// Four consecutive f16 as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half4(p: *const u8) -> __m128 {
+pub(super) unsafe fn half4(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i))
 }
 
@@ -54,6 +55,7 @@ unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> __m256i {
             _mm256_and_si256(bits(h), _mm256_set1_epi8(0x10)),
         ),
         Kind::Q8_0 => _mm256_loadu_si256(q as *const __m256i),
+        Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("K-quants run in kquant_avx2.rs"),
     }
 }
 
@@ -90,7 +92,7 @@ unsafe fn sum4(l: [__m256i; 4]) -> __m128i {
 /// candle's per-block float update for the integer-sum kinds, four rows as four lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn update(
+pub(super) unsafe fn update(
     kind: Kind,
     sumf: __m128,
     sumi: __m128i,
@@ -199,7 +201,7 @@ pub unsafe fn unpack4(
     for b in 0..nb {
         let p = group.as_ptr().add(b * gb);
         for r in 0..4 {
-            let w = weights(kind, p.add(oq + r * 16), p.add(oh + r * 4));
+            let w = weights(kind, p.add(oq + r * kind.qs_bytes()), p.add(oh + r * 4));
             _mm256_storeu_si256(q.as_mut_ptr().add((b * 4 + r) * QK) as *mut __m256i, w);
         }
         _mm_storeu_ps(d.as_mut_ptr().add(b * 4), half4(p));
@@ -218,16 +220,24 @@ pub unsafe fn dot4_unpacked(
     m: &[f32],
     act: &[Q8Block],
 ) -> [f32; 4] {
+    let w =
+        |b: usize, r: usize| _mm256_loadu_si256(q.as_ptr().add((b * 4 + r) * QK) as *const __m256i);
+    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+        // `dot4`'s replay of candle's kernel.
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (b, a) in act.iter().enumerate() {
+            let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let l = _mm256_cvtepi32_ps(lanes(kind, w(b, r), y));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b * 4 + r] * a.d), l, *acc);
+            }
+        }
+        return acc.map(|x| hsum(x));
+    }
     let mut sumf = _mm_setzero_ps();
     for (b, a) in act.iter().enumerate() {
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        let l = |r: usize| {
-            lanes(
-                kind,
-                _mm256_loadu_si256(q.as_ptr().add((b * 4 + r) * QK) as *const __m256i),
-                y,
-            )
-        };
+        let l = |r: usize| lanes(kind, w(b, r), y);
         let mins = if kind.has_min() {
             _mm_loadu_ps(m.as_ptr().add(b * 4))
         } else {

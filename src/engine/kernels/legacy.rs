@@ -1,6 +1,8 @@
 //! The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): their ggml layout and
 //! tokentop's packing in groups of four rows, shared by every instruction set's kernels.
+//! `Kind` and `Packed` also carry the K-quants, whose layout lives in kquant.rs.
 
+use super::kquant::{self, KQuant};
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
@@ -13,6 +15,10 @@ pub enum Kind {
     Q5_0,
     Q5_1,
     Q8_0,
+    /// K-quants (kquant.rs; x86-64 only, candle's kernels elsewhere).
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl Kind {
@@ -25,11 +31,33 @@ impl Kind {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K if cfg!(target_arch = "x86_64") => Self::Q4K,
+            GgmlDType::Q5K if cfg!(target_arch = "x86_64") => Self::Q5K,
+            GgmlDType::Q6K if cfg!(target_arch = "x86_64") => Self::Q6K,
             _ => return None,
         })
     }
 
-    /// Bytes of one block of 32 weights in ggml's layout.
+    /// The K-quant this is, if it is one.
+    pub fn kquant(self) -> Option<KQuant> {
+        Some(match self {
+            Self::Q4K => KQuant::Q4K,
+            Self::Q5K => KQuant::Q5K,
+            Self::Q6K => KQuant::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Weights per block: 32, or 256 for the K-quants.
+    pub fn block_weights(self) -> usize {
+        if self.kquant().is_some() {
+            super::kquant::QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes of one block (`block_weights` weights) in ggml's layout.
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
@@ -37,6 +65,7 @@ impl Kind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4K | Self::Q5K | Self::Q6K => self.kquant().expect("K").block_bytes(),
         }
     }
 
@@ -65,6 +94,7 @@ impl Kind {
             Self::Q5_0 => (0, 2, 6),
             Self::Q5_1 => (2, 4, 8),
             Self::Q8_0 => (0, 0, 2),
+            Self::Q4K | Self::Q5K | Self::Q6K => unreachable!("K-quants pack in kquant.rs"),
         }
     }
 
@@ -89,6 +119,10 @@ pub struct Packed {
 impl Packed {
     /// Repacks n rows of k weights given in ggml's block layout.
     pub fn new(kind: Kind, raw: &[u8], n: usize, k: usize) -> Self {
+        if let Some(kq) = kind.kquant() {
+            let data = kquant::pack(kq, raw, n, k);
+            return Self { kind, n, k, data };
+        }
         assert_eq!(k % QK, 0, "rows must be whole blocks");
         let (nb, bb) = (k / QK, kind.block_bytes());
         assert_eq!(raw.len(), n * nb * bb, "matrix bytes");
@@ -128,6 +162,9 @@ impl Packed {
     /// from a matrix tied to the output layer, so it is stored once).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let kind = self.kind;
+        if let Some(kq) = kind.kquant() {
+            return kquant::dequantize_row(kq, &self.data, self.k, j, out);
+        }
         let (nb, bb) = (self.k / QK, kind.block_bytes());
         let half =
             |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
@@ -185,6 +222,11 @@ impl Packed {
                 };
             }
         }
+    }
+
+    /// The packed bytes (K-quants: tiles of kquant.rs).
+    pub(super) fn data(&self) -> &[u8] {
+        &self.data
     }
 
     pub(super) fn group(&self, g: usize) -> &[u8] {

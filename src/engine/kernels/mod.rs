@@ -22,6 +22,7 @@
 //!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
 //!   where candle's own choice of kernel differs, and by how much).
 
+mod kquant;
 mod legacy;
 
 pub mod iq;
@@ -32,6 +33,10 @@ mod mxfp4;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod kquant_avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -74,36 +79,76 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
 pub enum Isa {
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// x86-64 with AVX-512 F, BW, VL and VNNI (vpdpbusd), besides AVX2's set.
+    Avx512,
     /// aarch64 NEON with the dot-product extension (SDOT).
     NeonDot,
     /// aarch64 NEON without it (widening multiplies instead).
     Neon,
 }
 
-/// The instruction set the kernels use on this CPU, detected once; None where no kernel
-/// runs (candle's own kernels run instead).
-pub fn isa() -> Option<Isa> {
-    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-    *ISA.get_or_init(detect)
+impl Isa {
+    /// The name `TOKENTOP_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+            Self::NeonDot => "neon-dot",
+            Self::Neon => "neon",
+        }
+    }
 }
 
-fn detect() -> Option<Isa> {
+/// The instruction set the kernels use on this CPU, detected once; None where no kernel
+/// runs (candle's own kernels run instead). `TOKENTOP_ISA` caps it: `avx2` keeps an AVX-512
+/// CPU on the AVX2 kernels (as an AVX2-only CPU runs them), `neon` keeps a CPU with SDOT off
+/// it, `none` leaves every matrix to candle; a name this CPU does not run, or no name of
+/// an instruction set, changes nothing.
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| capped(&runnable(), std::env::var("TOKENTOP_ISA").ok().as_deref()))
+}
+
+/// The instruction sets this CPU runs, best first, detected at run time (never from the
+/// build's target features: a binary built on an AVX-512 machine runs on an AVX2-only one).
+fn runnable() -> Vec<Isa> {
+    let mut v = Vec::new();
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
     {
-        return Some(Isa::Avx2);
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            v.push(Isa::Avx512);
+        }
+        v.push(Isa::Avx2);
     }
     #[cfg(target_arch = "aarch64")]
     if std::arch::is_aarch64_feature_detected!("neon") {
-        return Some(if std::arch::is_aarch64_feature_detected!("dotprod") {
-            Isa::NeonDot
-        } else {
-            Isa::Neon
-        });
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push(Isa::NeonDot);
+        }
+        v.push(Isa::Neon);
     }
-    None
+    v
+}
+
+/// The best of `runnable` allowed by the cap `TOKENTOP_ISA` names.
+fn capped(runnable: &[Isa], cap: Option<&str>) -> Option<Isa> {
+    let cap = cap.map(|c| c.trim().to_ascii_lowercase());
+    match cap.as_deref() {
+        Some("none") => None,
+        Some(name) => runnable
+            .iter()
+            .find(|i| i.name() == name)
+            .or(runnable.first())
+            .copied(),
+        None => runnable.first().copied(),
+    }
 }
 
 /// Whether the block kernels run here.
@@ -166,6 +211,9 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
             .all(|j| j.w.kind == kind && j.w.k == k && j.x.len() % k == 0),
         "one kind and width"
     );
+    if let Some(kq) = kind.kquant() {
+        return kquant::matmul_jobs(Some(isa), kq, jobs);
+    }
     let nb = k / QK;
     // Quantized activations, once per distinct input slice.
     let mut inputs: Vec<(*const f32, usize)> = Vec::new();
@@ -244,7 +292,7 @@ fn group_rows<'a>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            if m >= 8 && kind != Kind::Q8_0 && kind != Kind::Q4_0 {
+            if m >= 8 {
                 // Prefill: each 4-row tile is unpacked once and swept over every row of x,
                 // which makes it a matrix kernel rather than m matrix-vector products.
                 let mut q = vec![0u8; nb * 4 * QK];
@@ -263,6 +311,39 @@ fn group_rows<'a>(
                 for i in 0..m {
                     // SAFETY: isa() found AVX2; the group holds nb packed blocks.
                     let v = unsafe { avx2::dot4(kind, group, act(i)) };
+                    for (r, v) in v.into_iter().enumerate() {
+                        put(i, r, v);
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            if m >= 4 {
+                // Prefill: the group unpacked once into registers' layout, swept over the
+                // rows of x four at a time.
+                let mut q = vec![0u8; nb * avx512::TILE_BYTES];
+                let mut d = vec![0f32; nb * avx512::TILE_SCALES];
+                let mut mins = vec![0f32; nb * avx512::TILE_SCALES];
+                // SAFETY: isa() found AVX-512 F/BW/VL/VNNI (and AVX2); buffers sized for nb
+                // blocks.
+                unsafe { avx512::unpack(kind, group, nb, &mut q, &mut d, &mut mins) };
+                for i0 in (0..m).step_by(4) {
+                    // Past the last row, repeat it and drop the results.
+                    let rows = std::array::from_fn(|j| act((i0 + j).min(m - 1)));
+                    // SAFETY: as above; every row holds nb blocks.
+                    let v = unsafe { avx512::tile4(kind, &q, &d, &mins, rows) };
+                    for (j, v) in v.into_iter().enumerate().take(m - i0) {
+                        for (r, v) in v.into_iter().enumerate() {
+                            put(i0 + j, r, v);
+                        }
+                    }
+                }
+            } else {
+                for i in 0..m {
+                    // SAFETY: isa() found AVX-512 F/BW/VL/VNNI (and AVX2); the group holds
+                    // nb packed blocks.
+                    let v = unsafe { avx512::dot4(kind, group, act(i)) };
                     for (r, v) in v.into_iter().enumerate() {
                         put(i, r, v);
                     }
@@ -295,9 +376,9 @@ fn group_rows<'a>(
 #[allow(unused_variables)]
 fn tail_dot(isa: Isa, kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     match isa {
-        // SAFETY: isa() found AVX2; the row holds nb ggml blocks.
+        // SAFETY: isa() found AVX2 (an AVX-512 CPU has it too); the row holds nb ggml blocks.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dot_row(kind, row, act) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot_row(kind, row, act) },
         // SAFETY: isa() found NEON (and SDOT for NeonDot); the row holds nb ggml blocks.
         #[cfg(target_arch = "aarch64")]
         Isa::NeonDot => unsafe { neon::dot_row_sdot(kind, row, act) },
@@ -326,14 +407,31 @@ mod tests {
             .collect()
     }
 
-    /// The instruction sets this CPU runs: the detected one, and on aarch64 with SDOT also
-    /// plain NEON, so that both NEON paths are checked.
+    /// Every instruction set this CPU runs (AVX-512 and AVX2 here; NEON with and without
+    /// SDOT on an M-series or Grace CPU), so that each path is checked.
     fn available() -> Vec<Isa> {
-        let mut v: Vec<Isa> = isa().into_iter().collect();
-        if v == [Isa::NeonDot] {
-            v.push(Isa::Neon);
+        runnable()
+    }
+
+    #[test]
+    fn isa_cap_picks_the_named_set_or_the_best() {
+        let x86 = [Isa::Avx512, Isa::Avx2];
+        assert_eq!(capped(&x86, None), Some(Isa::Avx512));
+        assert_eq!(capped(&x86, Some("avx2")), Some(Isa::Avx2));
+        assert_eq!(capped(&x86, Some(" AVX512 ")), Some(Isa::Avx512));
+        // An AVX2-only CPU asked for AVX-512 runs AVX2.
+        assert_eq!(capped(&[Isa::Avx2], Some("avx512")), Some(Isa::Avx2));
+        assert_eq!(capped(&x86, Some("none")), None);
+        assert_eq!(capped(&x86, Some("neon")), Some(Isa::Avx512));
+        let arm = [Isa::NeonDot, Isa::Neon];
+        assert_eq!(capped(&arm, Some("neon")), Some(Isa::Neon));
+        assert_eq!(capped(&[], None), None);
+        // This CPU's list is best first and holds only sets of its architecture.
+        let here = runnable();
+        assert_eq!(isa().is_some(), simd());
+        if std::env::var_os("TOKENTOP_ISA").is_none() {
+            assert_eq!(isa(), here.first().copied());
         }
-        v
     }
 
     /// Every type against candle's own matmul on random blocks, in decode and prefill shapes,
@@ -374,7 +472,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let reference = QMatMul::from_qtensor(q).unwrap();
-                for m in [1, 7, 8, 9] {
+                for m in [1, 3, 4, 7, 8, 9] {
                     let x = random(m * k, 2 + m as u64);
                     let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
                     let theirs: Vec<f32> = reference

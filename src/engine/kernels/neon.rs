@@ -99,6 +99,7 @@ fn update(kind: Kind, sumf: f32, sumi: i32, d: f32, m: f32, a: &Q8Block) -> f32 
         // Σ (q − 16)·y = Σ q·y − 16·Σ y, exactly.
         Kind::Q5_0 => sumf + (sumi - 16 * a.isum) as f32 * d * a.d,
         Kind::Q4_1 | Kind::Q5_1 => sumf + (sumi as f32 * d * a.d + m * a.s),
+        Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("K-quants are candle's on aarch64"),
     }
 }
 

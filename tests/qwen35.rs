@@ -1,0 +1,429 @@
+//! Qwen3.5 / Qwen3.6 (`qwen35`, `qwen35moe`): Gated DeltaNet layers interleaved with gated full
+//! attention. Tiny synthetic files with random weights, against llama.cpp's llama-server (the
+//! same greedy tokens for 64 steps, top-10 log-probabilities within 1e-3), and multi-turn reuse
+//! of the recurrent state against fresh passes.
+mod common;
+mod gguf_tools;
+mod llama_server;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use tokentop::engine::{gguf::Gguf, model::Model, synth::SynthSpec, Engine, Flow};
+use tokentop::protocol::{GenParams, LoadOptions, Message, Role};
+
+/// Four layers: DeltaNet, attention, DeltaNet, attention (synth's interval of 2).
+fn spec(arch: &str, dtype: GgmlDType) -> SynthSpec {
+    let mut spec = SynthSpec::new(arch);
+    spec.n_layer = 4;
+    spec.dtype = dtype;
+    spec
+}
+
+fn write(dir: &Path, arch: &str, dtype: GgmlDType) -> PathBuf {
+    common::synth(dir, &spec(arch, dtype))
+}
+
+/// The model with an f32 KV cache, as llama-server is started for the comparison (the f16
+/// cache's arithmetic is the attention's concern, tested in engine::model::attention).
+fn load(path: &Path) -> Model {
+    let mut m = Model::load(&mut Gguf::open(path).unwrap(), 512, &Device::Cpu).unwrap();
+    let f32 = tokentop::protocol::KvType::F32;
+    m.set_kv_types(tokentop::protocol::KvTypes { k: f32, v: f32 })
+        .unwrap();
+    m
+}
+
+/// Text as the synthetic byte-level vocabulary's tokens (3 control tokens, then the bytes).
+fn ascii(text: &str) -> Vec<u32> {
+    text.bytes().map(|b| 3 + u32::from(b)).collect()
+}
+
+/// Tokens llama.cpp is kept from picking: the end-of-generation ones (0 `<|endoftext|>`,
+/// 2 `<|im_end|>`; `ignore_eos` bans them anyway) and the bytes 0x80 and up (ids 131 to 258),
+/// which are not UTF-8 on their own: llama-server holds a token's probabilities back until its
+/// text is valid UTF-8 and then drops them, so a random model picking one would lose steps.
+/// A ban changes only the choice: the reported log-probabilities are of the raw logits.
+fn banned(id: u32) -> bool {
+    id == 0 || id == 2 || (131..=258).contains(&id)
+}
+
+fn log_softmax(logits: &Tensor) -> Vec<f64> {
+    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = v.iter().map(|&x| (x as f64 - max).exp()).sum();
+    v.iter().map(|&x| x as f64 - max - sum.ln()).collect()
+}
+
+/// llama-server's greedy completion of `prompt` on `path`: per step, the token it chose and
+/// its top-10 (token, log-probability).
+#[allow(clippy::type_complexity)]
+fn llama_cpp_steps(path: &Path, prompt: &[u32], n: usize) -> Option<Vec<(u32, Vec<(u32, f64)>)>> {
+    // An f32 KV cache as tokentop keeps, and no flash attention: llama.cpp's CPU flash
+    // attention rounds to f16 on the way and moves log-probabilities by up to 5e-3 on these
+    // files (with it off, the attention layers alone agree within 2e-6).
+    let server = llama_server::start_model(path, &["-ctk", "f32", "-ctv", "f32", "-fa", "off"])?;
+    let bias: Vec<serde_json::Value> = (0..300u32)
+        .filter(|&id| banned(id))
+        .map(|id| serde_json::json!([id, false]))
+        .collect();
+    let body = serde_json::json!({
+        "prompt": prompt,
+        "n_predict": n,
+        "temperature": 0.0,
+        "n_probs": 10,
+        "ignore_eos": true,
+        "logit_bias": bias,
+        "cache_prompt": false,
+    });
+    let reply = ureq::post(&format!("{}/completion", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .expect("llama-server /completion")
+        .into_string()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let steps = reply["completion_probabilities"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no completion_probabilities in {reply}"));
+    Some(
+        steps
+            .iter()
+            .map(|s| {
+                let top = s["top_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t["id"].as_u64().unwrap() as u32,
+                            t["logprob"].as_f64().unwrap(),
+                        )
+                    })
+                    .collect();
+                (s["id"].as_u64().unwrap() as u32, top)
+            })
+            .collect(),
+    )
+}
+
+/// Greedy decoding against llama.cpp for 64 steps, fed llama.cpp's tokens: each step must pick
+/// llama.cpp's token and give its top-10 log-probabilities within 1e-3.
+fn parity(arch: &str, dtype: GgmlDType) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), arch, dtype);
+    let prompt = ascii("The capital of France is");
+    let Some(steps) = llama_cpp_steps(&path, &prompt, 64) else {
+        return;
+    };
+    assert_eq!(
+        steps.len(),
+        64,
+        "{arch}: llama-server gave {} steps",
+        steps.len()
+    );
+    let mut model = load(&path);
+    let mut logits = model.forward(&prompt).unwrap();
+    let mut worst = 0f64;
+    for (step, (theirs, top)) in steps.iter().enumerate() {
+        let lp = log_softmax(&logits);
+        let ours = (0..lp.len() as u32)
+            .filter(|&id| !banned(id))
+            .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))
+            .unwrap();
+        assert_eq!(
+            ours, *theirs,
+            "{arch} {dtype:?}: step {step} picks another token"
+        );
+        assert_eq!(top.len(), 10);
+        for &(id, p) in top {
+            let d = (lp[id as usize] - p).abs();
+            worst = worst.max(d);
+            assert!(
+                d < 1e-3,
+                "{arch} {dtype:?}: step {step}, token {id}: log-probability {} vs llama.cpp's {p}",
+                lp[id as usize]
+            );
+        }
+        logits = model.forward(&[*theirs]).unwrap();
+    }
+    eprintln!("{arch} {dtype:?}: 64 steps agree, largest log-probability difference {worst:.2e}");
+}
+
+#[test]
+fn qwen35_matches_llama_cpp() {
+    parity("qwen35", GgmlDType::F32);
+}
+
+#[test]
+fn qwen35moe_matches_llama_cpp() {
+    parity("qwen35moe", GgmlDType::F32);
+}
+
+#[test]
+fn qwen35_q8_0_matches_llama_cpp() {
+    parity("qwen35", GgmlDType::Q8_0);
+}
+
+#[test]
+fn qwen35moe_q8_0_matches_llama_cpp() {
+    parity("qwen35moe", GgmlDType::Q8_0);
+}
+
+/// Logits of `tokens` from a fresh model.
+fn fresh(path: &Path, tokens: &[u32]) -> Tensor {
+    load(path).forward(tokens).unwrap()
+}
+
+#[test]
+fn a_second_turn_reuses_the_state_and_equals_a_fresh_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["qwen35", "qwen35moe"] {
+        let path = write(dir.path(), arch, GgmlDType::Q8_0);
+        let first = ascii("user: the capital of France?\nassistant:");
+        let answer = ascii(" Paris, of course.");
+        let mut model = load(&path);
+        // Before the first token: the zeroed DeltaNet states (no KV cache, no checkpoint).
+        let dn = model.hp.delta_net.clone().unwrap();
+        let state = dn.state_bytes(model.hp.n_layer) as usize;
+        assert_eq!(model.kv_cache_bytes(), state / 2, "{arch}");
+        model.forward(&first).unwrap();
+        // Decoding the answer token by token, as the engine does.
+        for t in &answer {
+            model.forward(&[*t]).unwrap();
+        }
+        let held = first.len() + answer.len();
+        assert_eq!(model.cached_len(), held);
+        // KV cache of the attention layers, the DeltaNet states and their checkpoint.
+        assert!(
+            model.kv_cache_bytes() > state,
+            "{arch}: {} bytes held, the states alone are {state}",
+            model.kv_cache_bytes()
+        );
+
+        let whole: Vec<u32> = first
+            .iter()
+            .chain(&answer)
+            .copied()
+            .chain(ascii("\nuser: and of Spain?\nassistant:"))
+            .collect();
+        // The next prompt shares everything held; then prefixes ending inside the answer
+        // (after the checkpoint at the end of the first prompt), exactly at it, and inside
+        // the first prompt (before it: recomputed from the empty state).
+        for keep in [held, first.len() + 5, first.len(), 7, 0] {
+            let mut m = load(&path);
+            m.forward(&first).unwrap();
+            for t in &answer {
+                m.forward(&[*t]).unwrap();
+            }
+            m.truncate_cache(keep);
+            assert_eq!(m.cached_len(), keep, "{arch}");
+            let a = m.forward(&whole[keep..]).unwrap();
+            let b = fresh(&path, &whole);
+            let diff = common::max_abs_diff(&a, &b);
+            assert!(
+                diff < 1e-4,
+                "{arch}: keeping {keep} tokens, logits differ by {diff}"
+            );
+            // And decoding on from there still agrees.
+            let a = m.forward(&[3 + b'!' as u32]).unwrap();
+            let mut more = whole.clone();
+            more.push(3 + b'!' as u32);
+            let diff = common::max_abs_diff(&a, &fresh(&path, &more));
+            assert!(
+                diff < 1e-4,
+                "{arch}: keeping {keep}, the next step differs by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_engine_answers_a_second_turn_from_the_cache_as_a_fresh_engine_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "qwen35moe", GgmlDType::Q8_0);
+    let params = GenParams {
+        max_tokens: 8,
+        temperature: 0.0,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let answer = |engine: &mut Engine, msgs: &[Message]| {
+        let mut text = String::new();
+        let (stats, _) = engine
+            .generate(msgs, &params, |e| {
+                if let tokentop::engine::GenEvent::Token(t) = e {
+                    text.push_str(t);
+                }
+                Flow::Continue
+            })
+            .unwrap();
+        (text, stats)
+    };
+    let mut engine = Engine::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut msgs = vec![Message::new(Role::User, "the capital of France is")];
+    let (first, _) = answer(&mut engine, &msgs);
+    msgs.push(Message::new(Role::Assistant, &first));
+    msgs.push(Message::new(Role::User, "and of Spain?"));
+    let (second, stats) = answer(&mut engine, &msgs);
+    assert!(stats.cached_tokens > 5, "{stats:?}");
+    let mut again = Engine::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let (fresh, _) = answer(&mut again, &msgs);
+    assert_eq!(second, fresh);
+}
+
+/// Rewrites `path` with `edit` applied to its metadata.
+fn with_metadata(
+    path: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut Vec<(String, candle_core::quantized::gguf_file::Value)>),
+) {
+    use candle_core::quantized::gguf_file;
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, gguf_file::Value)> = c.metadata.clone().into_iter().collect();
+    edit(&mut md);
+    let ts: Vec<(String, candle_core::quantized::QTensor)> = c
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), c.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(out).unwrap(), &md, &ts).unwrap();
+}
+
+/// Qwen3.5 GGUFs that keep the multi-token-prediction block count it in `block_count`
+/// (`nextn_predict_layers` = 1): the decoder is the blocks before it, as in llama.cpp.
+#[test]
+fn a_multi_token_prediction_block_is_not_a_decoder_layer() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "qwen35moe", GgmlDType::Q8_0);
+    let mtp = dir.path().join("mtp.gguf");
+    with_metadata(&path, &mtp, |md| {
+        for (k, v) in md.iter_mut() {
+            if k == "qwen35moe.block_count" {
+                *v = Value::U32(5);
+            }
+        }
+        md.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(1)));
+    });
+    let tokens = ascii("hello there");
+    let mut m = load(&mtp);
+    assert_eq!(m.hp.n_layer, 4);
+    let diff = common::max_abs_diff(&m.forward(&tokens).unwrap(), &fresh(&path, &tokens));
+    assert_eq!(diff, 0.0);
+
+    // A corrupt count is an error naming the key.
+    let bad = dir.path().join("bad.gguf");
+    with_metadata(&path, &bad, |md| {
+        md.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(9)))
+    });
+    let err = Model::load(&mut Gguf::open(&bad).unwrap(), 512, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("nextn_predict_layers"),
+        "{err:#}"
+    );
+}
+
+/// The child process's entry point for `hostile_hyper_parameters_are_errors_not_crashes`.
+#[test]
+fn child_entry() {
+    gguf_tools::child_load_cases();
+}
+
+/// Every Qwen3.5 hyper-parameter set to values from 0 to 2^32 - 1 (and the rope sections to
+/// odd arrays): each file, loaded in a memory-capped child and asked for two tokens, ends in
+/// an answer or a one-line error; the ones tokentop checks name their key.
+#[test]
+fn hostile_hyper_parameters_are_errors_not_crashes() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut named = Vec::new();
+    for arch in ["qwen35", "qwen35moe"] {
+        let base = write(dir.path(), arch, GgmlDType::Q8_0);
+        let keys = [
+            "ssm.conv_kernel",
+            "ssm.state_size",
+            "ssm.group_count",
+            "ssm.time_step_rank",
+            "ssm.inner_size",
+            "full_attention_interval",
+            "nextn_predict_layers",
+            "rope.dimension_count",
+            "attention.key_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "expert_count",
+            "expert_used_count",
+            "block_count",
+        ];
+        let mut cases: Vec<(String, Value)> = Vec::new();
+        for key in keys {
+            for v in [0u32, 1, 2, 3, 5, 64, 1 << 20, u32::MAX] {
+                cases.push((format!("{arch}.{key}"), Value::U32(v)));
+            }
+        }
+        for sections in [
+            vec![],
+            vec![0, 0, 0, 0],
+            vec![-1, 2, 1, 0],
+            vec![100, 0, 0, 0],
+            vec![1],
+        ] {
+            cases.push((
+                format!("{arch}.rope.dimension_sections"),
+                Value::Array(sections.into_iter().map(Value::I32).collect()),
+            ));
+        }
+        for (i, (key, value)) in cases.into_iter().enumerate() {
+            let out = dir.path().join(format!("{arch}-{i}.gguf"));
+            let k = key.clone();
+            with_metadata(&base, &out, move |md| {
+                md.retain(|(name, _)| name != &k);
+                md.push((k, value));
+            });
+            named.push(key);
+            files.push(out);
+        }
+    }
+    let outcomes = gguf_tools::load_capped("child_entry", dir.path(), &files);
+    let (mut answered, mut errors) = (0, 0);
+    for ((o, key), file) in outcomes.iter().zip(&named).zip(&files) {
+        match o {
+            gguf_tools::Outcome::Answered => answered += 1,
+            gguf_tools::Outcome::Error(e) => {
+                errors += 1;
+                assert!(!e.contains('\n'), "{}: {e}", file.display());
+                // The keys this module checks say which key is wrong.
+                let own = [
+                    "ssm.",
+                    "full_attention_interval",
+                    "nextn_predict_layers",
+                    "dimension_sections",
+                ];
+                if own.iter().any(|k| key.contains(k)) && e.contains("qwen35") {
+                    let short = key.rsplit('.').next().unwrap();
+                    assert!(
+                        e.contains(short) || e.contains("has shape") || e.contains("lacks"),
+                        "{key} in {}: {e}",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} hostile files: {answered} answered, {errors} errors",
+        files.len()
+    );
+    assert!(
+        errors > files.len() / 2,
+        "{answered} answered, {errors} errors"
+    );
+}
