@@ -261,3 +261,62 @@ fn gpt_4o_tokenization_matches_llama_cpp() {
     assert!(tok.encode("3434").unwrap().contains(&id("34")));
     assert!(tok.encode("DON'S").unwrap().contains(&id("'S")));
 }
+
+/// gpt-oss's own chat template (tests/fixtures/gpt-oss.jinja: llama.cpp's
+/// models/templates/openai-gpt-oss-120b.jinja, the template the GGUFs carry) renders with
+/// tokentop's minijinja environment into the harmony format, a past answer as its final
+/// channel, and ends with the assistant's header for the model to continue.
+#[test]
+fn the_gpt_oss_chat_template_renders_harmony() {
+    use tokentop::engine::template::ChatTemplate;
+    use tokentop::protocol::{Message, Role};
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt-oss.jinja"),
+    )
+    .unwrap();
+    let t = ChatTemplate::new(
+        Some(&source),
+        "gpt-oss.jinja",
+        "gpt-oss",
+        "<|startoftext|>".into(),
+        "<|return|>".into(),
+    )
+    .unwrap();
+    let msg = |role, content: &str| Message {
+        role,
+        content: content.into(),
+    };
+    let text = t
+        .render(
+            &[
+                msg(Role::System, "Answer briefly."),
+                msg(Role::User, "Capital of France?"),
+                msg(Role::Assistant, "Paris."),
+                msg(Role::User, "And of Spain?"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert!(
+        text.starts_with("<|start|>system<|message|>You are ChatGPT"),
+        "{text}"
+    );
+    assert!(text.contains("Reasoning: medium"), "{text}");
+    assert!(
+        text.contains("# Valid channels: analysis, commentary, final."),
+        "{text}"
+    );
+    assert!(
+        text.contains("<|start|>developer<|message|># Instructions\n\nAnswer briefly.\n\n<|end|>"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "<|start|>user<|message|>Capital of France?<|end|>\
+             <|start|>assistant<|channel|>final<|message|>Paris.<|end|>\
+             <|start|>user<|message|>And of Spain?<|end|>"
+        ),
+        "{text}"
+    );
+    assert!(text.ends_with("<|start|>assistant"), "{text}");
+}

@@ -76,9 +76,7 @@ impl HarmonyFilter {
         if id == ids.message {
             let thinking = match &self.state {
                 // The channel name, without `to=…` recipients or a `<|constrain|>` type.
-                State::Header { channel, .. } => {
-                    channel.split_whitespace().next() != Some("final")
-                }
+                State::Header { channel, .. } => channel.split_whitespace().next() != Some("final"),
                 _ => false,
             };
             self.state = State::Body { thinking };
@@ -114,5 +112,87 @@ impl HarmonyFilter {
     /// What is left at the end of the answer: the closing tag of an unfinished block.
     pub fn finish(&mut self) -> Option<String> {
         std::mem::take(&mut self.open).then(|| crate::think::CLOSE.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::gguf::Gguf;
+    use crate::engine::synth::SynthSpec;
+
+    /// The synthetic gpt-oss vocabulary (byte-level BPE plus harmony's control tokens).
+    fn tokenizer() -> (tempfile::TempDir, ModelTokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpt-oss.gguf");
+        SynthSpec::new("gpt-oss").write(&path).unwrap();
+        let tok = ModelTokenizer::for_model(&Gguf::open(&path).unwrap()).unwrap();
+        (dir, tok)
+    }
+
+    /// Runs a whole answer (as the model writes it, control tokens included) through the
+    /// detokenizer and the filter, as the engine does.
+    fn shown(tok: &ModelTokenizer, answer: &str) -> String {
+        let ids = tok.inner.encode(answer, false).unwrap().get_ids().to_vec();
+        let mut f = HarmonyFilter::for_tokenizer(tok).expect("harmony tokens");
+        let mut stream = crate::engine::TokenStream::default();
+        let mut out = String::new();
+        for id in ids {
+            let piece = stream.push(tok, id).unwrap();
+            out.extend(f.push(id, piece));
+        }
+        out.extend(
+            stream
+                .flush(tok)
+                .unwrap()
+                .and_then(|t| f.push(u32::MAX, Some(t))),
+        );
+        out.extend(f.finish());
+        out
+    }
+
+    #[test]
+    fn analysis_becomes_a_thinking_block_and_final_the_answer() {
+        let (_dir, tok) = tokenizer();
+        let answer = "<|channel|>analysis<|message|>User asks the capital. It is Paris.<|end|>\
+                      <|start|>assistant<|channel|>final<|message|>Paris is the capital.<|return|>";
+        assert_eq!(
+            shown(&tok, answer),
+            "<think>User asks the capital. It is Paris.</think>Paris is the capital."
+        );
+        let parts = crate::think::split("<think>a b</think>Paris");
+        assert_eq!((parts.thought, parts.answer), (Some("a b"), "Paris"));
+    }
+
+    #[test]
+    fn two_analysis_messages_make_one_block_and_an_unfinished_one_is_closed() {
+        let (_dir, tok) = tokenizer();
+        let answer = "<|channel|>analysis<|message|>one<|end|><|start|>assistant\
+                      <|channel|>analysis<|message|> two<|end|>\
+                      <|start|>assistant<|channel|>final<|message|>done";
+        assert_eq!(shown(&tok, answer), "<think>one two</think>done");
+        // Cut off while thinking (max tokens): the block is closed at the end.
+        let cut = "<|channel|>analysis<|message|>still thinking";
+        assert_eq!(shown(&tok, cut), "<think>still thinking</think>");
+        // A tool-call preamble on the commentary channel is not the answer either; the
+        // recipient after the channel name does not confuse it.
+        let tool = "<|channel|>commentary to=functions.get<|message|>{}<|end|>\
+                    <|start|>assistant<|channel|>final<|message|>ok";
+        assert_eq!(shown(&tok, tool), "<think>{}</think>ok");
+    }
+
+    #[test]
+    fn text_without_harmony_tokens_passes_through() {
+        let (_dir, tok) = tokenizer();
+        assert_eq!(shown(&tok, "just text"), "just text");
+    }
+
+    #[test]
+    fn end_ends_a_message_not_the_turn() {
+        let (_dir, tok) = tokenizer();
+        let id = |t: &str| tok.inner.token_to_id(t).unwrap();
+        assert!(!tok.is_stop(id("<|end|>")));
+        assert!(tok.is_stop(id("<|return|>")));
+        assert!(tok.is_stop(id("<|call|>")));
     }
 }

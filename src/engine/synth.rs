@@ -555,7 +555,10 @@ fn mxfp4_placeholder(
 ) -> Result<QTensor> {
     let dims = w.dims().to_vec();
     let inner = *dims.last().expect("a matrix");
-    anyhow::ensure!(inner % 64 == 0, "MXFP4 synth needs rows of 64k weights");
+    anyhow::ensure!(
+        inner.is_multiple_of(64),
+        "MXFP4 synth needs rows of a multiple of 64 weights"
+    );
     let x: Vec<f32> = w.flatten_all()?.to_vec1()?;
     let mut bytes = Vec::with_capacity(x.len() / 32 * 17);
     for b in x.chunks_exact(32) {

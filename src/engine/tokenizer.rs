@@ -47,7 +47,7 @@ const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 
 /// Token texts that end a turn in the chat formats tokentop knows; any present in the
 /// vocabulary stops generation, like llama.cpp's EOG set.
-const END_OF_TURN_TEXTS: [&str; 8] = [
+const END_OF_TURN_TEXTS: [&str; 9] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<end_of_turn>",
@@ -55,6 +55,7 @@ const END_OF_TURN_TEXTS: [&str; 8] = [
     "<|endoftext|>",
     "<|end_of_text|>",
     "<|return|>",
+    "<|call|>",
     "</s>",
 ];
 
@@ -121,12 +122,21 @@ impl ModelTokenizer {
             .into_iter()
             .flatten()
             .collect();
+        // Harmony (gpt-oss) ends a turn with <|return|> or <|call|>; its <|end|> only ends
+        // one message of the turn (llama.cpp drops <|end|> from its EOG set in this case).
+        let harmony = ["<|return|>", "<|call|>"]
+            .iter()
+            .all(|t| inner.token_to_id(t).is_some());
         for text in END_OF_TURN_TEXTS {
             if let Some(i) = inner.token_to_id(text) {
                 if !stop_ids.contains(&i) {
                     stop_ids.push(i);
                 }
             }
+        }
+        if harmony {
+            let end = inner.token_to_id("<|end|>");
+            stop_ids.retain(|&i| Some(i) != end);
         }
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
         let add_bos = g
