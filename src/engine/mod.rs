@@ -2,6 +2,7 @@
 //! generation loop. `Engine` is synchronous and testable; `worker` puts it on its own thread.
 
 pub mod gguf;
+pub mod harmony;
 pub mod kernels;
 pub mod model;
 pub mod synth;
@@ -419,6 +420,8 @@ impl Engine {
         }) == Flow::Stop;
 
         let mut stream = TokenStream::default();
+        // gpt-oss: its analysis channel shown as a thinking block, its final one as the answer.
+        let mut harmony = harmony::HarmonyFilter::for_tokenizer(&self.tokenizer);
         // A base model continues text with no end of turn: it stops at the end of its first
         // paragraph (a blank line after some text), else it writes to max tokens.
         let plain = self.template.plain;
@@ -436,7 +439,12 @@ impl Engine {
             }
             history.push(next);
             let mut paragraph_end = false;
-            if let Some(text) = stream.push(&self.tokenizer, next)? {
+            let piece = stream.push(&self.tokenizer, next)?;
+            let piece = match harmony.as_mut() {
+                Some(h) => h.push(next, piece),
+                None => piece,
+            };
+            if let Some(text) = piece {
                 if on_event(GenEvent::Token(&text)) == Flow::Stop {
                     stop_requested = true;
                 }
@@ -466,7 +474,15 @@ impl Engine {
             self.cached.push(next);
             next = sampler.sample(&logits, &history)?;
         };
-        if let Some(rest) = stream.flush(&self.tokenizer)? {
+        let mut rest = stream.flush(&self.tokenizer)?;
+        if let Some(h) = harmony.as_mut() {
+            rest = rest.and_then(|t| h.push(u32::MAX, Some(t)));
+            rest = match (rest, h.finish()) {
+                (Some(a), Some(b)) => Some(a + &b),
+                (a, b) => a.or(b),
+            };
+        }
+        if let Some(rest) = rest {
             on_event(GenEvent::Token(&rest));
         }
         stats.decode = last_at - first_at;

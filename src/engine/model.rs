@@ -16,6 +16,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
 pub(crate) mod attention;
+mod gpt_oss;
 mod moe;
 mod qwen35;
 
@@ -31,10 +32,12 @@ pub enum Arch {
     /// Qwen3.5 / Qwen3.6: Gated DeltaNet layers between gated full attention (model/qwen35.rs).
     Qwen35,
     Qwen35Moe,
+    /// OpenAI's gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE).
+    GptOss,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 8] = [
+    pub const SUPPORTED: [&'static str; 9] = [
         "llama",
         "qwen2",
         "qwen3",
@@ -43,6 +46,7 @@ impl Arch {
         "phi3",
         "qwen35",
         "qwen35moe",
+        "gpt-oss",
     ];
 
     pub fn from_gguf_name(name: &str) -> Result<Self> {
@@ -55,6 +59,7 @@ impl Arch {
             "phi3" => Self::Phi3,
             "qwen35" => Self::Qwen35,
             "qwen35moe" => Self::Qwen35Moe,
+            "gpt-oss" => Self::GptOss,
             other => bail!(
                 "unsupported architecture \"{other}\": tokentop runs {}",
                 Self::SUPPORTED.join(", ")
@@ -72,6 +77,7 @@ impl Arch {
             Self::Phi3 => "phi3",
             Self::Qwen35 => "qwen35",
             Self::Qwen35Moe => "qwen35moe",
+            Self::GptOss => "gpt-oss",
         }
     }
 
@@ -105,6 +111,8 @@ pub struct HParams {
     pub rope_scale_global: f32,
     /// Qwen3.5's linear-attention layers (None for every other architecture).
     pub delta_net: Option<qwen35::DeltaNetParams>,
+    /// YaRN context extension (`rope.scaling.type = yarn`), gpt-oss only for now.
+    pub yarn: Option<gpt_oss::Yarn>,
 }
 
 impl HParams {
@@ -144,7 +152,7 @@ impl HParams {
         } else {
             10_000.0
         };
-        let sliding_window = (arch == Arch::Gemma3)
+        let sliding_window = matches!(arch, Arch::Gemma3 | Arch::GptOss)
             .then(|| {
                 g.get_u32(&key("attention.sliding_window"))
                     .map(|v| v as usize)
@@ -182,6 +190,11 @@ impl HParams {
             rope_base_local: g.get_f32(&key("rope.local_freq_base")).unwrap_or(10_000.0),
             rope_scale_global,
             delta_net,
+            yarn: None,
+        };
+        let hp = match arch {
+            Arch::GptOss => gpt_oss::hparams(g, hp)?,
+            _ => hp,
         };
         hp.check(g)?;
         Ok(hp)
@@ -506,15 +519,15 @@ impl KvCache {
 /// q: (b, n_head, seq, hd); k, v: (b, n_kv, seq, hd), any strides; grouped-query heads
 /// adjacent (query head h uses KV head h / (n_head / n_kv)). On the CPU this is the fused
 /// kernel over the cache in its chosen types; on a GPU candle's ops, with `mask` (from
-/// `attention_mask`, None when every key is visible).
+/// `attention_mask`, None when every key is visible). `sinks`: gpt-oss's logit per query
+/// head that joins its softmax (see model/gpt_oss.rs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cached_attention(
     cache: &mut KvCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    pos: usize,
-    window: Option<usize>,
+    (pos, window, sinks): (usize, Option<usize>, Option<&Tensor>),
     scale: f64,
     n_ctx: usize,
     mask: Option<&Tensor>,
@@ -545,6 +558,7 @@ pub(crate) fn cached_attention(
         vc.append(&flat(v)?, seq, n_ctx)
             .context("appending to the KV cache")?;
         let q = flat(q)?;
+        let sinks = sinks.map(flat).transpose()?;
         let out = attention::attend(
             &attention::Query {
                 q: &q,
@@ -553,6 +567,7 @@ pub(crate) fn cached_attention(
                 pos,
                 window,
                 scale: scale as f32,
+                sinks: sinks.as_deref(),
             },
             kc,
             vc,
@@ -583,7 +598,10 @@ pub(crate) fn cached_attention(
             .broadcast_add(mask)?
             .reshape((b * nkv, n_rep * seq, total))?;
     }
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let att = match sinks {
+        Some(sinks) => gpt_oss::softmax_with_sinks(&att, sinks, (b, nkv, n_rep, seq))?,
+        None => candle_nn::ops::softmax_last_dim(&att)?,
+    };
     Ok(att
         .matmul(&v)?
         .reshape((b, nh, seq, hd))?
@@ -916,6 +934,7 @@ impl Mlp {
 enum Ffn {
     Dense(Mlp),
     Moe(moe::Moe),
+    GptOss(gpt_oss::Moe),
 }
 
 impl Ffn {
@@ -923,6 +942,7 @@ impl Ffn {
         match self {
             Ffn::Dense(mlp) => mlp.forward(x),
             Ffn::Moe(m) => m.forward(x),
+            Ffn::GptOss(m) => m.forward(x),
         }
     }
 }
@@ -940,6 +960,10 @@ struct Layer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     attn_out: Matrix,
+    /// gpt-oss: a bias on the attention output and a learned logit per head that joins
+    /// every softmax of that head (an "attention sink").
+    attn_out_b: Option<Tensor>,
+    sinks: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     ffn: Ffn,
@@ -1075,17 +1099,25 @@ impl Model {
         let freq_factors: Option<Vec<f32>> = opt_f32(g, "rope_freqs.weight", hp.rope_dim / 2)?
             .map(|t| t.flatten_all().and_then(|t| t.to_vec1()))
             .transpose()?;
-        let rope_global = Arc::new(Rope::new(
-            &hp,
-            hp.rope_base,
-            hp.rope_scale_global,
-            freq_factors.as_deref(),
-            n_ctx,
-            dev,
-        )?);
-        let rope_local = match hp.sliding_window {
-            Some(_) => Arc::new(Rope::new(&hp, hp.rope_base_local, 1.0, None, n_ctx, dev)?),
-            None => rope_global.clone(),
+        let (rope_global, rope_local) = if hp.arch == Arch::GptOss {
+            (
+                Arc::new(gpt_oss::rope(&hp, hp.rope_base, n_ctx, dev)?),
+                Arc::new(gpt_oss::rope(&hp, hp.rope_base_local, n_ctx, dev)?),
+            )
+        } else {
+            let global = Arc::new(Rope::new(
+                &hp,
+                hp.rope_base,
+                hp.rope_scale_global,
+                freq_factors.as_deref(),
+                n_ctx,
+                dev,
+            )?);
+            let local = match hp.sliding_window {
+                Some(_) => Arc::new(Rope::new(&hp, hp.rope_base_local, 1.0, None, n_ctx, dev)?),
+                None => global.clone(),
+            };
+            (global, local)
         };
 
         // HParams::check has seen token_embd's shape: [vocab, n_embd].
@@ -1139,7 +1171,9 @@ impl Model {
                     v: linear(g, &format!("{p}.attn_v"), kvd)?,
                 }
             };
-            let ffn = if hp.n_expert > 1 {
+            let ffn = if hp.arch == Arch::GptOss {
+                Ffn::GptOss(gpt_oss::Moe::load(g, &p, &hp, dev)?)
+            } else if hp.n_expert > 1 {
                 Ffn::Moe(moe::Moe::load(g, &p, &hp, act, dev)?)
             } else {
                 let (gate_up, n_ff) = if g.has_tensor(&format!("{p}.ffn_gate.weight")) {
@@ -1165,14 +1199,33 @@ impl Model {
                 })
             };
             let sliding = hp.is_sliding(i);
+            // gpt-oss names its pre-FFN norm post_attention_norm (llama.cpp's attn_post_norm).
+            let (post_attn_norm, ffn_norm) = if hp.arch == Arch::GptOss {
+                (
+                    None,
+                    vec_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
+                )
+            } else {
+                (
+                    opt_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
+                    vec_f32(g, &format!("{p}.ffn_norm.weight"), e)?,
+                )
+            };
+            let sinks = if hp.arch == Arch::GptOss {
+                Some(vec_f32(g, &format!("{p}.attn_sinks.weight"), hp.n_head)?)
+            } else {
+                None
+            };
             Ok(Layer {
                 attn_norm: vec_f32(g, &format!("{p}.attn_norm.weight"), e)?,
                 qkv,
                 q_norm: opt_f32(g, &format!("{p}.attn_q_norm.weight"), hd)?,
                 k_norm: opt_f32(g, &format!("{p}.attn_k_norm.weight"), hd)?,
                 attn_out: qmm(g, &format!("{p}.attn_output.weight"), e, qd)?,
-                post_attn_norm: opt_f32(g, &format!("{p}.post_attention_norm.weight"), e)?,
-                ffn_norm: vec_f32(g, &format!("{p}.ffn_norm.weight"), e)?,
+                attn_out_b: opt_f32(g, &format!("{p}.attn_output.bias"), e)?,
+                sinks,
+                post_attn_norm,
+                ffn_norm,
                 ffn,
                 post_ffn_norm: opt_f32(g, &format!("{p}.post_ffw_norm.weight"), e)?,
                 rope: if sliding {
@@ -1523,8 +1576,21 @@ fn layer_forward(
     let k = l.rope.apply(&k.transpose(1, 2)?.contiguous()?, pos)?;
     let v = v.reshape((b, seq, nkv, hd))?.transpose(1, 2)?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let out = cached_attention(&mut l.cache, &q, &k, &v, pos, l.window, scale, n_ctx, mask)?;
+    let sinks = l.sinks.as_ref();
+    let out = cached_attention(
+        &mut l.cache,
+        &q,
+        &k,
+        &v,
+        (pos, l.window, sinks),
+        scale,
+        n_ctx,
+        mask,
+    )?;
     let mut out = l.attn_out.forward(&out)?;
+    if let Some(bias) = &l.attn_out_b {
+        out = out.broadcast_add(bias)?;
+    }
     if let Some(w) = &l.post_attn_norm {
         out = norm(&out, w, hp.rms_eps)?;
     }
@@ -1551,7 +1617,7 @@ pub(crate) fn attend(
 ) -> Result<Tensor> {
     let scale = 1.0 / (hp.head_dim as f64).sqrt();
     let pos = cache.len();
-    cached_attention(cache, q, k, v, pos, None, scale, n_ctx, mask)
+    cached_attention(cache, q, k, v, (pos, None, None), scale, n_ctx, mask)
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub struct SynthSpec {
     /// Quantize like llama.cpp's Q4_K_M: Q6_K for the output and for `attn_v` / `ffn_down` in
     /// the layers llama.cpp gives more bits; `dtype` elsewhere.
     pub k_mix: bool,
+    /// Experts in MXFP4 (ggml type 39, as gpt-oss ships them), which candle cannot write:
+    /// written as f16 placeholders of the same byte size, then the header is patched.
+    pub mxfp4_experts: bool,
 }
 
 /// The widths of a synthetic model.
@@ -149,7 +152,7 @@ impl SynthSpec {
     pub fn new(arch: &str) -> Self {
         Self {
             arch: arch.to_string(),
-            experts: matches!(arch, "qwen3moe" | "qwen35moe").then_some(SynthExperts {
+            experts: matches!(arch, "qwen3moe" | "qwen35moe" | "gpt-oss").then_some(SynthExperts {
                 count: 4,
                 used: 2,
                 stacked: true,
@@ -161,6 +164,7 @@ impl SynthSpec {
             seed: 7,
             dims: SynthDims::default(),
             k_mix: false,
+            mxfp4_experts: false,
         }
     }
 
@@ -204,8 +208,17 @@ impl SynthSpec {
                 Value::U32(QWEN35_ROPE_DIM as u32),
             ));
         }
-        if arch == "gemma3" {
+        if matches!(arch, "gemma3" | "gpt-oss") {
             md.push((k("attention.sliding_window"), Value::U32(WINDOW as u32)));
+        }
+        if arch == "gpt-oss" {
+            // gpt-oss-20b's rope: base 150000, YaRN ×32 over a 4096-token original context
+            // (with 16-dimension heads the YaRN ramp falls on dimensions 2 to 5 of 8).
+            md.retain(|(key, _)| key != &k("rope.freq_base"));
+            md.push((k("rope.freq_base"), Value::F32(150_000.0)));
+            md.push((k("rope.scaling.type"), Value::String("yarn".into())));
+            md.push((k("rope.scaling.factor"), Value::F32(32.0)));
+            md.push((k("rope.scaling.original_context_length"), Value::U32(4096)));
         }
         let hybrid = matches!(arch, "qwen35" | "qwen35moe");
         if hybrid {
@@ -227,8 +240,10 @@ impl SynthSpec {
         }
         let vocab = if self.sentencepiece {
             sentencepiece_vocab(&mut md)
+        } else if arch == "gpt-oss" {
+            bpe_vocab(&mut md, "gpt-4o", &HARMONY_TOKENS)
         } else {
-            bpe_vocab(&mut md)
+            bpe_vocab(&mut md, "gpt-2", &[])
         };
         let vocab = if hybrid {
             qwen35_tokenizer(&mut md, vocab)
@@ -237,6 +252,8 @@ impl SynthSpec {
         };
 
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        // (tensor, real dims) of the MXFP4 placeholders to patch in the header.
+        let mut patches: Vec<(String, Vec<usize>)> = Vec::new();
         let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
             let n: usize = shape.iter().product();
             let scale = 1.7 / (*shape.last().unwrap() as f32).sqrt();
@@ -283,7 +300,17 @@ impl SynthSpec {
                     delta_net_tensors(&mut tensors, &p, n_embd, head_dim, dt, &mut q)?;
                 }
             } else {
-                tensors.push((p("ffn_norm.weight"), ones(n_embd, &mut q)?));
+                if arch == "gpt-oss" {
+                    // Its pre-FFN norm, under llama.cpp's name for it.
+                    tensors.push((p("post_attention_norm.weight"), ones(n_embd, &mut q)?));
+                    tensors.push((p("attn_q.bias"), q(&[qd], GgmlDType::F32)?));
+                    tensors.push((p("attn_k.bias"), q(&[kvd], GgmlDType::F32)?));
+                    tensors.push((p("attn_v.bias"), q(&[kvd], GgmlDType::F32)?));
+                    tensors.push((p("attn_output.bias"), q(&[n_embd], GgmlDType::F32)?));
+                    tensors.push((p("attn_sinks.weight"), q(&[n_head], GgmlDType::F32)?));
+                } else {
+                    tensors.push((p("ffn_norm.weight"), ones(n_embd, &mut q)?));
+                }
                 tensors.push((p("attn_output.weight"), q(&[n_embd, qd], dt)?));
                 if arch == "phi3" {
                     tensors.push((p("attn_qkv.weight"), q(&[qd + 2 * kvd, n_embd], dt)?));
@@ -321,19 +348,29 @@ impl SynthSpec {
                         p("ffn_gate_inp.weight"),
                         q(&[e.count, n_embd], GgmlDType::F32)?,
                     ));
+                    if arch == "gpt-oss" {
+                        tensors.push((p("ffn_gate_inp.bias"), q(&[e.count], GgmlDType::F32)?));
+                    }
                     if e.stacked {
-                        tensors.push((
-                            p("ffn_gate_exps.weight"),
-                            q(&[e.count, expert_ff, n_embd], dt)?,
-                        ));
-                        tensors.push((
-                            p("ffn_up_exps.weight"),
-                            q(&[e.count, expert_ff, n_embd], dt)?,
-                        ));
-                        tensors.push((
-                            p("ffn_down_exps.weight"),
-                            q(&[e.count, n_embd, expert_ff], big)?,
-                        ));
+                        for (part, shape, dtype) in [
+                            ("ffn_gate_exps", [e.count, expert_ff, n_embd], dt),
+                            ("ffn_up_exps", [e.count, expert_ff, n_embd], dt),
+                            ("ffn_down_exps", [e.count, n_embd, expert_ff], big),
+                        ] {
+                            let t = if self.mxfp4_experts {
+                                let w = q(&shape, GgmlDType::F32)?.dequantize(&dev)?;
+                                mxfp4_placeholder(&w, &mut patches, &p(&format!("{part}.weight")))?
+                            } else {
+                                q(&shape, dtype)?
+                            };
+                            tensors.push((p(&format!("{part}.weight")), t));
+                            if arch == "gpt-oss" {
+                                tensors.push((
+                                    p(&format!("{part}.bias")),
+                                    q(&shape[..2], GgmlDType::F32)?,
+                                ));
+                            }
+                        }
                     } else {
                         for x in 0..e.count {
                             tensors.push((
@@ -364,8 +401,13 @@ impl SynthSpec {
         }
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut f = std::fs::File::create(path)?;
-        gguf_file::write(&mut f, &md_refs, &t_refs)?;
+        let mut buf = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut buf, &md_refs, &t_refs)?;
+        let mut bytes = buf.into_inner();
+        for (name, dims) in &patches {
+            patch_mxfp4(&mut bytes, name, dims)?;
+        }
+        std::fs::write(path, bytes)?;
         Ok(())
     }
 }
@@ -516,9 +558,91 @@ fn strings(v: &[String]) -> Value {
     Value::Array(v.iter().map(|s| Value::String(s.clone())).collect())
 }
 
-/// Byte-level BPE: the 256 byte symbols, a few merges, and ChatML control tokens.
-/// Returns the vocabulary size.
-fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
+/// gpt-oss's harmony control tokens (after the byte-level vocabulary and its merges).
+pub const HARMONY_TOKENS: [&str; 6] = [
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|call|>",
+];
+
+/// ggml's E2M1 values doubled (kvalues_mxfp4), for `mxfp4_placeholder`'s quantizer.
+const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// `w` quantized to MXFP4 as ggml's quantize_row_mxfp4_ref does, in an f16 tensor of the
+/// same byte size (candle has no MXFP4 type); `patches` records the real shape for
+/// `patch_mxfp4`. The innermost dimension must be a multiple of 64.
+fn mxfp4_placeholder(
+    w: &Tensor,
+    patches: &mut Vec<(String, Vec<usize>)>,
+    name: &str,
+) -> Result<QTensor> {
+    let dims = w.dims().to_vec();
+    let inner = *dims.last().expect("a matrix");
+    anyhow::ensure!(
+        inner.is_multiple_of(64),
+        "MXFP4 synth needs rows of a multiple of 64 weights"
+    );
+    let x: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let mut bytes = Vec::with_capacity(x.len() / 32 * 17);
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let e = if amax > 0.0 {
+            (amax.log2().floor() - 2.0 + 127.0) as u8
+        } else {
+            0
+        };
+        // GGML_E8M0_TO_FP32_HALF
+        let d = if e < 2 {
+            f32::from_bits(0x0020_0000u32 << e)
+        } else {
+            f32::from_bits((e as u32 - 1) << 23)
+        };
+        let best = |v: f32| -> u8 {
+            let err = |i: usize| (MXFP4_VALUES[i] as f32 * d - v).abs();
+            (1..16).fold(0, |best, i| if err(i) < err(best) { i } else { best }) as u8
+        };
+        bytes.push(e);
+        for j in 0..16 {
+            bytes.push(best(b[j]) | best(b[j + 16]) << 4);
+        }
+    }
+    let mut fake = dims.clone();
+    *fake.last_mut().expect("a matrix") = inner / 64 * 17;
+    patches.push((name.to_string(), dims));
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        GgmlDType::F16,
+        &bytes,
+        fake,
+        &Device::Cpu,
+    )?)
+}
+
+/// Rewrites the header entry of the f16 placeholder `name` to MXFP4 with its real dims
+/// (GGUF order: innermost first); the data is already MXFP4 blocks of the same size.
+fn patch_mxfp4(b: &mut [u8], name: &str, dims: &[usize]) -> Result<()> {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .ok_or_else(|| anyhow::anyhow!("tensor {name} not in the written file"))?
+        + key.len();
+    let n_dims = u32::from_le_bytes(b[at..at + 4].try_into()?) as usize;
+    anyhow::ensure!(n_dims == dims.len(), "{name}: {n_dims} dims written");
+    for (i, d) in dims.iter().rev().enumerate() {
+        b[at + 4 + 8 * i..at + 12 + 8 * i].copy_from_slice(&(*d as u64).to_le_bytes());
+    }
+    let t = at + 4 + 8 * n_dims;
+    b[t..t + 4].copy_from_slice(&39u32.to_le_bytes());
+    Ok(())
+}
+
+/// Byte-level BPE: the 256 byte symbols, a few merges, ChatML control tokens and `extra`
+/// control tokens after them; `pre` is the pre-tokenizer's name. Returns the vocabulary size.
+fn bpe_vocab(md: &mut Vec<(String, Value)>, pre: &str, extra: &[&str]) -> usize {
     let mut tokens: Vec<String> = vec![
         "<|endoftext|>".into(),
         "<|im_start|>".into(),
@@ -539,16 +663,25 @@ fn bpe_vocab(md: &mut Vec<(String, Value)>) -> usize {
         tokens.push(c.to_string());
         types.push(1);
     }
-    let merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "Ġ a", "o n"]
+    let mut merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "Ġ a", "o n"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    if pre == "gpt-4o" {
+        // gpt-4o's split differs from GPT-2's here: digits go in threes ("1234" is "123" +
+        // "4", so never "34"), and "'S" stays with its word; merges across the cuts show it.
+        merges.extend(["3 4", "' S"].map(String::from));
+    }
     for m in &merges {
         tokens.push(m.replace(' ', ""));
         types.push(1);
     }
+    for t in extra {
+        tokens.push(t.to_string());
+        types.push(3);
+    }
     md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
-    md.push(("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())));
+    md.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
     md.push(("tokenizer.ggml.tokens".into(), strings(&tokens)));
     md.push((
         "tokenizer.ggml.token_type".into(),

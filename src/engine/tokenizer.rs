@@ -39,13 +39,17 @@ const MAX_MERGE_WORK: u64 = 1 << 29;
 // Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// o200k (gpt-4o, gpt-oss, Llama 4): the regex of the model's tokenizer.json, which llama.cpp
+/// quotes beside its lookahead rewrite for its own regex engine (LLAMA_VOCAB_PRE_TYPE_GPT4O);
+/// the tokenizers crate's Oniguruma runs the original.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen3.5's: Qwen2's with combining marks (\p{M}) kept in words.
 const QWEN35_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token texts that end a turn in the chat formats tokentop knows; any present in the
 /// vocabulary stops generation, like llama.cpp's EOG set.
-const END_OF_TURN_TEXTS: [&str; 8] = [
+const END_OF_TURN_TEXTS: [&str; 9] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<end_of_turn>",
@@ -53,6 +57,7 @@ const END_OF_TURN_TEXTS: [&str; 8] = [
     "<|endoftext|>",
     "<|end_of_text|>",
     "<|return|>",
+    "<|call|>",
     "</s>",
 ];
 
@@ -126,6 +131,11 @@ impl ModelTokenizer {
             .into_iter()
             .flatten()
             .collect();
+        // Harmony (gpt-oss) ends a turn with <|return|> or <|call|>; its <|end|> only ends
+        // one message of the turn (llama.cpp drops <|end|> from its EOG set in this case).
+        let harmony = ["<|return|>", "<|call|>"]
+            .iter()
+            .all(|t| inner.token_to_id(t).is_some());
         for text in END_OF_TURN_TEXTS {
             if let Some(i) = inner.token_to_id(text) {
                 if !stop_ids.contains(&i) {
@@ -145,6 +155,10 @@ impl ModelTokenizer {
             })
             .map(|(id, _)| id)
             .collect();
+        if harmony {
+            let end = inner.token_to_id("<|end|>");
+            stop_ids.retain(|&i| Some(i) != end);
+        }
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
         let add_bos = g
             .get_bool("tokenizer.ggml.add_bos_token")
@@ -252,6 +266,7 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
         "llama3" | "llama-v3" | "llama-bpe" | "dbrx" | "smaug-bpe" => (&[LLAMA3_SPLIT], pre != "dbrx"),
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (&[QWEN2_SPLIT], false),
         "qwen35" => (&[QWEN35_SPLIT], false),
+        "gpt-4o" | "llama4" => (&[GPT4O_SPLIT], false),
         "gpt-2" | "gpt2" | "phi-2" | "default" | "olmo" | "mpt" => (&[GPT2_SPLIT], false),
         "starcoder" | "smollm" | "refact" => (&[r"\p{N}", GPT2_SPLIT], false),
         other => bail!(

@@ -434,6 +434,7 @@ impl Order {
 /// Which tile kernels run: chosen once per call from the instruction set the kernels module
 /// detected, plus AVX512-VNNI where this CPU reports it (at run time, never at build time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) enum Kernels {
     /// The scalar reference (no SIMD kernel on this CPU; also checked against in tests).
     Scalar,

@@ -192,6 +192,24 @@ pub struct Query<'a> {
     /// A sliding window: query p sees keys p+1-w..=p. None: every key up to p.
     pub window: Option<usize>,
     pub scale: f32,
+    /// gpt-oss's attention sinks: per query head, a logit that joins the softmax's
+    /// denominator (ggml_soft_max_ext with sinks) and adds no value.
+    pub sinks: Option<&'a [f32]>,
+}
+
+/// The normalizer of a row whose scores have running max `m` and sum `l` (of e^(s − m)):
+/// `(rescale, 1 / denominator)` with the head's sink joining the sum, computed against
+/// max(m, sink) as ggml does so a large sink cannot overflow.
+fn normalizer(query: &Query, h: usize, m: f32, l: f32) -> (f32, f32) {
+    match query.sinks.and_then(|s| s.get(h)) {
+        Some(&sink) => {
+            let top = m.max(sink);
+            let r = if l > 0.0 { (m - top).exp() } else { 0.0 };
+            let den = l * r + (sink - top).exp();
+            (r, if den > 0.0 { 1.0 / den } else { 0.0 })
+        }
+        None => (1.0, if l > 0.0 { 1.0 / l } else { 0.0 }),
+    }
 }
 
 /// softmax(Q·Kᵀ·scale + causal/window mask)·V for every query row, as `[seq][n_head][dim]`
@@ -340,11 +358,11 @@ fn attend_with(
                 let o = &scratch.o[ri * dim..(ri + 1) * dim];
                 if splits == 1 {
                     let (s, h) = (qbi * qb + ri / rep, g * rep + ri % rep);
-                    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                    let (r, inv) = normalizer(query, h, m, l);
                     // SAFETY: row (s, h) of the output belongs to this task alone.
                     let dst = unsafe { out_p.slice((s * query.n_head + h) * dim, dim) };
                     for (d, &x) in dst.iter_mut().zip(o) {
-                        *d = x * inv;
+                        *d = x * r * inv;
                     }
                 } else {
                     // SAFETY: task t's partial rows are written by task t alone.
@@ -394,11 +412,11 @@ fn merge(query: &Query, plan: &Plan, dim: usize, partial: &[f32], out: &mut [f32
                         *a += w * x;
                     }
                 }
-                let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
                 let (s, h) = (qbi * qb + ri / rep, g * rep + ri % rep);
+                let (r, inv) = normalizer(query, h, m, l);
                 let dst = &mut out[(s * query.n_head + h) * dim..][..dim];
                 for (d, &a) in dst.iter_mut().zip(&acc) {
-                    *d = a * inv;
+                    *d = a * r * inv;
                 }
             }
         }
@@ -940,6 +958,7 @@ mod tests {
                     pos: c.pos,
                     window: c.window,
                     scale: 1.0 / (c.dim as f32).sqrt(),
+                    sinks: None,
                 };
                 let (want, mag) = reference(&query, &k, &v);
                 for simd in simds() {
@@ -975,6 +994,7 @@ mod tests {
             pos,
             window: None,
             scale: 0.125,
+            sinks: None,
         };
         let (want, mag) = reference(&query, &exact_k, &exact_v);
         for (ty, tol) in [(KvType::F16, 2e-3), (KvType::Q8_0, 3e-2)] {

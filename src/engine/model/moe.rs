@@ -272,7 +272,7 @@ fn fresh(x: &Tensor) -> Result<Tensor> {
 /// renormalised probabilities.
 type Routes = (Vec<Vec<u32>>, Vec<Vec<f32>>);
 
-fn host_routes(probs: &Tensor, top_k: usize, n_expert: usize) -> Result<Routes> {
+pub(super) fn host_routes(probs: &Tensor, top_k: usize, n_expert: usize) -> Result<Routes> {
     let probs: Vec<Vec<f32>> = probs.to_vec2()?;
     let mut rows = vec![Vec::<u32>::new(); n_expert];
     let mut weights = vec![Vec::<f32>::new(); n_expert];
@@ -392,7 +392,7 @@ fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Re
 
 /// Splits a stacked (n_expert, rows, cols) quantized tensor, as the file stores it, into one
 /// matrix per expert; the blocks of each expert are contiguous, so this is a byte split.
-fn split_experts(
+pub(super) fn split_experts(
     dtype: GgmlDType,
     data: &[u8],
     dims: &[usize],

@@ -250,7 +250,7 @@ struct GatedAttention {
 
 #[derive(Debug)]
 enum Mixer {
-    Attention(GatedAttention),
+    Attention(Box<GatedAttention>),
     DeltaNet(Box<DeltaNet>),
 }
 
@@ -348,14 +348,14 @@ impl Hybrid {
                         v: m(g, "attn_v.weight", kvd)?,
                     }
                 };
-                Mixer::Attention(GatedAttention {
+                Mixer::Attention(Box::new(GatedAttention {
                     qkv,
                     q_norm: vec_f32(g, &n("attn_q_norm.weight"), hd)?,
                     k_norm: vec_f32(g, &n("attn_k_norm.weight"), hd)?,
                     out: qmm(g, &n("attn_output.weight"), e, qd)?,
                     rope: rope.clone(),
                     cache: KvCache::default(),
-                })
+                }))
             };
             let (ffn, shared) = if hp.n_expert > 1 {
                 let moe = moe::Moe::load(g, &p, hp, Act::Silu, dev)?;
