@@ -31,7 +31,8 @@ pub static KSIGNS_IQ2XS: [u8; 128] = [
 ];
 
 /// KSIGNS_IQ2XS as bytes of ±1 (1 or 0xFF), eight to a word: ggml's keven_signs_q2xs,
-/// for applying signs with one `sign_epi8`.
+/// for applying signs with one `sign_epi8` (the AVX2 kernels' table).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub static KEVEN_SIGNS: [u64; 128] = {
     let mut t = [0u64; 128];
     let mut i = 0;
