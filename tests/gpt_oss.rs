@@ -103,28 +103,7 @@ fn llama_cpp_steps(path: &Path, prompt: &[u32], n: usize) -> Option<Vec<(u32, Ve
             "cache_prompt": false,
         }),
     );
-    let steps = reply["completion_probabilities"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no completion_probabilities in {reply}"));
-    Some(
-        steps
-            .iter()
-            .map(|s| {
-                let top = s["top_logprobs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t["id"].as_u64().unwrap() as u32,
-                            t["logprob"].as_f64().unwrap(),
-                        )
-                    })
-                    .collect();
-                (s["id"].as_u64().unwrap() as u32, top)
-            })
-            .collect(),
-    )
+    Some(llama_server::greedy_steps(&reply))
 }
 
 /// Greedy decoding against llama.cpp for 64 steps, fed llama.cpp's tokens: each step must pick

@@ -116,3 +116,28 @@ pub fn start_model(model: &std::path::Path, extra: &[&str]) -> Option<Server> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Each step of a `/completion` reply made with `n_probs`: the token llama.cpp chose and its
+/// top log-probabilities as (token id, log-probability).
+pub fn greedy_steps(reply: &serde_json::Value) -> Vec<(u32, Vec<(u32, f64)>)> {
+    let steps = reply["completion_probabilities"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no completion_probabilities in {reply}"));
+    steps
+        .iter()
+        .map(|s| {
+            let top = s["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    (
+                        t["id"].as_u64().unwrap() as u32,
+                        t["logprob"].as_f64().unwrap(),
+                    )
+                })
+                .collect();
+            (s["id"].as_u64().unwrap() as u32, top)
+        })
+        .collect()
+}
