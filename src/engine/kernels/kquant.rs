@@ -518,24 +518,7 @@ pub(super) fn matmul_jobs(kernels: Kernels, kind: KQuant, jobs: &[Job]) -> Vec<V
     };
     let k = first.w.k;
     let (kb, tb) = (k / QK_K, kind.tile_bytes());
-    // Quantized activations, once per distinct input slice.
-    let mut inputs: Vec<(*const f32, usize)> = Vec::new();
-    let mut acts: Vec<Vec<Q8KBlock>> = Vec::new();
-    let which: Vec<usize> = jobs
-        .iter()
-        .map(|j| {
-            let key = (j.x.as_ptr(), j.x.len());
-            inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
-                let mut a = vec![Q8KBlock::default(); j.x.len() / k * kb];
-                for (a, xs) in a.chunks_mut(kb).zip(j.x.chunks(k)) {
-                    quantize_activations(xs, a);
-                }
-                inputs.push(key);
-                acts.push(a);
-                acts.len() - 1
-            })
-        })
-        .collect();
+    let (acts, which) = super::quantize_inputs(jobs, k, kb, quantize_activations);
     let ms: Vec<usize> = jobs.iter().map(|j| j.x.len() / k).collect();
     let mut ys: Vec<Vec<f32>> = jobs
         .iter()

@@ -187,6 +187,34 @@ fn matmul_many_with(isa: Isa, mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<
     matmul_jobs_with(isa, &jobs)
 }
 
+/// The jobs' inputs quantized `per_row` blocks to a row of `k` values, once per distinct
+/// input slice (jobs sharing an input share its blocks), and which of them each job reads.
+fn quantize_inputs<B: Clone + Default>(
+    jobs: &[Job],
+    k: usize,
+    per_row: usize,
+    quantize: fn(&[f32], &mut [B]),
+) -> (Vec<Vec<B>>, Vec<usize>) {
+    let mut inputs: Vec<(*const f32, usize)> = Vec::new();
+    let mut acts: Vec<Vec<B>> = Vec::new();
+    let which = jobs
+        .iter()
+        .map(|j| {
+            let key = (j.x.as_ptr(), j.x.len());
+            inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
+                let mut a = vec![B::default(); j.x.len() / k * per_row];
+                for (a, xs) in a.chunks_mut(per_row).zip(j.x.chunks(k)) {
+                    quantize(xs, a);
+                }
+                inputs.push(key);
+                acts.push(a);
+                acts.len() - 1
+            })
+        })
+        .collect();
+    (acts, which)
+}
+
 /// One matrix and the rows (m × k, m = x.len() / k) it multiplies.
 #[derive(Clone, Copy)]
 pub struct Job<'a> {
@@ -217,24 +245,7 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
         return kquant::matmul_jobs(kquant::Kernels::best(Some(isa)), kq, jobs);
     }
     let nb = k / QK;
-    // Quantized activations, once per distinct input slice.
-    let mut inputs: Vec<(*const f32, usize)> = Vec::new();
-    let mut acts: Vec<Vec<Q8Block>> = Vec::new();
-    let which: Vec<usize> = jobs
-        .iter()
-        .map(|j| {
-            let key = (j.x.as_ptr(), j.x.len());
-            inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
-                let mut a = vec![Q8Block::default(); j.x.len() / k * nb];
-                for (a, xs) in a.chunks_mut(nb).zip(j.x.chunks(k)) {
-                    quantize_activations(xs, a);
-                }
-                inputs.push(key);
-                acts.push(a);
-                acts.len() - 1
-            })
-        })
-        .collect();
+    let (acts, which) = quantize_inputs(jobs, k, nb, quantize_activations);
     let ms: Vec<usize> = jobs.iter().map(|j| j.x.len() / k).collect();
     let mut ys: Vec<Vec<f32>> = jobs
         .iter()
