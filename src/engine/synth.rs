@@ -682,7 +682,10 @@ impl SynthSpec {
         };
         let mut md: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(arch.into())),
-            ("general.name".into(), Value::String("synthetic deepseek2".into())),
+            (
+                "general.name".into(),
+                Value::String("synthetic deepseek2".into()),
+            ),
             (k("block_count"), Value::U32(self.n_layer as u32)),
             (k("context_length"), Value::U32(self.context_length as u32)),
             (k("embedding_length"), Value::U32(n_embd as u32)),
@@ -696,10 +699,16 @@ impl SynthSpec {
             (k("rope.dimension_count"), Value::U32(m.rope as u32)),
             (k("attention.q_lora_rank"), Value::U32(m.q_lora as u32)),
             (k("attention.kv_lora_rank"), Value::U32(m.kv_lora as u32)),
-            (k("leading_dense_block_count"), Value::U32(m.dense_lead as u32)),
+            (
+                k("leading_dense_block_count"),
+                Value::U32(m.dense_lead as u32),
+            ),
             (k("expert_count"), Value::U32(experts.count as u32)),
             (k("expert_used_count"), Value::U32(experts.used as u32)),
-            (k("expert_feed_forward_length"), Value::U32(expert_ff as u32)),
+            (
+                k("expert_feed_forward_length"),
+                Value::U32(expert_ff as u32),
+            ),
             (k("expert_shared_count"), Value::U32(m.shared as u32)),
             (k("expert_weights_scale"), Value::F32(m.scale)),
             (k("expert_weights_norm"), Value::Bool(m.norm)),
@@ -711,7 +720,10 @@ impl SynthSpec {
             (k("rope.scaling.type"), Value::String("yarn".into())),
             (k("rope.scaling.factor"), Value::F32(40.0)),
             (k("rope.scaling.original_context_length"), Value::U32(4096)),
-            (k("rope.scaling.yarn_log_multiplier"), Value::F32(m.yarn_log_mul)),
+            (
+                k("rope.scaling.yarn_log_multiplier"),
+                Value::F32(m.yarn_log_mul),
+            ),
         ];
         if !m.legacy_kv_b {
             md.push((k("attention.key_length_mla"), Value::U32(kd as u32)));
@@ -721,7 +733,11 @@ impl SynthSpec {
             md.push((k("expert_group_count"), Value::U32(m.groups.0 as u32)));
             md.push((k("expert_group_used_count"), Value::U32(m.groups.1 as u32)));
         }
-        let pre = if m.sigmoid { "deepseek-v3" } else { "deepseek-llm" };
+        let pre = if m.sigmoid {
+            "deepseek-v3"
+        } else {
+            "deepseek-llm"
+        };
         let vocab = bpe_vocab(&mut md, pre, &[]);
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
@@ -955,9 +971,10 @@ fn bpe_vocab(md: &mut Vec<(String, Value)>, pre: &str, extra: &[&str]) -> usize 
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if pre == "gpt-4o" {
+    if pre == "gpt-4o" || pre.starts_with("deepseek") {
         // gpt-4o's split differs from GPT-2's here: digits go in threes ("1234" is "123" +
         // "4", so never "34"), and "'S" stays with its word; merges across the cuts show it.
+        // DeepSeek-V3's splits digits in threes and keeps "'S" too, DeepSeek-LLM's neither.
         merges.extend(["3 4", "' S"].map(String::from));
     }
     for m in &merges {

@@ -25,8 +25,8 @@ use super::kernels::{self, Job, Packed};
 use super::moe::{self, split_experts, Gating};
 use super::{
     attention, attention_mask, cached_attention, candle_type, check_finite, check_shape, fetch,
-    ff_width, gpt_oss, load_parallel, matrix, norm, Act, Embedding, GateUp, Gguf, HParams,
-    KvCache, Matrix, Mlp, Rope,
+    ff_width, gpt_oss, load_parallel, matrix, norm, Act, Embedding, GateUp, Gguf, HParams, KvCache,
+    Matrix, Mlp, Rope,
 };
 use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
@@ -238,7 +238,9 @@ pub(super) fn hparams(g: &Gguf, mut hp: HParams) -> Result<HParams> {
             beta_fast: g
                 .get_f32(&key("rope.scaling.yarn_beta_fast"))
                 .unwrap_or(32.0),
-            beta_slow: g.get_f32(&key("rope.scaling.yarn_beta_slow")).unwrap_or(1.0),
+            beta_slow: g
+                .get_f32(&key("rope.scaling.yarn_beta_slow"))
+                .unwrap_or(1.0),
         });
     }
     let kq_scale = kq_mscale * kq_mscale / (k_dim as f32).sqrt();
@@ -466,7 +468,9 @@ fn per_head(ms: &[Matrix], x: &Tensor) -> Result<Tensor> {
         })
         .collect();
     if let (Some(p), true) = (packed, x.device().is_cpu()) {
-        if p.iter().all(|w| w.kind == p[0].kind && w.k == k && w.n == p[0].n) {
+        if p.iter()
+            .all(|w| w.kind == p[0].kind && w.k == k && w.n == p[0].n)
+        {
             let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let jobs: Vec<Job> = p
                 .iter()
@@ -535,7 +539,10 @@ fn split_kv_b(
 
 impl Stack {
     pub(super) fn load(g: &Gguf, hp: &HParams, n_ctx: usize, dev: &Device) -> Result<Self> {
-        let m = hp.mla.clone().context("a DeepSeek model without its MLA parameters")?;
+        let m = hp
+            .mla
+            .clone()
+            .context("a DeepSeek model without its MLA parameters")?;
         let (e, nh) = (hp.n_embd, hp.n_head);
         let file = g.path.display();
         let mut rope = gpt_oss::rope(hp, hp.rope_base, n_ctx, dev)?;
@@ -583,7 +590,10 @@ impl Stack {
             } else if g.has_tensor(&n("attn_kv_b.weight")) {
                 split_kv_b(g, &n("attn_kv_b.weight"), &m, nh, dev)?
             } else {
-                bail!("{file} lacks the tensor {} its architecture needs", n("attn_k_b.weight"));
+                bail!(
+                    "{file} lacks the tensor {} its architecture needs",
+                    n("attn_k_b.weight")
+                );
             };
             let attn = Attention {
                 q,
@@ -606,10 +616,11 @@ impl Stack {
                 } else {
                     None
                 };
-                let moe = moe::Moe::load(g, &p, hp, Act::Silu, dev)?.with_gating(Arc::new(Router {
-                    routing: m.routing,
-                    bias,
-                }));
+                let moe =
+                    moe::Moe::load(g, &p, hp, Act::Silu, dev)?.with_gating(Arc::new(Router {
+                        routing: m.routing,
+                        bias,
+                    }));
                 Ffn::Moe {
                     moe,
                     shared: mlp(g, &p, "_shexp")?,
@@ -668,7 +679,9 @@ impl Stack {
         let mut x = embed.lookup(tokens, dev)?;
         for b in &mut self.blocks {
             let h = norm(&x, &b.attn_norm, hp.rms_eps)?;
-            let a = b.attn.forward(&h, &self.mla, hp, n_ctx, pos, mask.as_ref())?;
+            let a = b
+                .attn
+                .forward(&h, &self.mla, hp, n_ctx, pos, mask.as_ref())?;
             x = (x + a)?;
             let h = norm(&x, &b.ffn_norm, hp.rms_eps)?;
             let f = match &b.ffn {
@@ -743,8 +756,8 @@ impl Attention {
         // The nope query in latent space: per head through attn_k_b.
         let q_abs = per_head(&self.k_b, &q_nope)?.unsqueeze(0)?;
         let q = Tensor::cat(&[&q_abs, &q_pe], D::Minus1)?.contiguous()?;
-        let k = Tensor::cat(&[&c.reshape((1, 1, seq, m.kv_lora))?, &k_pe], D::Minus1)?
-            .contiguous()?;
+        let k =
+            Tensor::cat(&[&c.reshape((1, 1, seq, m.kv_lora))?, &k_pe], D::Minus1)?.contiguous()?;
         let o = self.cache.attend(&q, &k, pos, m.kq_scale, n_ctx, mask)?;
         // The values are the latent columns; back per head through attn_v_b.
         let o = o
@@ -791,7 +804,10 @@ mod tests {
         let g = |i: usize| sel[2 * i] + sel[2 * i + 1];
         let mut groups = [0usize, 1, 2, 3];
         groups.sort_by(|&a, &b| g(b).total_cmp(&g(a)));
-        let allowed: Vec<usize> = groups[..2].iter().flat_map(|&g| [2 * g, 2 * g + 1]).collect();
+        let allowed: Vec<usize> = groups[..2]
+            .iter()
+            .flat_map(|&g| [2 * g, 2 * g + 1])
+            .collect();
         let mut best: Vec<usize> = allowed.clone();
         best.sort_by(|&a, &b| sel[b].total_cmp(&sel[a]));
         let ids: Vec<usize> = got.iter().map(|&(e, _)| e).collect();
