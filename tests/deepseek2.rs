@@ -379,3 +379,22 @@ fn q8_0_rounding_amplifies_tiny_differences() {
     assert!(worst[0] < 1e-4, "f32 moved by {}", worst[0]);
     assert!(worst[1] > 1e-2, "Q8_0 moved by only {}", worst[1]);
 }
+
+/// The catalog's DeepSeek entries run on this architecture and their sizes are those of
+/// their quantizations: about 2.2 to 2.7 bits a weight for unsloth's IQ2_XXS of the 671B
+/// models (their tables: 183 GB for R1, 219 GB for V3-0324), about 5 for V2-Lite's Q4_K_M.
+#[test]
+fn the_catalog_has_deepseek_at_two_bits() {
+    let c = tokentop::catalog::Catalog::builtin();
+    for (id, bits) in [
+        ("deepseek-r1-iq2", 2.0..3.0),
+        ("deepseek-v3-0324-iq2", 2.0..3.0),
+        ("deepseek-v2-lite", 4.5..6.0),
+    ] {
+        let m = c.find(id).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(m.arch, "deepseek2", "{id}");
+        assert!(m.is_moe(), "{id}");
+        let bpw = m.size as f64 * 8.0 / (m.params_b * 1e9);
+        assert!(bits.contains(&bpw), "{id}: {bpw:.2} bits a weight");
+    }
+}
