@@ -741,6 +741,16 @@ impl SynthSpec {
         let vocab = bpe_vocab(&mut md, pre, &[]);
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
+            // Rows a type cannot block (attn_k_b's 128 for a K-quant) fall back to Q8_0, as
+            // llama-quantize does for them.
+            let last = *shape.last().unwrap();
+            let dtype = if last % dtype.block_size() == 0 {
+                dtype
+            } else if last % GgmlDType::Q8_0.block_size() == 0 {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::F32
+            };
             let n: usize = shape.iter().product();
             let scale = 1.7 / (*shape.last().unwrap() as f32).sqrt();
             let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
