@@ -744,9 +744,9 @@ impl SynthSpec {
             // Rows a type cannot block (attn_k_b's 128 for a K-quant) fall back to Q8_0, as
             // llama-quantize does for them.
             let last = *shape.last().unwrap();
-            let dtype = if last % dtype.block_size() == 0 {
+            let dtype = if last.is_multiple_of(dtype.block_size()) {
                 dtype
-            } else if last % GgmlDType::Q8_0.block_size() == 0 {
+            } else if last.is_multiple_of(GgmlDType::Q8_0.block_size()) {
                 GgmlDType::Q8_0
             } else {
                 GgmlDType::F32
