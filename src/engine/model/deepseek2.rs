@@ -30,7 +30,6 @@ use super::{
 };
 use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 
@@ -426,8 +425,8 @@ struct Attention {
     kv_a: Matrix,
     kv_a_norm: Tensor,
     /// Per head: (kv_lora × nope) and (v_dim × kv_lora).
-    k_b: Vec<Matrix>,
-    v_b: Vec<Matrix>,
+    k_b: Heads,
+    v_b: Heads,
     out: Matrix,
     rope: Arc<Rope>,
     cache: Latent,
@@ -453,9 +452,23 @@ pub(super) struct Stack {
     blocks: Vec<Block>,
 }
 
-/// Head h of x (heads, seq, k) through ms[h]: (heads, seq, n). Block-kernel matrices of one
-/// kind run as one parallel region (one job per head), the rest one head at a time.
-fn per_head(ms: &[Matrix], x: &Tensor) -> Result<Tensor> {
+/// One projection per head.
+#[derive(Debug)]
+enum Heads {
+    /// The file's stacked tensor as one matrix per head.
+    Each(Vec<Matrix>),
+    /// Split from an older file's attn_kv_b: (heads, rows, cols) in f32, one batched product.
+    Stacked(Tensor),
+}
+
+/// Head h of x (heads, seq, k) through head h's matrix: (heads, seq, n). Block-kernel
+/// matrices of one kind run as one parallel region (one job per head), other types one head
+/// at a time.
+fn per_head(heads: &Heads, x: &Tensor) -> Result<Tensor> {
+    let ms = match heads {
+        Heads::Each(ms) => ms,
+        Heads::Stacked(w) => return Ok(x.contiguous()?.matmul(&w.t()?)?),
+    };
     let (nh, seq, k) = x.dims3()?;
     if ms.len() != nh {
         bail!("{} head matrices for {nh} heads", ms.len());
@@ -491,13 +504,14 @@ fn per_head(ms: &[Matrix], x: &Tensor) -> Result<Tensor> {
 }
 
 /// A stacked (heads, rows, cols) tensor as one matrix per head.
-fn head_matrices(g: &Gguf, name: &str, shape: [usize; 3], dev: &Device) -> Result<Vec<Matrix>> {
+fn head_matrices(g: &Gguf, name: &str, shape: [usize; 3], dev: &Device) -> Result<Heads> {
     if let Some(ms) = Matrix::fetch_iq(g, name, &shape)? {
         g.release(name);
         return ms
             .into_iter()
             .map(|m| Matrix::from_iq(Arc::new(m), dev))
-            .collect();
+            .collect::<Result<_>>()
+            .map(Heads::Each);
     }
     check_shape(g, name, &shape)?;
     if !g.has_tensor(name) {
@@ -508,7 +522,7 @@ fn head_matrices(g: &Gguf, name: &str, shape: [usize; 3], dev: &Device) -> Resul
     }
     let dtype = candle_type(g, name)?;
     let (_, dims, raw) = g.raw(name)?;
-    split_experts(dtype, raw, dims, dev, |b| g.release_bytes(b))
+    split_experts(dtype, raw, dims, dev, |b| g.release_bytes(b)).map(Heads::Each)
 }
 
 /// An older file's `attn_kv_b` (heads × (nope + v) rows of kv_lora) split into llama.cpp's
@@ -519,22 +533,18 @@ fn split_kv_b(
     m: &MlaParams,
     nh: usize,
     dev: &Device,
-) -> Result<(Vec<Matrix>, Vec<Matrix>)> {
+) -> Result<(Heads, Heads)> {
     let per = m.nope + m.v_dim;
     let w = fetch(g, name, &[nh * per, m.kv_lora], &Device::Cpu)?.dequantize(&Device::Cpu)?;
+    g.release(name);
     check_finite(g, name, &w)?;
-    // A fresh tensor each: QTensor::quantize reads a view's storage from its start.
-    let as_matrix = |t: Tensor| -> Result<Matrix> {
-        let fresh = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.dims(), dev)?;
-        Matrix::new(QTensor::quantize(&fresh, GgmlDType::F32)?)
-    };
-    let (mut k_b, mut v_b) = (Vec::with_capacity(nh), Vec::with_capacity(nh));
-    for h in 0..nh {
-        let rows = w.narrow(0, h * per, per)?;
-        k_b.push(as_matrix(rows.narrow(0, 0, m.nope)?.t()?)?);
-        v_b.push(as_matrix(rows.narrow(0, m.nope, m.v_dim)?)?);
-    }
-    Ok((k_b, v_b))
+    let w = w.reshape((nh, per, m.kv_lora))?;
+    let k_b = w.narrow(1, 0, m.nope)?.transpose(1, 2)?.contiguous()?;
+    let v_b = w.narrow(1, m.nope, m.v_dim)?.contiguous()?;
+    Ok((
+        Heads::Stacked(k_b.to_device(dev)?),
+        Heads::Stacked(v_b.to_device(dev)?),
+    ))
 }
 
 impl Stack {
