@@ -16,6 +16,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::sync::Arc;
 
 pub(crate) mod attention;
+mod deepseek2;
 mod gpt_oss;
 mod moe;
 mod qwen35;
@@ -34,10 +35,12 @@ pub enum Arch {
     Qwen35Moe,
     /// OpenAI's gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE).
     GptOss,
+    /// DeepSeek-V2 / V3 / R1: latent attention and routed experts (model/deepseek2.rs).
+    DeepSeek2,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 9] = [
+    pub const SUPPORTED: [&'static str; 10] = [
         "llama",
         "qwen2",
         "qwen3",
@@ -47,6 +50,7 @@ impl Arch {
         "qwen35",
         "qwen35moe",
         "gpt-oss",
+        "deepseek2",
     ];
 
     pub fn from_gguf_name(name: &str) -> Result<Self> {
@@ -60,6 +64,7 @@ impl Arch {
             "qwen35" => Self::Qwen35,
             "qwen35moe" => Self::Qwen35Moe,
             "gpt-oss" => Self::GptOss,
+            "deepseek2" => Self::DeepSeek2,
             other => bail!(
                 "unsupported architecture \"{other}\": tokentop runs {}",
                 Self::SUPPORTED.join(", ")
@@ -78,13 +83,14 @@ impl Arch {
             Self::Qwen35 => "qwen35",
             Self::Qwen35Moe => "qwen35moe",
             Self::GptOss => "gpt-oss",
+            Self::DeepSeek2 => "deepseek2",
         }
     }
 
     /// GPT-NeoX rotary layout (halves) versus the GGML "normal" layout (adjacent pairs),
     /// as llama.cpp's llama_model_rope_type assigns them.
     fn rope_is_neox(self) -> bool {
-        !matches!(self, Self::Llama)
+        !matches!(self, Self::Llama | Self::DeepSeek2)
     }
 }
 
@@ -111,8 +117,10 @@ pub struct HParams {
     pub rope_scale_global: f32,
     /// Qwen3.5's linear-attention layers (None for every other architecture).
     pub delta_net: Option<qwen35::DeltaNetParams>,
-    /// YaRN context extension (`rope.scaling.type = yarn`), gpt-oss only for now.
+    /// YaRN context extension (`rope.scaling.type = yarn`): gpt-oss and DeepSeek.
     pub yarn: Option<gpt_oss::Yarn>,
+    /// DeepSeek's latent attention and routing (None for every other architecture).
+    pub mla: Option<deepseek2::MlaParams>,
 }
 
 impl HParams {
@@ -191,9 +199,11 @@ impl HParams {
             rope_scale_global,
             delta_net,
             yarn: None,
+            mla: None,
         };
         let hp = match arch {
             Arch::GptOss => gpt_oss::hparams(g, hp)?,
+            Arch::DeepSeek2 => deepseek2::hparams(g, hp)?,
             _ => hp,
         };
         hp.check(g)?;
@@ -247,7 +257,10 @@ impl HParams {
             bail!("{file}: {p}.attention.key_length is 0");
         }
         let shape = |name: &str| g.tensor_dims(name).map(<[usize]>::to_vec);
-        let want_q = if let Some(dn) = &self.delta_net {
+        let want_q = if self.mla.is_some() {
+            // DeepSeek's projections are checked as its layers load (model/deepseek2.rs).
+            (vec![], vec![], String::new())
+        } else if let Some(dn) = &self.delta_net {
             // Gated attention: the Q projection yields a query and a gate per head.
             dn.check(g, self)?;
             match dn.first_attention_layer(self.n_layer) {
@@ -324,7 +337,7 @@ impl HParams {
         if self.sliding_window == Some(0) {
             bail!("{file}: {p}.attention.sliding_window is 0");
         }
-        if self.n_expert > 1 {
+        if self.n_expert > 1 && self.mla.is_none() {
             let router = shape("blk.0.ffn_gate_inp.weight");
             if router.as_deref() != Some(&[self.n_expert, self.n_embd][..]) {
                 bail!(
@@ -356,6 +369,9 @@ impl HParams {
     /// `kv`: the cache types on the CPU (fused attention: no score tensor, only the chunk's
     /// queries and outputs); None on a GPU (an f32 cache and candle's score and mask tensors).
     pub fn context_bytes(&self, n_ctx: usize, chunk: usize, kv: Option<KvTypes>) -> u64 {
+        if let Some(m) = &self.mla {
+            return m.context_bytes(self, n_ctx, chunk, kv);
+        }
         let f = 4u64; // f32
         let (ctx, chunk) = (n_ctx as u64, chunk.min(n_ctx) as u64);
         // Qwen3.5's Gated DeltaNet layers keep a recurrent state instead of a KV cache.
@@ -1058,6 +1074,8 @@ pub struct Model {
     device: Device,
     /// Qwen3.5's layers with their recurrent state (then `layers` is empty).
     hybrid: Option<qwen35::Hybrid>,
+    /// DeepSeek's layers with their latent caches (then `layers` is empty).
+    mla: Option<deepseek2::Stack>,
 }
 
 fn norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -1237,7 +1255,11 @@ impl Model {
                 cache: KvCache::default(),
             })
         };
-        let layers = if hybrid.is_some() {
+        let mla = match hp.mla {
+            Some(_) => Some(deepseek2::Stack::load(g, &hp, n_ctx, dev)?),
+            None => None,
+        };
+        let layers = if hybrid.is_some() || mla.is_some() {
             Vec::new()
         } else {
             load_parallel(hp.n_layer, load_layer)?
@@ -1253,6 +1275,7 @@ impl Model {
             output,
             device: dev.clone(),
             hybrid,
+            mla,
         })
     }
 
@@ -1265,6 +1288,9 @@ impl Model {
         if let Some(h) = &self.hybrid {
             return h.cached_len();
         }
+        if let Some(m) = &self.mla {
+            return m.cached_len();
+        }
         self.layers.first().map_or(0, |l| l.cache.len())
     }
 
@@ -1272,6 +1298,9 @@ impl Model {
     pub fn truncate_cache(&mut self, len: usize) {
         if let Some(h) = &mut self.hybrid {
             h.truncate(len);
+        }
+        if let Some(m) = &mut self.mla {
+            m.truncate(len);
         }
         for l in &mut self.layers {
             l.cache.truncate(len);
@@ -1290,13 +1319,17 @@ impl Model {
         if let Some(h) = &mut self.hybrid {
             h.set_kv_types(types);
         }
+        if let Some(m) = &mut self.mla {
+            m.set_kv_types(types)?;
+        }
         Ok(())
     }
 
     /// Bytes the KV cache buffers occupy now.
     pub fn kv_cache_bytes(&self) -> usize {
         let hybrid = self.hybrid.as_ref().map_or(0, qwen35::Hybrid::bytes);
-        hybrid + self.layers.iter().map(|l| l.cache.bytes()).sum::<usize>()
+        let mla = self.mla.as_ref().map_or(0, deepseek2::Stack::bytes);
+        hybrid + mla + self.layers.iter().map(|l| l.cache.bytes()).sum::<usize>()
     }
 
     /// Runs `tokens` at positions `cached_len()..`, appending them to the cache, and returns
@@ -1345,6 +1378,9 @@ impl Model {
         }
         if let Some(h) = &mut self.hybrid {
             return h.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
+        }
+        if let Some(m) = &mut self.mla {
+            return m.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
         }
         let mut x = self.embed.lookup(tokens, &self.device)?;
         if let Some(s) = self.embed_scale {

@@ -30,6 +30,78 @@ pub struct SynthSpec {
     /// Experts in MXFP4 (ggml type 39, as gpt-oss ships them), which candle cannot write:
     /// written as f16 placeholders of the same byte size, then the header is patched.
     pub mxfp4_experts: bool,
+    /// DeepSeek's latent attention and routing (`deepseek2` only).
+    pub mla: Option<SynthMla>,
+}
+
+/// A DeepSeek (`deepseek2`) model's attention and routing, written as llama.cpp's converter
+/// writes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthMla {
+    /// 0: a plain `attn_q` (V2-Lite); else the query LoRA's rank.
+    pub q_lora: usize,
+    pub kv_lora: usize,
+    /// Per head: query/key dimensions without and with rotary embedding, value dimensions.
+    pub nope: usize,
+    pub rope: usize,
+    pub v_dim: usize,
+    /// Dense layers before the MoE ones.
+    pub dense_lead: usize,
+    /// Shared experts (each `expert_ff` wide).
+    pub shared: usize,
+    /// `expert_gating_func`: sigmoid (V3) or softmax (V2).
+    pub sigmoid: bool,
+    /// A score-correction bias `exp_probs_b` (V3).
+    pub bias: bool,
+    /// (`expert_group_count`, `expert_group_used_count`); (0, 0) writes neither.
+    pub groups: (usize, usize),
+    pub norm: bool,
+    pub scale: f32,
+    /// `rope.scaling.yarn_log_multiplier` as the converter stores it (0.1 × mscale_all_dim).
+    pub yarn_log_mul: f32,
+    /// One `attn_kv_b` per layer (files converted before llama.cpp split it), without the
+    /// `_mla` length keys.
+    pub legacy_kv_b: bool,
+}
+
+impl SynthMla {
+    /// DeepSeek-V3's layout at tiny widths: query LoRA, sigmoid routing with a bias, 4
+    /// groups of 2 experts of which 2 groups are used, renormalised weights × 2.5, a leading
+    /// dense layer.
+    pub fn v3() -> Self {
+        Self {
+            q_lora: 32,
+            kv_lora: 32,
+            nope: 32,
+            rope: 16,
+            v_dim: 32,
+            dense_lead: 1,
+            shared: 1,
+            sigmoid: true,
+            bias: true,
+            groups: (4, 2),
+            norm: true,
+            scale: 2.5,
+            yarn_log_mul: 0.1,
+            legacy_kv_b: false,
+        }
+    }
+
+    /// DeepSeek-V2-Lite's layout at tiny widths: a plain `attn_q`, softmax routing with the
+    /// full-softmax weights, two shared experts.
+    pub fn v2_lite() -> Self {
+        Self {
+            q_lora: 0,
+            shared: 2,
+            sigmoid: false,
+            bias: false,
+            groups: (0, 0),
+            norm: false,
+            scale: 1.0,
+            yarn_log_mul: 0.0707,
+            ..Self::v3()
+        }
+    }
 }
 
 /// The widths of a synthetic model.
@@ -64,6 +136,8 @@ pub struct Preset {
     pub dims: SynthDims,
     /// (count, used per token).
     pub experts: Option<(usize, usize)>,
+    /// DeepSeek's attention and routing.
+    pub mla: Option<SynthMla>,
 }
 
 /// Real shapes users run, by name.
@@ -80,6 +154,7 @@ pub const PRESETS: &[Preset] = &[
             head_dim: 128,
         },
         experts: None,
+        mla: None,
     },
     Preset {
         name: "llama-3.1-70b",
@@ -93,6 +168,7 @@ pub const PRESETS: &[Preset] = &[
             head_dim: 128,
         },
         experts: None,
+        mla: None,
     },
     Preset {
         name: "qwen3-30b-a3b",
@@ -106,6 +182,67 @@ pub const PRESETS: &[Preset] = &[
             head_dim: 128,
         },
         experts: Some((128, 8)),
+        mla: None,
+    },
+    // DeepSeek-V3 / R1 (config.json of deepseek-ai/DeepSeek-V3): 61 layers, the first 3 dense.
+    Preset {
+        name: "deepseek-v3",
+        arch: "deepseek2",
+        dims: SynthDims {
+            n_embd: 7168,
+            n_ff: 18432,
+            expert_ff: 2048,
+            n_head: 128,
+            n_kv_head: 1,
+            head_dim: 576,
+        },
+        experts: Some((256, 8)),
+        mla: Some(SynthMla {
+            q_lora: 1536,
+            kv_lora: 512,
+            nope: 128,
+            rope: 64,
+            v_dim: 128,
+            dense_lead: 3,
+            shared: 1,
+            sigmoid: true,
+            bias: true,
+            groups: (8, 4),
+            norm: true,
+            scale: 2.5,
+            yarn_log_mul: 0.1,
+            legacy_kv_b: false,
+        }),
+    },
+    // DeepSeek-V2-Lite (config.json of deepseek-ai/DeepSeek-V2-Lite): 27 layers, the first dense.
+    Preset {
+        name: "deepseek-v2-lite",
+        arch: "deepseek2",
+        dims: SynthDims {
+            n_embd: 2048,
+            n_ff: 10944,
+            expert_ff: 1408,
+            n_head: 16,
+            n_kv_head: 1,
+            head_dim: 576,
+        },
+        experts: Some((64, 6)),
+        mla: Some(SynthMla {
+            q_lora: 0,
+            kv_lora: 512,
+            nope: 128,
+            rope: 64,
+            v_dim: 128,
+            dense_lead: 1,
+            shared: 2,
+            sigmoid: false,
+            bias: false,
+            groups: (0, 0),
+            norm: false,
+            scale: 1.0,
+            yarn_log_mul: 0.0707,
+            legacy_kv_b: false,
+        }),
     },
 ];
 
@@ -122,6 +259,7 @@ impl SynthDims {
             used,
             stacked: true,
         });
+        spec.mla = p.mla;
         Some(spec)
     }
 }
@@ -152,11 +290,19 @@ impl SynthSpec {
     pub fn new(arch: &str) -> Self {
         Self {
             arch: arch.to_string(),
-            experts: matches!(arch, "qwen3moe" | "qwen35moe" | "gpt-oss").then_some(SynthExperts {
-                count: 4,
-                used: 2,
-                stacked: true,
-            }),
+            experts: match arch {
+                "qwen3moe" | "qwen35moe" | "gpt-oss" => Some(SynthExperts {
+                    count: 4,
+                    used: 2,
+                    stacked: true,
+                }),
+                "deepseek2" => Some(SynthExperts {
+                    count: 8,
+                    used: 2,
+                    stacked: true,
+                }),
+                _ => None,
+            },
             dtype: GgmlDType::Q8_0,
             n_layer: 2,
             context_length: 512,
@@ -165,11 +311,15 @@ impl SynthSpec {
             dims: SynthDims::default(),
             k_mix: false,
             mxfp4_experts: false,
+            mla: (arch == "deepseek2").then(SynthMla::v3),
         }
     }
 
     /// Writes the model to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some(m) = self.mla {
+            return self.write_deepseek2(path, m);
+        }
         let dev = Device::Cpu;
         let mut rng = SplitMix(self.seed);
         let arch = self.arch.as_str();
@@ -504,6 +654,170 @@ fn delta_net_tensors(
     Ok(())
 }
 
+impl SynthSpec {
+    /// A `deepseek2` file with every hyper-parameter and tensor llama.cpp's loader reads
+    /// (llama_model_deepseek2::load_arch_hparams / load_arch_tensors).
+    fn write_deepseek2(&self, path: &Path, m: SynthMla) -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix(self.seed);
+        let arch = "deepseek2";
+        let SynthDims {
+            n_embd,
+            n_ff,
+            expert_ff,
+            n_head,
+            ..
+        } = self.dims;
+        let experts = self.experts.unwrap_or(SynthExperts {
+            count: 8,
+            used: 2,
+            stacked: true,
+        });
+        let k = |s: &str| format!("{arch}.{s}");
+        let kd = m.nope + m.rope;
+        let (kv_heads, key_len, value_len) = if m.legacy_kv_b {
+            (n_head, kd, m.v_dim)
+        } else {
+            (1, m.kv_lora + m.rope, m.kv_lora)
+        };
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (
+                "general.name".into(),
+                Value::String("synthetic deepseek2".into()),
+            ),
+            (k("block_count"), Value::U32(self.n_layer as u32)),
+            (k("context_length"), Value::U32(self.context_length as u32)),
+            (k("embedding_length"), Value::U32(n_embd as u32)),
+            (k("feed_forward_length"), Value::U32(n_ff as u32)),
+            (k("attention.head_count"), Value::U32(n_head as u32)),
+            (k("attention.head_count_kv"), Value::U32(kv_heads as u32)),
+            (k("attention.key_length"), Value::U32(key_len as u32)),
+            (k("attention.value_length"), Value::U32(value_len as u32)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+            (k("rope.freq_base"), Value::F32(10_000.0)),
+            (k("rope.dimension_count"), Value::U32(m.rope as u32)),
+            (k("attention.q_lora_rank"), Value::U32(m.q_lora as u32)),
+            (k("attention.kv_lora_rank"), Value::U32(m.kv_lora as u32)),
+            (
+                k("leading_dense_block_count"),
+                Value::U32(m.dense_lead as u32),
+            ),
+            (k("expert_count"), Value::U32(experts.count as u32)),
+            (k("expert_used_count"), Value::U32(experts.used as u32)),
+            (
+                k("expert_feed_forward_length"),
+                Value::U32(expert_ff as u32),
+            ),
+            (k("expert_shared_count"), Value::U32(m.shared as u32)),
+            (k("expert_weights_scale"), Value::F32(m.scale)),
+            (k("expert_weights_norm"), Value::Bool(m.norm)),
+            (
+                k("expert_gating_func"),
+                Value::U32(if m.sigmoid { 2 } else { 1 }),
+            ),
+            // DeepSeek's YaRN: ×40 over a 4096-token original context.
+            (k("rope.scaling.type"), Value::String("yarn".into())),
+            (k("rope.scaling.factor"), Value::F32(40.0)),
+            (k("rope.scaling.original_context_length"), Value::U32(4096)),
+            (
+                k("rope.scaling.yarn_log_multiplier"),
+                Value::F32(m.yarn_log_mul),
+            ),
+        ];
+        if !m.legacy_kv_b {
+            md.push((k("attention.key_length_mla"), Value::U32(kd as u32)));
+            md.push((k("attention.value_length_mla"), Value::U32(m.v_dim as u32)));
+        }
+        if m.groups.0 > 0 {
+            md.push((k("expert_group_count"), Value::U32(m.groups.0 as u32)));
+            md.push((k("expert_group_used_count"), Value::U32(m.groups.1 as u32)));
+        }
+        let pre = if m.sigmoid {
+            "deepseek-v3"
+        } else {
+            "deepseek-llm"
+        };
+        let vocab = bpe_vocab(&mut md, pre, &[]);
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut q = |shape: &[usize], dtype: GgmlDType| -> Result<QTensor> {
+            // Rows a type cannot block (attn_k_b's 128 for a K-quant) fall back to Q8_0, as
+            // llama-quantize does for them.
+            let last = *shape.last().unwrap();
+            let dtype = if last.is_multiple_of(dtype.block_size()) {
+                dtype
+            } else if last.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::F32
+            };
+            let n: usize = shape.iter().product();
+            let scale = 1.7 / (*shape.last().unwrap() as f32).sqrt();
+            let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
+            Ok(QTensor::quantize(
+                &Tensor::from_vec(data, shape, &dev)?,
+                dtype,
+            )?)
+        };
+        let ones = |n: usize,
+                    q: &mut dyn FnMut(&[usize], GgmlDType) -> Result<QTensor>|
+         -> Result<QTensor> {
+            let noise = q(&[n], GgmlDType::F32)?.dequantize(&dev)?;
+            Ok(QTensor::quantize(&((noise * 0.1)? + 1.0)?, GgmlDType::F32)?)
+        };
+        let dt = self.dtype;
+        tensors.push(("token_embd.weight".into(), q(&[vocab, n_embd], dt)?));
+        tensors.push(("output_norm.weight".into(), ones(n_embd, &mut q)?));
+        tensors.push(("output.weight".into(), q(&[vocab, n_embd], dt)?));
+        let (e, nh, n_exp, sh) = (n_embd, n_head, experts.count, expert_ff * m.shared);
+        for i in 0..self.n_layer {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            tensors.push((p("attn_norm.weight"), ones(e, &mut q)?));
+            if m.q_lora > 0 {
+                tensors.push((p("attn_q_a.weight"), q(&[m.q_lora, e], dt)?));
+                tensors.push((p("attn_q_a_norm.weight"), ones(m.q_lora, &mut q)?));
+                tensors.push((p("attn_q_b.weight"), q(&[nh * kd, m.q_lora], dt)?));
+            } else {
+                tensors.push((p("attn_q.weight"), q(&[nh * kd, e], dt)?));
+            }
+            tensors.push((p("attn_kv_a_mqa.weight"), q(&[m.kv_lora + m.rope, e], dt)?));
+            tensors.push((p("attn_kv_a_norm.weight"), ones(m.kv_lora, &mut q)?));
+            if m.legacy_kv_b {
+                tensors.push((
+                    p("attn_kv_b.weight"),
+                    q(&[nh * (m.nope + m.v_dim), m.kv_lora], dt)?,
+                ));
+            } else {
+                tensors.push((p("attn_k_b.weight"), q(&[nh, m.kv_lora, m.nope], dt)?));
+                tensors.push((p("attn_v_b.weight"), q(&[nh, m.v_dim, m.kv_lora], dt)?));
+            }
+            tensors.push((p("attn_output.weight"), q(&[e, nh * m.v_dim], dt)?));
+            tensors.push((p("ffn_norm.weight"), ones(e, &mut q)?));
+            if i < m.dense_lead {
+                tensors.push((p("ffn_gate.weight"), q(&[n_ff, e], dt)?));
+                tensors.push((p("ffn_up.weight"), q(&[n_ff, e], dt)?));
+                tensors.push((p("ffn_down.weight"), q(&[e, n_ff], dt)?));
+                continue;
+            }
+            tensors.push((p("ffn_gate_inp.weight"), q(&[n_exp, e], GgmlDType::F32)?));
+            if m.bias {
+                tensors.push((p("exp_probs_b.bias"), q(&[n_exp], GgmlDType::F32)?));
+            }
+            tensors.push((p("ffn_gate_exps.weight"), q(&[n_exp, expert_ff, e], dt)?));
+            tensors.push((p("ffn_up_exps.weight"), q(&[n_exp, expert_ff, e], dt)?));
+            tensors.push((p("ffn_down_exps.weight"), q(&[n_exp, e, expert_ff], dt)?));
+            tensors.push((p("ffn_gate_shexp.weight"), q(&[sh, e], dt)?));
+            tensors.push((p("ffn_up_shexp.weight"), q(&[sh, e], dt)?));
+            tensors.push((p("ffn_down_shexp.weight"), q(&[e, sh], dt)?));
+        }
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path)?;
+        gguf_file::write(&mut f, &md_refs, &t_refs)?;
+        Ok(())
+    }
+}
+
 /// A seeded generator for the weights: candle's CPU device cannot be seeded, and tests need
 /// the same model every run. SplitMix64, mapped to uniform [-1, 1).
 struct SplitMix(u64);
@@ -667,9 +981,10 @@ fn bpe_vocab(md: &mut Vec<(String, Value)>, pre: &str, extra: &[&str]) -> usize 
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if pre == "gpt-4o" {
+    if pre == "gpt-4o" || pre.starts_with("deepseek") {
         // gpt-4o's split differs from GPT-2's here: digits go in threes ("1234" is "123" +
         // "4", so never "34"), and "'S" stays with its word; merges across the cuts show it.
+        // DeepSeek-V3's splits digits in threes and keeps "'S" too, DeepSeek-LLM's neither.
         merges.extend(["3 4", "' S"].map(String::from));
     }
     for m in &merges {

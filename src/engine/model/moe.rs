@@ -24,6 +24,14 @@ pub(super) struct Moe {
     router: Matrix,
     experts: Experts,
     top_k: usize,
+    /// DeepSeek's routing (model/deepseek2.rs) instead of the softmax renormalised over k.
+    gating: Option<Arc<dyn Gating>>,
+}
+
+/// A router other than the softmax renormalised over the chosen k: from the router's logits
+/// of each token, its chosen experts and their weights.
+pub(super) trait Gating: std::fmt::Debug + Send + Sync {
+    fn choose(&self, logits: &[f32], top_k: usize) -> Vec<(usize, f32)>;
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +117,7 @@ impl Moe {
                 return Ok(Self {
                     router,
                     top_k: hp.n_expert_used,
+                    gating: None,
                     experts: Experts::Split(
                         gate.into_iter()
                             .zip(up)
@@ -194,13 +203,42 @@ impl Moe {
             router,
             experts,
             top_k: hp.n_expert_used,
+            gating: None,
         })
+    }
+
+    /// The same experts routed by `gating`.
+    pub(super) fn with_gating(mut self, gating: Arc<dyn Gating>) -> Self {
+        self.gating = Some(gating);
+        self
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, seq, d) = x.dims3()?;
         let xs = x.reshape((b * seq, d))?;
-        let probs = candle_nn::ops::softmax_last_dim(&self.router.forward(&xs)?)?;
+        let logits = self.router.forward(&xs)?;
+        if let Some(gating) = &self.gating {
+            let routes = gated_routes(gating.as_ref(), &logits, self.top_k, self.n_expert())?;
+            let out = match &self.experts {
+                Experts::Split(experts) => match packed_experts(experts) {
+                    Some(parts) => one_region_with(&parts, experts[0].act, &xs, routes)?,
+                    None => host_routed_with(experts, &xs, routes)?,
+                },
+                Experts::Stacked {
+                    gate,
+                    up,
+                    down,
+                    act,
+                } => {
+                    let (ids, w) = routes_as_tensors(&routes, b * seq, self.top_k, xs.device())?;
+                    stacked_with(&ids, &w, &xs, [gate, up, down], *act, |w, x, ids| {
+                        Ok(w.indexed_moe_forward(&fresh(x)?, ids)?)
+                    })?
+                }
+            };
+            return Ok(out.reshape((b, seq, d))?);
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let out = match &self.experts {
             Experts::Split(experts) => match packed_experts(experts) {
                 Some(parts) => one_region_routed(&parts, experts[0].act, self.top_k, &xs, &probs)?,
@@ -222,6 +260,56 @@ impl Moe {
         };
         Ok(out.reshape((b, seq, d))?)
     }
+
+    fn n_expert(&self) -> usize {
+        match &self.experts {
+            Experts::Split(e) => e.len(),
+            Experts::Stacked { gate, .. } => gate.shape().dims()[0],
+        }
+    }
+}
+
+/// Each token's experts and weights as `gating` chooses them, per expert.
+fn gated_routes(gating: &dyn Gating, logits: &Tensor, top_k: usize, n: usize) -> Result<Routes> {
+    let logits: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let mut rows = vec![Vec::<u32>::new(); n];
+    let mut weights = vec![Vec::<f32>::new(); n];
+    for (row, l) in logits.iter().enumerate() {
+        for (e, w) in gating.choose(l, top_k) {
+            if e >= n {
+                bail!("the router chose expert {e} of {n}");
+            }
+            rows[e].push(row as u32);
+            weights[e].push(w);
+        }
+    }
+    Ok((rows, weights))
+}
+
+/// Per-expert routes as the (tokens, k) ids and weights the device route takes.
+fn routes_as_tensors(
+    (rows, weights): &Routes,
+    tokens: usize,
+    k: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut ids = vec![Vec::with_capacity(k); tokens];
+    let mut ws = vec![Vec::with_capacity(k); tokens];
+    for (e, (r, w)) in rows.iter().zip(weights).enumerate() {
+        for (&t, &w) in r.iter().zip(w) {
+            ids[t as usize].push(e as u32);
+            ws[t as usize].push(w);
+        }
+    }
+    if ids.iter().any(|i| i.len() != k) {
+        bail!("the router chose other than {k} experts for a token");
+    }
+    let ids: Vec<u32> = ids.concat();
+    let ws: Vec<f32> = ws.concat();
+    Ok((
+        Tensor::from_vec(ids, (tokens, k), dev)?,
+        Tensor::from_vec(ws, (tokens, k), dev)?,
+    ))
 }
 
 /// Top-k routing by tensor ops, so it runs wherever `probs` (tokens, n_expert) lives: the
@@ -248,13 +336,25 @@ fn stacked_routed(
     mm: impl Fn(&QTensor, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (ids, w) = route(probs, top_k)?;
+    stacked_with(&ids, &w, xs, [gate, up, down], act, mm)
+}
+
+/// The device route on chosen experts `ids` (tokens, k) with weights `w` (tokens, k).
+fn stacked_with(
+    ids: &Tensor,
+    w: &Tensor,
+    xs: &Tensor,
+    [gate, up, down]: [&QTensor; 3],
+    act: Act,
+    mm: impl Fn(&QTensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     // (tokens, 1, d): every chosen expert of a token reads the same row.
     let xs = xs.unsqueeze(1)?;
-    let g = mm(gate, &xs, &ids)?;
-    let u = mm(up, &xs, &ids)?;
+    let g = mm(gate, &xs, ids)?;
+    let u = mm(up, &xs, ids)?;
     // (tokens, k, n_ff): each (token, expert) pair reads its own row.
     let h = (act.apply(&g)? * u)?;
-    let y = mm(down, &h, &ids)?;
+    let y = mm(down, &h, ids)?;
     Ok(y.broadcast_mul(&w.unsqueeze(D::Minus1)?)?.sum(1)?)
 }
 
@@ -323,8 +423,18 @@ fn one_region_routed(
     xs: &Tensor,
     probs: &Tensor,
 ) -> Result<Tensor> {
+    let routes = host_routes(probs, top_k, parts.len())?;
+    one_region_with(parts, act, xs, routes)
+}
+
+/// `one_region_routed` on routes already chosen.
+fn one_region_with(
+    parts: &[[&Packed; 3]],
+    act: Act,
+    xs: &Tensor,
+    (rows, weights): Routes,
+) -> Result<Tensor> {
     let (tokens, d) = xs.dims2()?;
-    let (rows, weights) = host_routes(probs, top_k, parts.len())?;
     let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
     let used: Vec<usize> = (0..parts.len()).filter(|&e| !rows[e].is_empty()).collect();
     let inputs: Vec<Vec<f32>> = used
@@ -374,7 +484,12 @@ fn one_region_routed(
 /// The host route: the probabilities are read back, the rows each expert was chosen for are
 /// gathered and run through it as one batch, and the weighted outputs are added back.
 fn host_routed(experts: &[Mlp], top_k: usize, xs: &Tensor, probs: &Tensor) -> Result<Tensor> {
-    let (rows, weights) = host_routes(probs, top_k, experts.len())?;
+    let routes = host_routes(probs, top_k, experts.len())?;
+    host_routed_with(experts, xs, routes)
+}
+
+/// `host_routed` on routes already chosen.
+fn host_routed_with(experts: &[Mlp], xs: &Tensor, (rows, weights): Routes) -> Result<Tensor> {
     let mut out = xs.zeros_like()?;
     for (e, expert) in experts.iter().enumerate() {
         if rows[e].is_empty() {
