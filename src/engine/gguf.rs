@@ -1066,3 +1066,95 @@ fn parse_header(b: &[u8]) -> Result<Header> {
         tensors,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+
+    /// A GGUF with a vocabulary-sized string array, number arrays of three types and a
+    /// short array, as candle writes them.
+    fn file_with_arrays(dir: &Path) -> (PathBuf, Vec<String>) {
+        let words: Vec<String> = (0..3000).map(|i| format!("piece{i}\u{2581}")).collect();
+        let md: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(words.iter().map(|w| Value::String(w.clone())).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array((0..3000).map(|i| Value::F32(-(i as f32) / 4.0)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array((0..3000).map(|i| Value::I32(i % 6)).collect()),
+            ),
+            (
+                "big.u8",
+                Value::Array((0..3000).map(|i| Value::U8((i % 251) as u8)).collect()),
+            ),
+            ("small", Value::Array((0..4).map(Value::U32).collect())),
+        ];
+        let w = QTensor::quantize(
+            &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let path = dir.join("arrays.gguf");
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &md_refs, &[("w", &w)]).unwrap();
+        (path, words)
+    }
+
+    /// Large arrays are kept in the map at open and read back from it exactly; short ones
+    /// stay parsed values.
+    #[test]
+    fn large_metadata_arrays_are_read_from_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, words) = file_with_arrays(dir.path());
+        let g = Gguf::open(&path).unwrap();
+        assert!(g.get("tokenizer.ggml.tokens").is_none(), "kept lazily");
+        assert!(g.has_key("tokenizer.ggml.tokens"));
+        assert_eq!(
+            g.string_array("tokenizer.ggml.tokens").unwrap().unwrap(),
+            words
+        );
+        let scores = g.number_array("tokenizer.ggml.scores").unwrap();
+        assert_eq!(scores.len(), 3000);
+        assert!((0..3000).all(|i| scores[i] == -(i as f64) / 4.0));
+        let types = g.number_array("tokenizer.ggml.token_type").unwrap();
+        assert!((0..3000).all(|i| types[i] == (i % 6) as f64));
+        let bytes = g.number_array("big.u8").unwrap();
+        assert!((0..3000).all(|i| bytes[i] == (i % 251) as f64));
+        assert!(g.string_array("tokenizer.ggml.scores").unwrap().is_err());
+        assert!(g.get("small").is_some());
+        assert_eq!(g.number_array("small").unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert!(g.string_array("small").unwrap().is_err());
+        assert!(g.string_array("absent").is_none() && g.number_array("absent").is_none());
+        // Read twice (the pages were given back after the first read): the same.
+        assert_eq!(
+            g.string_array("tokenizer.ggml.tokens").unwrap().unwrap(),
+            words
+        );
+    }
+
+    /// A string inside a lazy array whose length runs past the end is refused at open.
+    #[test]
+    fn a_corrupt_string_in_a_large_array_fails_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = file_with_arrays(dir.path());
+        let mut b = std::fs::read(&path).unwrap();
+        // The length of piece2000 (8-byte length, then its bytes).
+        let at = b
+            .windows(9)
+            .position(|w| w == "piece2000".as_bytes())
+            .unwrap()
+            - 8;
+        b[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let e = Gguf::open(&path).err().expect("refused").to_string();
+        assert!(e.contains("corrupt or truncated"), "{e}");
+    }
+}
