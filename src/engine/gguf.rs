@@ -844,12 +844,13 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let elem = self.u32()?;
         let n = self.len()?;
-        let size = match elem {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            10..=12 => 8,
-            8 => 0,
+        // Bytes per element; None for strings (a length, then the bytes).
+        let size: Option<u64> = match elem {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            8 => None,
             _ => {
                 self.pos = at;
                 return Ok(None);
@@ -860,7 +861,7 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let start = self.pos;
-        if size == 0 {
+        let Some(size) = size else {
             if n > self.remaining() / 4 {
                 bail!("a metadata array of {n} elements runs past the end of the file");
             }
@@ -870,24 +871,29 @@ impl<'a> Reader<'a> {
                     anyhow::anyhow!("a string of {len} bytes runs past the end of the file")
                 })?;
             }
-        } else {
-            if n > self.remaining() / size {
-                bail!("a metadata array of {n} elements runs past the end of the file");
-            }
-            if elem == 7 {
-                if let Some(b) = self.b[start..start + n as usize].iter().find(|&&b| b > 1) {
-                    bail!("a boolean metadata value is {b}, neither 0 nor 1");
-                }
-            }
-            self.take(n * size)?;
+            return Ok(Some(self.lazy(elem, n, start)));
+        };
+        if n > self.remaining() / size {
+            bail!("a metadata array of {n} elements runs past the end of the file");
         }
-        Ok(Some(LazyArray {
+        if elem == 7 {
+            if let Some(b) = self.b[start..start + n as usize].iter().find(|&&b| b > 1) {
+                bail!("a boolean metadata value is {b}, neither 0 nor 1");
+            }
+        }
+        self.take(n * size)?;
+        Ok(Some(self.lazy(elem, n, start)))
+    }
+
+    /// The array of `n` elements of type `elem` from `start` up to the current position.
+    fn lazy(&self, elem: u32, n: u64, start: usize) -> LazyArray {
+        LazyArray {
             elem,
             n,
             start,
             end: self.pos,
             wide: self.wide,
-        }))
+        }
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
