@@ -107,8 +107,10 @@ fn llama_cpp_steps(path: &Path, prompt: &[u32], n: usize) -> Option<Vec<(u32, Ve
 }
 
 /// Greedy decoding against llama.cpp for 64 steps, fed llama.cpp's tokens: each step must pick
-/// llama.cpp's token and give its top-10 log-probabilities within `tol`.
-fn parity(dtype: GgmlDType, mxfp4: bool, tol: f64) {
+/// llama.cpp's token, and its top-10 log-probabilities must be within 1e-3 of llama.cpp's on
+/// all but `flips` steps and within `flip_tol` on every step (see the header of the quantized
+/// tests below for why a few steps may differ more).
+fn parity(dtype: GgmlDType, mxfp4: bool, flips: usize, flip_tol: f64) {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), dtype, mxfp4);
     let what = format!(
@@ -128,7 +130,8 @@ fn parity(dtype: GgmlDType, mxfp4: bool, tol: f64) {
     );
     let mut model = load(&path);
     let mut logits = model.forward(&prompt).unwrap();
-    let mut worst = 0f64;
+    // The largest top-10 difference of each step.
+    let mut per_step = Vec::with_capacity(steps.len());
     for (step, (theirs, top)) in steps.iter().enumerate() {
         let lp = log_softmax(&logits);
         let ours = (0..lp.len() as u32)
@@ -137,42 +140,81 @@ fn parity(dtype: GgmlDType, mxfp4: bool, tol: f64) {
             .unwrap();
         assert_eq!(ours, *theirs, "{what}: step {step} picks another token");
         assert_eq!(top.len(), 10);
+        let mut worst = 0f64;
         for &(id, p) in top {
             let d = (lp[id as usize] - p).abs();
             worst = worst.max(d);
             assert!(
-                d < tol,
+                d < flip_tol,
                 "{what}: step {step}, token {id}: log-probability {} vs llama.cpp's {p}",
                 lp[id as usize]
             );
         }
+        per_step.push(worst);
         logits = model.forward(&[*theirs]).unwrap();
     }
-    eprintln!("{what}: 64 steps agree, largest log-probability difference {worst:.2e}");
+    let beyond: Vec<(usize, f64)> = per_step
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, d)| d >= 1e-3)
+        .collect();
+    let beyond_text = beyond
+        .iter()
+        .map(|(step, d)| format!("step {step}: {d:.1e}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sorted = per_step.clone();
+    sorted.sort_by(f64::total_cmp);
+    eprintln!(
+        "{what}: 64 steps agree; median step within {:.1e}, steps beyond 1e-3: [{beyond_text}]",
+        sorted[sorted.len() / 2]
+    );
+    assert!(
+        beyond.len() <= flips,
+        "{what}: {} steps differ from llama.cpp by 1e-3 or more (at most {flips} allowed): {beyond_text}",
+        beyond.len()
+    );
 }
 
 /// Every weight in f32: the architecture itself (window, sinks, YaRN, biases, SwiGLU-OAI,
-/// routing). Measured: 3.4e-6 at worst over the 64 steps.
+/// routing). Measured: 3.4e-6 at worst over the 64 steps, so every step is held to 1e-3.
 #[test]
 fn gpt_oss_f32_matches_llama_cpp() {
-    parity(GgmlDType::F32, false, 1e-3);
+    parity(GgmlDType::F32, false, 0, 1e-3);
 }
 
-// KNOWN GAP: with Q8_0 weights the same 64 tokens are chosen but log-probabilities differ by
-// up to 2.2e-2, varying from run to run (issue 13 asks 1e-3). Bisected on these files: it needs Q8_0 Q/K/V *and* a
-// Q8_0 attention output together (either one in f32 gives 64 steps within 1e-6), experts and
-// embeddings play no part, and tokentop's q8_0 activation rounding equals ggml's (checked
-// element by element); the cause is not found yet. The bound below is the measured gap with a
-// margin, so a regression beyond it still fails.
+// Quantized weights: on most steps tokentop and llama.cpp agree to about 1e-6, but a step
+// now and then differs by 1e-3 to 2e-2, and that is rounding neither side should change.
+// Both quantize each matmul's input to Q8_0 blocks (for Q8_0 and MXFP4 weights alike,
+// ggml's vec_dot_type), and that rounding is discontinuous: an input that differs in its
+// last f32 bit, as any two correct implementations' sums, norms and exponentials do, lands
+// on the other side of a rounding boundary once in a while. Measured with llama.cpp's
+// intermediate tensors (a llama_decode eval callback dumping every node) beside tokentop's
+// at the steps that differ, all other tensors agreeing within 7e-7:
+// - Q8_0, step 33 (worst 3.4e-3): layer 3's expert input, element 27 of block 0, is
+//   9.499995 quanta in llama.cpp and 9.500002 in tokentop (a difference of 4.8e-7):
+//   rounded to 9 and 10, the experts' gate and up differ by 4e-3 and the logits by 4e-3;
+// - MXFP4 experts, steps 22 and 63 (7.8e-4 and 1.6e-2): the attention-output projection's
+//   input has a block maximum of 1.9422263 vs 1.9422266 (layer 3) and 1.6069752 vs
+//   1.606976 (layer 1), whose scale max/127 rounds to different f16 values (0.015289 vs
+//   0.015297): the whole block is scaled 5e-4 apart. Layer 1's change then reaches every
+//   later layer through the cache, which is why a longer run can show several such steps.
+// Agreeing on every step would need tokentop to repeat ggml's f32 arithmetic bit for bit
+// in every operation (rms_norm's double sum, its softmax, exp, rope and summation orders),
+// which tokentop does not copy. A wrong kernel shows on every step instead: so every step
+// must pick llama.cpp's token, at most 3 of 64 steps may differ by 1e-3 or more, and no
+// step by 5e-2.
+
 #[test]
 fn gpt_oss_q8_0_matches_llama_cpp() {
-    parity(GgmlDType::Q8_0, false, 5e-2);
+    parity(GgmlDType::Q8_0, false, 3, 5e-2);
 }
 
-/// MXFP4 experts (tokentop's kernels/mxfp4.rs) beside Q8_0 attention: the same gap as above.
+/// MXFP4 experts (tokentop's kernels/mxfp4.rs) beside Q8_0 attention.
 #[test]
 fn gpt_oss_mxfp4_experts_match_llama_cpp() {
-    parity(GgmlDType::Q8_0, true, 5e-2);
+    parity(GgmlDType::Q8_0, true, 3, 5e-2);
 }
 
 /// The whole prompt at once equals feeding it in pieces (the cache, the window's mask and the

@@ -7,7 +7,6 @@
 
 use super::gguf::Gguf;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file::Value;
 use std::path::Path;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
@@ -199,39 +198,16 @@ impl ModelTokenizer {
 }
 
 fn string_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
-    match g.get(key) {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.clone()),
-                _ => bail!("{key} holds a non-string entry"),
-            })
-            .collect(),
-        Some(_) => bail!("{key} is not an array"),
-        None => bail!(
+    g.string_array(key).unwrap_or_else(|| {
+        bail!(
             "{} has no {key}: no tokenizer in the file and no tokenizer.json beside it",
             g.path.display()
-        ),
-    }
+        )
+    })
 }
 
 fn number_array(g: &Gguf, key: &str) -> Option<Vec<f64>> {
-    match g.get(key)? {
-        Value::Array(items) => items
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => Some(*x as f64),
-                Value::F64(x) => Some(*x),
-                Value::I32(x) => Some(*x as f64),
-                Value::U32(x) => Some(*x as f64),
-                Value::I8(x) => Some(*x as f64),
-                Value::U8(x) => Some(*x as f64),
-                Value::I64(x) => Some(*x as f64),
-                _ => None,
-            })
-            .collect(),
-        _ => None,
-    }
+    g.number_array(key)
 }
 
 fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {

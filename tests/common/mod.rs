@@ -80,6 +80,9 @@ pub fn all_specs() -> Vec<SynthSpec> {
         n_kv_head: 2,
         head_dim: 64,
     };
+    // gpt-oss as it ships: MXFP4 experts (tokentop's own kernels) beside the other weights.
+    let mut gpt_oss = SynthSpec::new("gpt-oss");
+    gpt_oss.mxfp4_experts = true;
     vec![
         SynthSpec::new("llama"),
         mixtral,
@@ -92,6 +95,7 @@ pub fn all_specs() -> Vec<SynthSpec> {
         SynthSpec::new("phi3"),
         SynthSpec::new("qwen35"),
         SynthSpec::new("qwen35moe"),
+        gpt_oss,
     ]
 }
 
