@@ -628,8 +628,9 @@ fn dot(isa: Option<Isa>, ty: IqType, row: &[u8], acts: &Acts, i: usize, nb: usiz
         Acts::Q8_0(a) => {
             let a = &a[i * nb..(i + 1) * nb];
             #[cfg(target_arch = "x86_64")]
-            if isa == Some(Isa::Avx2) {
-                // SAFETY: isa() found AVX2, FMA and F16C; the row holds nb blocks.
+            if matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) {
+                // SAFETY: isa() found AVX2, FMA and F16C (AVX-512 CPUs have them too); the
+                // row holds nb blocks.
                 return unsafe { super::iq_avx2::dot_row_q8_0(ty, row, a) };
             }
             match ty {
@@ -640,7 +641,7 @@ fn dot(isa: Option<Isa>, ty: IqType, row: &[u8], acts: &Acts, i: usize, nb: usiz
         Acts::Q8K(a) => {
             let a = &a[i * nb..(i + 1) * nb];
             #[cfg(target_arch = "x86_64")]
-            if isa == Some(Isa::Avx2) {
+            if matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) {
                 // SAFETY: as above.
                 return unsafe { super::iq_avx2::dot_row_q8k(ty, row, a) };
             }
