@@ -7,13 +7,17 @@
 //! (no repacking): the grids are looked up per group of 8 (or 4) weights, which a repacked
 //! layout would not make cheaper. The scalar kernels follow ggml's generic C (integer sums per
 //! block, one float update per block or sub-block); iq_avx2.rs holds the AVX2 ones.
+//!
+//! The q8_K activations are the K-quants' (kquant.rs), as llama.cpp uses one
+//! quantize_row_q8_K for every K and IQ type. That one rounds halves away from zero (candle's
+//! BlockQ8K::from_float, which the K-quant kernels replay bit for bit) where ggml's
+//! quantize_row_q8_K_ref (what x86 runs) rounds them to even: the two differ only where
+//! `v·127/max` is exactly a half, one step of 1/127 of the block's largest value.
 
 use super::iq_tables::*;
-use super::{mxfp4, quantize_activations, Isa, Out, Q8Block, QK};
+pub(super) use super::kquant::{Q8KBlock, QK_K};
+use super::{kquant, mxfp4, quantize_activations, Isa, Out, Q8Block, QK};
 use half::f16;
-
-/// Weights per super-block of the 256-weight types (ggml's QK_K).
-pub const QK_K: usize = 256;
 
 /// A weight type with no candle support, read from its ggml type id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,51 +317,6 @@ pub fn dequantize_row(ty: IqType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// 256 activations quantized to int8: ggml's block_q8_K (d as f32, sums of each 16).
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-pub struct Q8KBlock {
-    pub d: f32,
-    pub qs: [i8; QK_K],
-    pub bsums: [i16; QK_K / 16],
-}
-
-impl Default for Q8KBlock {
-    fn default() -> Self {
-        Self {
-            d: 0.0,
-            qs: [0; QK_K],
-            bsums: [0; QK_K / 16],
-        }
-    }
-}
-
-/// ggml's quantize_row_q8_K_ref: the scale from the value of largest magnitude (its sign
-/// kept, so that value maps to −127 exactly), rounding to nearest even as ggml's nearest_int.
-pub fn quantize_q8k(x: &[f32], out: &mut [Q8KBlock]) {
-    for (xs, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        if amax == 0.0 {
-            *y = Q8KBlock::default();
-            continue;
-        }
-        let iscale = -127.0 / max;
-        for (q, &v) in y.qs.iter_mut().zip(xs) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-        }
-        for (s, qs) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
-            *s = qs.iter().map(|&q| q as i16).sum();
-        }
-        y.d = 1.0 / iscale;
-    }
-}
-
 /// Σ q8[j] · grid[j] · ±1 over a group of 8, with the sign bits of `signs`.
 fn signed8(grid: u64, signs: u8, q8: &[i8]) -> i32 {
     (0..8)
@@ -611,7 +570,7 @@ impl Acts {
     pub(super) fn new(ty: IqType, x: &[f32]) -> Self {
         if ty.pairs_q8k() {
             let mut a = vec![Q8KBlock::default(); x.len() / QK_K];
-            quantize_q8k(x, &mut a);
+            kquant::quantize_activations(x, &mut a);
             Self::Q8K(a)
         } else {
             let mut a = vec![Q8Block::default(); x.len() / QK];
@@ -628,8 +587,14 @@ fn dot(isa: Option<Isa>, ty: IqType, row: &[u8], acts: &Acts, i: usize, nb: usiz
         Acts::Q8_0(a) => {
             let a = &a[i * nb..(i + 1) * nb];
             #[cfg(target_arch = "x86_64")]
-            if isa == Some(Isa::Avx2) {
-                // SAFETY: isa() found AVX2, FMA and F16C; the row holds nb blocks.
+            if isa == Some(Isa::Avx512) {
+                // SAFETY: isa() found AVX-512 F, BW, VL and VNNI besides AVX2, FMA and F16C.
+                return unsafe { super::iq_avx512::dot_row_q8_0(ty, row, a) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) {
+                // SAFETY: isa() found AVX2, FMA and F16C (AVX-512 CPUs have them too); the
+                // row holds nb blocks.
                 return unsafe { super::iq_avx2::dot_row_q8_0(ty, row, a) };
             }
             match ty {
@@ -640,7 +605,12 @@ fn dot(isa: Option<Isa>, ty: IqType, row: &[u8], acts: &Acts, i: usize, nb: usiz
         Acts::Q8K(a) => {
             let a = &a[i * nb..(i + 1) * nb];
             #[cfg(target_arch = "x86_64")]
-            if isa == Some(Isa::Avx2) {
+            if isa == Some(Isa::Avx512) && ty == IqType::Iq4Xs {
+                // SAFETY: as above.
+                return unsafe { super::iq_avx512::dot_row_iq4xs(row, a) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) {
                 // SAFETY: as above.
                 return unsafe { super::iq_avx2::dot_row_q8k(ty, row, a) };
             }
@@ -813,56 +783,28 @@ mod tests {
                         .collect(),
                 };
                 let scalar = matmul_with(None, &w, &x, m);
-                let best = matmul(&w, &x, m);
-                for i in 0..m {
-                    for j in 0..n {
-                        let (wr, xr) = (&wf[j * k..(j + 1) * k], &xq[i * k..(i + 1) * k]);
-                        let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b).sum();
-                        let scale: f64 =
-                            wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b).abs()).sum();
-                        for (what, v) in [("scalar", scalar[i * n + j]), ("best", best[i * n + j])]
-                        {
+                // every instruction set this CPU runs, not only the best one
+                for isa in super::super::runnable().into_iter().map(Some).chain([None]) {
+                    let got = matmul_with(isa, &w, &x, m);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (wr, xr) = (&wf[j * k..(j + 1) * k], &xq[i * k..(i + 1) * k]);
+                            let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b).sum();
+                            let scale: f64 =
+                                wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                            let v = got[i * n + j];
                             assert!(
                                 (v as f64 - want).abs() <= 1e-5 * scale + 1e-30,
-                                "{} {what} m={m} ({i},{j}): {v} vs {want}",
+                                "{} {isa:?} m={m} ({i},{j}): {v} vs {want}",
                                 ty.name()
                             );
-                        }
-                        if ty.pairs_q8k() {
-                            assert_eq!(
-                                scalar[i * n + j],
-                                best[i * n + j],
-                                "{} ({i},{j})",
-                                ty.name()
-                            );
+                            if ty.pairs_q8k() {
+                                assert_eq!(scalar[i * n + j], v, "{} {isa:?} ({i},{j})", ty.name());
+                            }
                         }
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn quantize_q8k_matches_ggml() {
-        let x = random(QK_K, 3);
-        let mut b = [Q8KBlock::default()];
-        quantize_q8k(&x, &mut b);
-        let (imax, _) =
-            x.iter().enumerate().fold(
-                (0, 0f32),
-                |(i, m), (j, &v)| if v.abs() > m { (j, v.abs()) } else { (i, m) },
-            );
-        // the largest magnitude maps to −127 (ggml keeps its sign in the scale)
-        assert_eq!(b[0].qs[imax], -127);
-        assert!((b[0].d + x[imax] / 127.0).abs() <= 1e-6 * x[imax].abs());
-        let sums: Vec<i16> = b[0]
-            .qs
-            .chunks(16)
-            .map(|c| c.iter().map(|&q| q as i16).sum())
-            .collect();
-        assert_eq!(b[0].bsums.to_vec(), sums);
-        for (q, v) in b[0].qs.iter().zip(&x) {
-            assert!((*q as f32 * b[0].d - v).abs() <= b[0].d.abs() * 0.5001);
         }
     }
 

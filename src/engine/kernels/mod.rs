@@ -28,6 +28,8 @@ mod legacy;
 pub mod iq;
 #[cfg(target_arch = "x86_64")]
 mod iq_avx2;
+#[cfg(target_arch = "x86_64")]
+mod iq_avx512;
 mod iq_tables;
 mod mxfp4;
 
