@@ -253,42 +253,105 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
         .map(|(j, &m)| vec![0f32; m * j.w.n])
         .collect();
     let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
-    // Work items are groups of four rows, numbered across the jobs.
+    // Work items are groups of four rows, or of 16 (four groups) where every job is a
+    // prefill that the wide tiles take, numbered across the jobs.
+    let wide = wide_tiles(isa, kind) && ms.iter().all(|&m| m >= WIDE_MIN_ROWS);
+    let per_item = if wide { 4 } else { 1 };
+    let items = |n: usize| n.div_ceil(4).div_ceil(per_item);
     let starts: Vec<usize> = jobs
         .iter()
         .scan(0, |acc, j| {
             let s = *acc;
-            *acc += j.w.n.div_ceil(4);
+            *acc += items(j.w.n);
             Some(s)
         })
         .collect();
-    let total: usize = jobs.iter().map(|j| j.w.n.div_ceil(4)).sum();
-    candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
-        for g in groups {
-            let t = starts.partition_point(|&s| s <= g) - 1;
+    let total: usize = jobs.iter().map(|j| items(j.w.n)).sum();
+    candle_core::utils::barrier_pool().execute_chunked(total, |chunk| {
+        for item in chunk {
+            let t = starts.partition_point(|&s| s <= item) - 1;
             let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
             let n = w.n;
-            let gi = g - starts[t];
-            let j0 = gi * 4;
-            // SAFETY: element (i, j) of job t's output belongs to this task for j in
-            // j0..j0+4; each output holds m * n values.
+            let g0 = (item - starts[t]) * per_item;
+            // SAFETY: element (i, j) of job t's output belongs to this task for the rows j
+            // of its groups g0..g0+per_item; each output holds m * n values.
             let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
             let act = |i: usize| &acts[i * nb..(i + 1) * nb];
-            if j0 + 4 <= n {
-                group_rows(isa, kind, w.group(gi), nb, m, &act, |i, r, v| {
-                    put(i, j0 + r, v)
-                });
-            } else {
-                for j in j0..n {
-                    let row = w.tail_row(j);
-                    for i in 0..m {
-                        put(i, j, tail_dot(isa, kind, row, act(i)));
+            if wide && (g0 + 4) * 4 <= n {
+                #[cfg(target_arch = "x86_64")]
+                wide_rows(kind, w, g0, nb, m, &act, |i, r, v| put(i, g0 * 4 + r, v));
+                continue;
+            }
+            for gi in g0..(g0 + per_item).min(n.div_ceil(4)) {
+                let j0 = gi * 4;
+                if j0 + 4 <= n {
+                    group_rows(isa, kind, w.group(gi), nb, m, &act, |i, r, v| {
+                        put(i, j0 + r, v)
+                    });
+                } else {
+                    for j in j0..n {
+                        let row = w.tail_row(j);
+                        for i in 0..m {
+                            put(i, j, tail_dot(isa, kind, row, act(i)));
+                        }
                     }
                 }
             }
         }
     });
     ys
+}
+
+/// Activation rows from which a matmul takes the wide tiles (`avx512::Wide`): below it,
+/// unpacking a tile costs more than it saves.
+const WIDE_MIN_ROWS: usize = 8;
+
+/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0 and Q8_0 with AVX-512.
+#[allow(unused_variables)]
+fn wide_tiles(isa: Isa, kind: Kind) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return matches!(kind, Kind::Q4_0 | Kind::Q8_0);
+    }
+    false
+}
+
+/// Groups g0..g0+4 of `w` (16 whole rows) against every activation row through one wide
+/// tile, eight activation rows per call: `put(i, r, value)` for row g0·4 + r.
+#[cfg(target_arch = "x86_64")]
+fn wide_rows<'a>(
+    kind: Kind,
+    w: &Packed,
+    g0: usize,
+    nb: usize,
+    m: usize,
+    act: &impl Fn(usize) -> &'a [Q8Block],
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    const MT: usize = 8;
+    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q8_0 matrix;
+    // groups g0..g0+4 are whole groups of nb packed blocks.
+    let tile = unsafe { avx512::Wide::unpack(kind, std::array::from_fn(|g| w.group(g0 + g)), nb) };
+    let mut emit = |i0: usize, v: &[[f32; avx512::WIDE]]| {
+        for (di, v) in v.iter().enumerate() {
+            for (r, &v) in v.iter().enumerate() {
+                put(i0 + di, r, v);
+            }
+        }
+    };
+    let mut i0 = 0;
+    while i0 + MT <= m {
+        // SAFETY: as above; every activation row holds nb blocks.
+        let v = unsafe { tile.dot::<MT>(std::array::from_fn(|i| act(i0 + i))) };
+        emit(i0, &v);
+        i0 += MT;
+    }
+    while i0 < m {
+        // SAFETY: as above.
+        let v = unsafe { tile.dot::<1>([act(i0)]) };
+        emit(i0, &v);
+        i0 += 1;
+    }
 }
 
 /// Four rows of a packed group against every activation row: `put(i, r, value)`.
@@ -462,7 +525,7 @@ mod tests {
         let dev = Device::Cpu;
         let k = 256;
         let (mut reordered_cases, mut exact_cases) = (0, 0);
-        for n in [42, 44] {
+        for n in [42, 44, 68] {
             for dtype in [
                 GgmlDType::Q4_0,
                 GgmlDType::Q4_1,
@@ -482,7 +545,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let reference = QMatMul::from_qtensor(q).unwrap();
-                for m in [1, 3, 4, 7, 8, 9] {
+                for m in [1, 3, 4, 7, 8, 9, 17] {
                     let x = random(m * k, 2 + m as u64);
                     let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
                     let theirs: Vec<f32> = reference
@@ -494,9 +557,10 @@ mod tests {
                         .unwrap();
                     for &isa in &isas {
                         let ours = matmul_many_with(isa, &[&packed], &x, m).pop().unwrap();
-                        let reordered = matches!(isa, Isa::Neon | Isa::NeonDot)
+                        let reordered = (matches!(isa, Isa::Neon | Isa::NeonDot)
                             && matches!(kind, Kind::Q4_0 | Kind::Q8_0)
-                            && (n % 4 != 0 || m != 1);
+                            && (n % 4 != 0 || m != 1))
+                            || (wide_tiles(isa, kind) && m >= WIDE_MIN_ROWS);
                         if !reordered {
                             assert_eq!(ours, theirs, "{isa:?} {dtype:?} n={n} m={m}");
                             continue;
