@@ -282,7 +282,7 @@ impl Tile {
 /// Rows of a `Wide` tile: four packed groups.
 pub const WIDE: usize = 16;
 
-/// Four packed Q4_0 or Q8_0 groups (16 rows) unpacked once for prefill in llama.cpp's
+/// Four packed Q4_0, Q5_0 or Q8_0 groups (16 rows) unpacked once for prefill in llama.cpp's
 /// repacked-GEMM layout: per block, eight registers whose lane r holds four consecutive
 /// weights of row r (register t: weights 4t..4t+4) as unsigned bytes, and the 16 rows'
 /// scales in one register. An activation row's four bytes are broadcast to all lanes, so
@@ -295,7 +295,7 @@ pub const WIDE: usize = 16;
 /// chain), so results differ from candle's by a few ulps of Σ|w·x|: the tests hold this
 /// kernel to a tolerance and the perplexity check (bench/perplexity.sh) to llama.cpp's.
 pub struct Wide {
-    /// What the unsigned bytes are offset by: 8 (Q4_0's nibbles) or 128 (Q8_0's + 128).
+    /// What the unsigned bytes are offset by: 8 (Q4_0), 16 (Q5_0) or 128 (Q8_0's + 128).
     offset: i32,
     q: Vec<__m512i>,
     d: Vec<__m512>,
@@ -306,23 +306,18 @@ impl Wide {
     ///
     /// # Safety
     /// The CPU runs AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; every group holds nb packed
-    /// blocks of `kind`, which is Q4_0 or Q8_0.
+    /// blocks of `kind`, which is Q4_0, Q5_0 or Q8_0.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn unpack(kind: Kind, groups: [&[u8]; 4], nb: usize) -> Self {
-        debug_assert!(matches!(kind, Kind::Q4_0 | Kind::Q8_0));
+        debug_assert!(matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0));
         let gb = 4 * kind.block_bytes();
         debug_assert!(groups.iter().all(|g| g.len() >= nb * gb));
-        let (_, _, oq) = kind.packed_offsets();
-        // A group's block as 32 dwords in two registers (a, b); `pos[t]` is, for lane
-        // 4g + c, the dword of row c holding weights 4t..4t+4 in that pair.
+        // A group's block as `block4`'s two registers (chunk c: row c's weights 0..16, then
+        // 16..32); `pos[t]` is, for lane 4g + c, the dword of row c holding weights
+        // 4t..4t+4 in that pair.
         let pos: [__m512i; 8] = std::array::from_fn(|t| {
             let t = t as i32;
-            let p = |c: i32| match kind {
-                // a: low nibbles (weights 0..16), row c in chunk c; b: high nibbles.
-                Kind::Q4_0 => (t / 4) * 16 + 4 * c + t % 4,
-                // a: rows 0 and 1 (32 bytes each), b: rows 2 and 3.
-                _ => 8 * c + t,
-            };
+            let p = |c: i32| (t / 4) * 16 + 4 * c + t % 4;
             _mm512_setr_epi32(
                 p(0),
                 p(1),
@@ -342,10 +337,12 @@ impl Wide {
                 p(3),
             )
         });
-        let m4 = _mm512_set1_epi8(0x0F);
-        let flip = _mm512_set1_epi8(-128);
         let mut w = Self {
-            offset: if kind == Kind::Q4_0 { 8 } else { 128 },
+            offset: match kind {
+                Kind::Q4_0 => 8,
+                Kind::Q5_0 => 16,
+                _ => 128,
+            },
             q: Vec::with_capacity(8 * nb),
             d: Vec::with_capacity(nb),
         };
@@ -353,21 +350,7 @@ impl Wide {
             let p = groups.map(|g| g.as_ptr().add(b * gb));
             let mut out = [_mm512_setzero_si512(); 8];
             for (g, &p) in p.iter().enumerate() {
-                let (a, bb) = if kind == Kind::Q4_0 {
-                    let raw = _mm512_loadu_si512(p.add(oq) as *const __m512i);
-                    (
-                        _mm512_and_si512(raw, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4),
-                    )
-                } else {
-                    (
-                        _mm512_xor_si512(_mm512_loadu_si512(p.add(oq) as *const __m512i), flip),
-                        _mm512_xor_si512(
-                            _mm512_loadu_si512(p.add(oq + 64) as *const __m512i),
-                            flip,
-                        ),
-                    )
-                };
+                let (a, bb) = block4(kind, p);
                 let lanes: __mmask16 = 0xF << (4 * g);
                 for (o, &pos) in out.iter_mut().zip(&pos) {
                     *o = _mm512_mask_mov_epi32(*o, lanes, _mm512_permutex2var_epi32(a, pos, bb));

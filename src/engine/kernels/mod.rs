@@ -306,12 +306,13 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
 /// unpacking a tile costs more than it saves.
 const WIDE_MIN_ROWS: usize = 8;
 
-/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0 and Q8_0 with AVX-512.
+/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0, Q5_0 and Q8_0 with
+/// AVX-512 (the types without a min; Q4_1 and Q5_1 keep candle's arithmetic).
 #[allow(unused_variables)]
 fn wide_tiles(isa: Isa, kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        return matches!(kind, Kind::Q4_0 | Kind::Q8_0);
+        return matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0);
     }
     false
 }
@@ -329,7 +330,7 @@ fn wide_rows<'a>(
     mut put: impl FnMut(usize, usize, f32),
 ) {
     const MT: usize = 8;
-    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q8_0 matrix;
+    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q5_0/Q8_0 matrix;
     // groups g0..g0+4 are whole groups of nb packed blocks.
     let tile = unsafe { avx512::Wide::unpack(kind, std::array::from_fn(|g| w.group(g0 + g)), nb) };
     let mut emit = |i0: usize, v: &[[f32; avx512::WIDE]]| {
