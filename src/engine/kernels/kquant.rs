@@ -80,9 +80,8 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8KBlock]) {
             continue;
         }
         let iscale = -127f32 / max;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
-        }
+        // (iscale·v).round() clamped to i8, which is the saturating cast.
+        super::round_i8(xs, iscale, &mut b.qs);
         for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = q.iter().map(|&q| q as i32).sum::<i32>() as i16;
         }

@@ -65,14 +65,28 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let d16 = f16::from_f32(d);
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
+        round_i8(xs, id, &mut b.qs);
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
         b.d = d16.to_f32();
         b.s = f16::from_f32(f16::from_f32(sum as f32).to_f32() * b.d).to_f32();
         b.isum = sum;
+    }
+}
+
+/// `(x · scale).round()` saturated to i8 for each value (as `as i8` casts), 32 at a time
+/// with AVX2 where the kernels run on x86-64 (bit-identical: see avx2::round_i8x32).
+pub(super) fn round_i8(x: &[f32], scale: f32, out: &mut [i8]) {
+    debug_assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa().is_some() && x.len() % QK == 0 {
+        for (x, out) in x.chunks_exact(QK).zip(out.chunks_exact_mut(QK)) {
+            // SAFETY: isa() found AVX2 on this x86-64 CPU; both chunks hold 32 values.
+            unsafe { avx2::round_i8x32(x.as_ptr(), scale, out.as_mut_ptr()) };
+        }
+        return;
+    }
+    for (q, &v) in out.iter_mut().zip(x) {
+        *q = (v * scale).round() as i8;
     }
 }
 
@@ -189,7 +203,7 @@ fn matmul_many_with(isa: Isa, mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<
 
 /// The jobs' inputs quantized `per_row` blocks to a row of `k` values, once per distinct
 /// input slice (jobs sharing an input share its blocks), and which of them each job reads.
-fn quantize_inputs<B: Clone + Default>(
+fn quantize_inputs<B: Clone + Default + Send>(
     jobs: &[Job],
     k: usize,
     per_row: usize,
@@ -203,9 +217,7 @@ fn quantize_inputs<B: Clone + Default>(
             let key = (j.x.as_ptr(), j.x.len());
             inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
                 let mut a = vec![B::default(); j.x.len() / k * per_row];
-                for (a, xs) in a.chunks_mut(per_row).zip(j.x.chunks(k)) {
-                    quantize(xs, a);
-                }
+                quantize_rows(&mut a, j.x, k, per_row, quantize);
                 inputs.push(key);
                 acts.push(a);
                 acts.len() - 1
@@ -213,6 +225,49 @@ fn quantize_inputs<B: Clone + Default>(
         })
         .collect();
     (acts, which)
+}
+
+/// The rows of x (k values each) quantized into `per_row` blocks each of `out`; a prompt's
+/// rows in parallel on the barrier pool (serial, this is most of a small model's time
+/// outside the matmuls while the other cores spin).
+fn quantize_rows<B: Send>(
+    out: &mut [B],
+    x: &[f32],
+    k: usize,
+    per_row: usize,
+    quantize: fn(&[f32], &mut [B]),
+) {
+    let rows = x.len() / k;
+    if rows < 4 {
+        for (a, xs) in out.chunks_mut(per_row).zip(x.chunks(k)) {
+            quantize(xs, a);
+        }
+        return;
+    }
+    /// A pointer to `out` that may cross threads; each task writes its own rows.
+    #[derive(Clone, Copy)]
+    struct Rows<B>(*mut B);
+    // SAFETY: tasks write disjoint rows of `out`, which outlives the parallel call.
+    unsafe impl<B: Send> Send for Rows<B> {}
+    unsafe impl<B: Send> Sync for Rows<B> {}
+    impl<B> Rows<B> {
+        /// Row i of `per_row` blocks.
+        ///
+        /// # Safety
+        /// Row i is in bounds and written by this task only.
+        #[allow(clippy::mut_from_ref)]
+        unsafe fn row(&self, i: usize, per_row: usize) -> &mut [B] {
+            std::slice::from_raw_parts_mut(self.0.add(i * per_row), per_row)
+        }
+    }
+    assert!(out.len() >= rows * per_row, "activation blocks");
+    let dst = Rows(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for i in range {
+            // SAFETY: i < rows, and each row index is handed to one task.
+            quantize(&x[i * k..(i + 1) * k], unsafe { dst.row(i, per_row) });
+        }
+    });
 }
 
 /// One matrix and the rows (m × k, m = x.len() / k) it multiplies.
@@ -485,6 +540,44 @@ mod tests {
     /// SDOT on an M-series or Grace CPU), so that each path is checked.
     fn available() -> Vec<Isa> {
         runnable()
+    }
+
+    /// The vector rounding of activations equals the scalar `(x·scale).round() as i8` on
+    /// ties (±0.5, ±1.5, ±2.5), just below them, signed zeros, and values that saturate.
+    #[test]
+    fn activation_rounding_matches_scalar() {
+        let below_half = 0.5f32.next_down();
+        let mut x: Vec<f32> = vec![
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            below_half,
+            -below_half,
+            0.0,
+            -0.0,
+            126.5,
+            -127.5,
+            127.49,
+            200.0,
+            -200.0,
+            1e30,
+            -1e30,
+            3.4999998,
+            -3.5000002,
+            0.25,
+            64.5,
+            -64.5,
+        ];
+        x.extend(random(32 * 8 - x.len(), 9).iter().map(|v| v * 130.0));
+        for scale in [1.0f32, 0.999, 1.0 / 3.0, -127.0 / 129.0] {
+            let mut ours = vec![0i8; x.len()];
+            round_i8(&x, scale, &mut ours);
+            let theirs: Vec<i8> = x.iter().map(|&v| (v * scale).round() as i8).collect();
+            assert_eq!(ours, theirs, "scale {scale}");
+        }
     }
 
     #[test]
