@@ -387,11 +387,17 @@ impl Wide {
             for (acc, &a) in acc.iter_mut().zip(&a) {
                 let a = &*a.add(b);
                 // Σ (u − offset)·y = Σ u·y − offset·Σ y, all exact in i32.
-                let mut s = _mm512_set1_epi32(-self.offset * a.isum);
+                // Two chains of four vpdpbusd, so that their latency overlaps.
+                let mut s = [
+                    _mm512_set1_epi32(-self.offset * a.isum),
+                    _mm512_setzero_si512(),
+                ];
                 let y = a.qs.as_ptr() as *const i32;
                 for (t, &w) in w.iter().enumerate() {
-                    s = _mm512_dpbusd_epi32(s, w, _mm512_set1_epi32(y.add(t).read_unaligned()));
+                    let yt = _mm512_set1_epi32(y.add(t).read_unaligned());
+                    s[t % 2] = _mm512_dpbusd_epi32(s[t % 2], w, yt);
                 }
+                let s = _mm512_add_epi32(s[0], s[1]);
                 let scale = _mm512_mul_ps(db, _mm512_set1_ps(a.d));
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), *acc);
             }
