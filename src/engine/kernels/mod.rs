@@ -334,7 +334,13 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
             let act = |i: usize| &acts[i * nb..(i + 1) * nb];
             if wide && (g0 + 4) * 4 <= n {
                 #[cfg(target_arch = "x86_64")]
-                wide_rows(kind, w, g0, nb, m, &act, |i, r, v| put(i, g0 * 4 + r, v));
+                wide_rows(kind, w, g0, nb, m, &act, |i, v| {
+                    // SAFETY: row i's elements g0·4..g0·4 + 16 of job t's output belong to
+                    // this task (16 whole rows of w); the output holds m · n values.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add(i * n + g0 * 4), 16)
+                    }
+                });
                 continue;
             }
             for gi in g0..(g0 + per_item).min(n.div_ceil(4)) {
@@ -373,7 +379,7 @@ fn wide_tiles(isa: Isa, kind: Kind) -> bool {
 }
 
 /// Groups g0..g0+4 of `w` (16 whole rows) against every activation row through one wide
-/// tile, eight activation rows per call: `put(i, r, value)` for row g0·4 + r.
+/// tile, eight activation rows per call: `put(i, values)`, values for rows g0·4..g0·4 + 16.
 #[cfg(target_arch = "x86_64")]
 fn wide_rows<'a>(
     kind: Kind,
@@ -382,7 +388,7 @@ fn wide_rows<'a>(
     nb: usize,
     m: usize,
     act: &impl Fn(usize) -> &'a [Q8Block],
-    mut put: impl FnMut(usize, usize, f32),
+    mut put: impl FnMut(usize, &[f32; avx512::WIDE]),
 ) {
     const MT: usize = 8;
     // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q5_0/Q8_0 matrix;
@@ -390,9 +396,7 @@ fn wide_rows<'a>(
     let tile = unsafe { avx512::Wide::unpack(kind, std::array::from_fn(|g| w.group(g0 + g)), nb) };
     let mut emit = |i0: usize, v: &[[f32; avx512::WIDE]]| {
         for (di, v) in v.iter().enumerate() {
-            for (r, &v) in v.iter().enumerate() {
-                put(i0 + di, r, v);
-            }
+            put(i0 + di, v);
         }
     };
     let mut i0 = 0;
