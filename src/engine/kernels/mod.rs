@@ -21,6 +21,12 @@
 //! - aarch64 (NEON): every type applies the per-block update; for Q4_0/Q8_0 that is
 //!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
 //!   where candle's own choice of kernel differs, and by how much).
+//!
+//! One exception on purpose: prefill (8 or more activation rows) of Q4_0, Q5_0 and Q8_0 with
+//! AVX-512 runs 16-row wide tiles (`avx512::Wide`) that scale each block's whole integer sum
+//! once, as llama.cpp's repacked GEMM does, instead of replaying candle's eight FMA lanes:
+//! about twice as fast, within a few ulps of Σ|w·x| of candle (tested), and as close to
+//! llama-perplexity as before (bench/perplexity.sh; see bench/RESULTS.md).
 
 mod kquant;
 mod legacy;
@@ -78,7 +84,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
 pub(super) fn round_i8(x: &[f32], scale: f32, out: &mut [i8]) {
     debug_assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if isa().is_some() && x.len() % QK == 0 {
+    if isa().is_some() && x.len().is_multiple_of(QK) {
         for (x, out) in x.chunks_exact(QK).zip(out.chunks_exact_mut(QK)) {
             // SAFETY: isa() found AVX2 on this x86-64 CPU; both chunks hold 32 values.
             unsafe { avx2::round_i8x32(x.as_ptr(), scale, out.as_mut_ptr()) };
