@@ -56,8 +56,11 @@ fn perplexity_is_the_mean_nll_of_each_chunks_second_half() {
             }
         }
         let want = (nll / count as f64).exp();
+        // 2e-3: with AVX-512, the batch (prefill) path of Q8_0 adds each block's products in
+        // another order than the one-token path (kernels::avx512::Wide), which moves this
+        // random model's perplexity by about 1e-3; a wrong method moves it by far more.
         let diff = (got.estimates[c] - want).abs() / want;
-        assert!(diff < 1e-3, "chunk {c}: {} vs {want}", got.estimates[c]);
+        assert!(diff < 2e-3, "chunk {c}: {} vs {want}", got.estimates[c]);
     }
     assert_eq!(got.ppl, *got.estimates.last().unwrap());
     assert!(got.error > 0.0 && got.error < got.ppl, "{got:?}");

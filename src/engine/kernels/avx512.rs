@@ -278,3 +278,134 @@ impl Tile {
         std::array::from_fn(|i| std::array::from_fn(|r| v[4 * r + i]))
     }
 }
+
+/// Rows of a `Wide` tile: four packed groups.
+pub const WIDE: usize = 16;
+
+/// Four packed Q4_0, Q5_0 or Q8_0 groups (16 rows) unpacked once for prefill in llama.cpp's
+/// repacked-GEMM layout: per block, eight registers whose lane r holds four consecutive
+/// weights of row r (register t: weights 4t..4t+4) as unsigned bytes, and the 16 rows'
+/// scales in one register. An activation row's four bytes are broadcast to all lanes, so
+/// one vpdpbusd adds four products to each of the 16 rows' sums and every lane ends a
+/// block holding its row's whole integer dot product: one conversion and one FMA per block
+/// and activation row, `acc += (d_w·d_x)·Σ q·y` (llama.cpp's ggml_gemm_q4_0_8x8_q8_0 and
+/// ggml_vec_dot_q8_0_q8_0 apply the scale once per block the same way).
+///
+/// That is not candle's order (it keeps eight partial lanes per row, each with its own FMA
+/// chain), so results differ from candle's by a few ulps of Σ|w·x|: the tests hold this
+/// kernel to a tolerance and the perplexity check (bench/perplexity.sh) to llama.cpp's.
+pub struct Wide {
+    /// What the unsigned bytes are offset by: 8 (Q4_0), 16 (Q5_0) or 128 (Q8_0's + 128).
+    offset: i32,
+    q: Vec<__m512i>,
+    d: Vec<__m512>,
+}
+
+impl Wide {
+    /// Unpacks the four consecutive groups `groups[0..4]` of nb packed blocks each.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; every group holds nb packed
+    /// blocks of `kind`, which is Q4_0, Q5_0 or Q8_0.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn unpack(kind: Kind, groups: [&[u8]; 4], nb: usize) -> Self {
+        debug_assert!(matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0));
+        let gb = 4 * kind.block_bytes();
+        debug_assert!(groups.iter().all(|g| g.len() >= nb * gb));
+        // A group's block as `block4`'s two registers (chunk c: row c's weights 0..16, then
+        // 16..32); `pos[t]` is, for lane 4g + c, the dword of row c holding weights
+        // 4t..4t+4 in that pair.
+        let pos: [__m512i; 8] = std::array::from_fn(|t| {
+            let t = t as i32;
+            let p = |c: i32| (t / 4) * 16 + 4 * c + t % 4;
+            _mm512_setr_epi32(
+                p(0),
+                p(1),
+                p(2),
+                p(3),
+                p(0),
+                p(1),
+                p(2),
+                p(3),
+                p(0),
+                p(1),
+                p(2),
+                p(3),
+                p(0),
+                p(1),
+                p(2),
+                p(3),
+            )
+        });
+        let mut w = Self {
+            offset: match kind {
+                Kind::Q4_0 => 8,
+                Kind::Q5_0 => 16,
+                _ => 128,
+            },
+            q: Vec::with_capacity(8 * nb),
+            d: Vec::with_capacity(nb),
+        };
+        for b in 0..nb {
+            let p = groups.map(|g| g.as_ptr().add(b * gb));
+            let mut out = [_mm512_setzero_si512(); 8];
+            for (g, &p) in p.iter().enumerate() {
+                let (a, bb) = block4(kind, p);
+                let lanes: __mmask16 = 0xF << (4 * g);
+                for (o, &pos) in out.iter_mut().zip(&pos) {
+                    *o = _mm512_mask_mov_epi32(*o, lanes, _mm512_permutex2var_epi32(a, pos, bb));
+                }
+            }
+            w.q.extend_from_slice(&out);
+            // The four groups' four f16 scales each, rows 0..16 in order.
+            let s01 = _mm_unpacklo_epi64(
+                _mm_loadl_epi64(p[0] as *const __m128i),
+                _mm_loadl_epi64(p[1] as *const __m128i),
+            );
+            let s23 = _mm_unpacklo_epi64(
+                _mm_loadl_epi64(p[2] as *const __m128i),
+                _mm_loadl_epi64(p[3] as *const __m128i),
+            );
+            w.d.push(_mm512_cvtph_ps(_mm256_set_m128i(s23, s01)));
+        }
+        w
+    }
+
+    /// The 16 rows against MT activation rows: `out[i][r]` is row r against `acts[i]`.
+    ///
+    /// # Safety
+    /// As for `unpack`; every activation row holds the tile's nb blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot<const MT: usize>(&self, acts: [&[Q8Block]; MT]) -> [[f32; WIDE]; MT] {
+        let nb = self.d.len();
+        debug_assert!(acts.iter().all(|a| a.len() == nb));
+        let a = acts.map(|a| a.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); MT];
+        for b in 0..nb {
+            let w: [__m512i; 8] = std::array::from_fn(|t| self.q[8 * b + t]);
+            let db = self.d[b];
+            for (acc, &a) in acc.iter_mut().zip(&a) {
+                let a = &*a.add(b);
+                // Σ (u − offset)·y = Σ u·y − offset·Σ y, all exact in i32.
+                // Two chains of four vpdpbusd, so that their latency overlaps.
+                let mut s = [
+                    _mm512_set1_epi32(-self.offset * a.isum),
+                    _mm512_setzero_si512(),
+                ];
+                let y = a.qs.as_ptr() as *const i32;
+                for (t, &w) in w.iter().enumerate() {
+                    let yt = _mm512_set1_epi32(y.add(t).read_unaligned());
+                    s[t % 2] = _mm512_dpbusd_epi32(s[t % 2], w, yt);
+                }
+                let s = _mm512_add_epi32(s[0], s[1]);
+                let scale = _mm512_mul_ps(db, _mm512_set1_ps(a.d));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), *acc);
+            }
+        }
+        acc.map(|v| {
+            let mut o = [0f32; WIDE];
+            _mm512_storeu_ps(o.as_mut_ptr(), v);
+            o
+        })
+    }
+}

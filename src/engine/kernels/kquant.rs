@@ -80,9 +80,8 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8KBlock]) {
             continue;
         }
         let iscale = -127f32 / max;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
-        }
+        // (iscale·v).round() clamped to i8, which is the saturating cast.
+        super::round_i8(xs, iscale, &mut b.qs);
         for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = q.iter().map(|&q| q as i32).sum::<i32>() as i16;
         }
@@ -440,7 +439,7 @@ pub(super) enum Kernels {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C (kquant_avx2.rs).
     Avx2,
-    /// AVX2 plus AVX512F, AVX512VL and AVX512-VNNI (kquant_avx512.rs).
+    /// AVX2 plus AVX512F, AVX512BW, AVX512VL and AVX512-VNNI (kquant_avx512.rs).
     Avx512Vnni,
 }
 
@@ -452,6 +451,7 @@ impl Kernels {
         if isa.is_some() {
             let vnni = *VNNI.get_or_init(|| {
                 is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             });
@@ -510,6 +510,29 @@ fn tile_rows(
     }
 }
 
+/// Two consecutive tiles against up to eight activation rows, where the kernels take them
+/// together (`kquant_avx512::tile_pair_rows`, in the per-sub-block order): `out[i][r]`, r
+/// counting the first tile's rows then the second's; None elsewhere.
+#[allow(unused_variables)]
+fn tile_pair_rows(
+    kernels: Kernels,
+    kind: KQuant,
+    order: Order,
+    ta: &[u8],
+    tb: &[u8],
+    acts: &[&[Q8KBlock]],
+) -> Option<[[f32; 16]; 8]> {
+    match (kernels, order) {
+        // SAFETY: `Kernels::best` picks Avx512Vnni only where AVX2, FMA, F16C, AVX512F, BW,
+        // VL and VNNI are reported; both tiles hold the activation rows' super-blocks.
+        #[cfg(target_arch = "x86_64")]
+        (Kernels::Avx512Vnni, Order::SubBlocks) => {
+            Some(unsafe { super::kquant_avx512::tile_pair_rows(kind, ta, tb, acts) })
+        }
+        _ => None,
+    }
+}
+
 /// Several K-quant matrices of one kind and width, each on its own rows, in one parallel
 /// region on candle's barrier pool (as `super::matmul_jobs` does for the legacy types).
 pub(super) fn matmul_jobs(kernels: Kernels, kind: KQuant, jobs: &[Job]) -> Vec<Vec<f32>> {
@@ -556,17 +579,41 @@ pub(super) fn matmul_jobs(kernels: Kernels, kind: KQuant, jobs: &[Job]) -> Vec<V
                 let mt = step.min(m - i0);
                 let rows_x: [&[Q8KBlock]; 8] =
                     std::array::from_fn(|i| &acts[(i0 + i.min(mt - 1)) * kb..][..kb]);
-                for ti in first..last {
-                    let tile = &w.data()[ti * kb * tb..(ti + 1) * kb * tb];
-                    let rows = TILE.min(n - ti * TILE);
-                    let v = tile_rows(kernels, kind, order, tile, &rows_x[..mt]);
-                    for (di, v) in v.iter().enumerate().take(mt) {
-                        for (r, &v) in v.iter().enumerate().take(rows) {
-                            // SAFETY: element (i0 + di, ti·8 + r) of job t's output belongs
-                            // to this task; each output holds m · n values.
-                            unsafe { *out.0.add((i0 + di) * n + ti * TILE + r) = v };
+                let tile = |ti: usize| &w.data()[ti * kb * tb..(ti + 1) * kb * tb];
+                // SAFETY: element (i0 + di, j) of job t's output, for the rows j of tiles
+                // first..last, belongs to this task; each output holds m · n values.
+                let put =
+                    |di: usize, j: usize, v: f32| unsafe { *out.0.add((i0 + di) * n + j) = v };
+                let mut ti = first;
+                while ti < last {
+                    if ti + 1 < last {
+                        let pair = tile_pair_rows(
+                            kernels,
+                            kind,
+                            order,
+                            tile(ti),
+                            tile(ti + 1),
+                            &rows_x[..mt],
+                        );
+                        if let Some(v) = pair {
+                            let rows = (2 * TILE).min(n - ti * TILE);
+                            for (di, v) in v.iter().enumerate().take(mt) {
+                                for (r, &v) in v.iter().enumerate().take(rows) {
+                                    put(di, ti * TILE + r, v);
+                                }
+                            }
+                            ti += 2;
+                            continue;
                         }
                     }
+                    let rows = TILE.min(n - ti * TILE);
+                    let v = tile_rows(kernels, kind, order, tile(ti), &rows_x[..mt]);
+                    for (di, v) in v.iter().enumerate().take(mt) {
+                        for (r, &v) in v.iter().enumerate().take(rows) {
+                            put(di, ti * TILE + r, v);
+                        }
+                    }
+                    ti += 1;
                 }
             }
             g = starts[t] + last;

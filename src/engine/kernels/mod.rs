@@ -21,6 +21,12 @@
 //! - aarch64 (NEON): every type applies the per-block update; for Q4_0/Q8_0 that is
 //!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
 //!   where candle's own choice of kernel differs, and by how much).
+//!
+//! One exception on purpose: prefill (8 or more activation rows) of Q4_0, Q5_0 and Q8_0 with
+//! AVX-512 runs 16-row wide tiles (`avx512::Wide`) that scale each block's whole integer sum
+//! once, as llama.cpp's repacked GEMM does, instead of replaying candle's eight FMA lanes:
+//! about twice as fast, within a few ulps of Σ|w·x| of candle (tested), and as close to
+//! llama-perplexity as before (bench/perplexity.sh; see bench/RESULTS.md).
 
 mod kquant;
 mod legacy;
@@ -67,14 +73,28 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let d16 = f16::from_f32(d);
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
+        round_i8(xs, id, &mut b.qs);
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
         b.d = d16.to_f32();
         b.s = f16::from_f32(f16::from_f32(sum as f32).to_f32() * b.d).to_f32();
         b.isum = sum;
+    }
+}
+
+/// `(x · scale).round()` saturated to i8 for each value (as `as i8` casts), 32 at a time
+/// with AVX2 where the kernels run on x86-64 (bit-identical: see avx2::round_i8x32).
+pub(super) fn round_i8(x: &[f32], scale: f32, out: &mut [i8]) {
+    debug_assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa().is_some() && x.len().is_multiple_of(QK) {
+        for (x, out) in x.chunks_exact(QK).zip(out.chunks_exact_mut(QK)) {
+            // SAFETY: isa() found AVX2 on this x86-64 CPU; both chunks hold 32 values.
+            unsafe { avx2::round_i8x32(x.as_ptr(), scale, out.as_mut_ptr()) };
+        }
+        return;
+    }
+    for (q, &v) in out.iter_mut().zip(x) {
+        *q = (v * scale).round() as i8;
     }
 }
 
@@ -191,7 +211,7 @@ fn matmul_many_with(isa: Isa, mats: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<
 
 /// The jobs' inputs quantized `per_row` blocks to a row of `k` values, once per distinct
 /// input slice (jobs sharing an input share its blocks), and which of them each job reads.
-fn quantize_inputs<B: Clone + Default>(
+fn quantize_inputs<B: Clone + Default + Send>(
     jobs: &[Job],
     k: usize,
     per_row: usize,
@@ -205,9 +225,7 @@ fn quantize_inputs<B: Clone + Default>(
             let key = (j.x.as_ptr(), j.x.len());
             inputs.iter().position(|&i| i == key).unwrap_or_else(|| {
                 let mut a = vec![B::default(); j.x.len() / k * per_row];
-                for (a, xs) in a.chunks_mut(per_row).zip(j.x.chunks(k)) {
-                    quantize(xs, a);
-                }
+                quantize_rows(&mut a, j.x, k, per_row, quantize);
                 inputs.push(key);
                 acts.push(a);
                 acts.len() - 1
@@ -215,6 +233,49 @@ fn quantize_inputs<B: Clone + Default>(
         })
         .collect();
     (acts, which)
+}
+
+/// The rows of x (k values each) quantized into `per_row` blocks each of `out`; a prompt's
+/// rows in parallel on the barrier pool (serial, this is most of a small model's time
+/// outside the matmuls while the other cores spin).
+fn quantize_rows<B: Send>(
+    out: &mut [B],
+    x: &[f32],
+    k: usize,
+    per_row: usize,
+    quantize: fn(&[f32], &mut [B]),
+) {
+    let rows = x.len() / k;
+    if rows < 4 {
+        for (a, xs) in out.chunks_mut(per_row).zip(x.chunks(k)) {
+            quantize(xs, a);
+        }
+        return;
+    }
+    /// A pointer to `out` that may cross threads; each task writes its own rows.
+    #[derive(Clone, Copy)]
+    struct Rows<B>(*mut B);
+    // SAFETY: tasks write disjoint rows of `out`, which outlives the parallel call.
+    unsafe impl<B: Send> Send for Rows<B> {}
+    unsafe impl<B: Send> Sync for Rows<B> {}
+    impl<B> Rows<B> {
+        /// Row i of `per_row` blocks.
+        ///
+        /// # Safety
+        /// Row i is in bounds and written by this task only.
+        #[allow(clippy::mut_from_ref)]
+        unsafe fn row(&self, i: usize, per_row: usize) -> &mut [B] {
+            std::slice::from_raw_parts_mut(self.0.add(i * per_row), per_row)
+        }
+    }
+    assert!(out.len() >= rows * per_row, "activation blocks");
+    let dst = Rows(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for i in range {
+            // SAFETY: i < rows, and each row index is handed to one task.
+            quantize(&x[i * k..(i + 1) * k], unsafe { dst.row(i, per_row) });
+        }
+    });
 }
 
 /// One matrix and the rows (m × k, m = x.len() / k) it multiplies.
@@ -255,42 +316,110 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
         .map(|(j, &m)| vec![0f32; m * j.w.n])
         .collect();
     let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
-    // Work items are groups of four rows, numbered across the jobs.
+    // Work items are groups of four rows, or of 16 (four groups) where every job is a
+    // prefill that the wide tiles take, numbered across the jobs.
+    let wide = wide_tiles(isa, kind) && ms.iter().all(|&m| m >= WIDE_MIN_ROWS);
+    let per_item = if wide { 4 } else { 1 };
+    let items = |n: usize| n.div_ceil(4).div_ceil(per_item);
     let starts: Vec<usize> = jobs
         .iter()
         .scan(0, |acc, j| {
             let s = *acc;
-            *acc += j.w.n.div_ceil(4);
+            *acc += items(j.w.n);
             Some(s)
         })
         .collect();
-    let total: usize = jobs.iter().map(|j| j.w.n.div_ceil(4)).sum();
-    candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
-        for g in groups {
-            let t = starts.partition_point(|&s| s <= g) - 1;
+    let total: usize = jobs.iter().map(|j| items(j.w.n)).sum();
+    candle_core::utils::barrier_pool().execute_chunked(total, |chunk| {
+        for item in chunk {
+            let t = starts.partition_point(|&s| s <= item) - 1;
             let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
             let n = w.n;
-            let gi = g - starts[t];
-            let j0 = gi * 4;
-            // SAFETY: element (i, j) of job t's output belongs to this task for j in
-            // j0..j0+4; each output holds m * n values.
+            let g0 = (item - starts[t]) * per_item;
+            // SAFETY: element (i, j) of job t's output belongs to this task for the rows j
+            // of its groups g0..g0+per_item; each output holds m * n values.
             let put = |i: usize, j: usize, v: f32| unsafe { *out.0.add(i * n + j) = v };
             let act = |i: usize| &acts[i * nb..(i + 1) * nb];
-            if j0 + 4 <= n {
-                group_rows(isa, kind, w.group(gi), nb, m, &act, |i, r, v| {
-                    put(i, j0 + r, v)
+            if wide && (g0 + 4) * 4 <= n {
+                #[cfg(target_arch = "x86_64")]
+                wide_rows(kind, w, g0, nb, m, &act, |i, v| {
+                    // SAFETY: row i's elements g0·4..g0·4 + 16 of job t's output belong to
+                    // this task (16 whole rows of w); the output holds m · n values.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add(i * n + g0 * 4), 16)
+                    }
                 });
-            } else {
-                for j in j0..n {
-                    let row = w.tail_row(j);
-                    for i in 0..m {
-                        put(i, j, tail_dot(isa, kind, row, act(i)));
+                continue;
+            }
+            for gi in g0..(g0 + per_item).min(n.div_ceil(4)) {
+                let j0 = gi * 4;
+                if j0 + 4 <= n {
+                    group_rows(isa, kind, w.group(gi), nb, m, &act, |i, r, v| {
+                        put(i, j0 + r, v)
+                    });
+                } else {
+                    for j in j0..n {
+                        let row = w.tail_row(j);
+                        for i in 0..m {
+                            put(i, j, tail_dot(isa, kind, row, act(i)));
+                        }
                     }
                 }
             }
         }
     });
     ys
+}
+
+/// Activation rows from which a matmul takes the wide tiles (`avx512::Wide`): below it,
+/// unpacking a tile costs more than it saves.
+const WIDE_MIN_ROWS: usize = 8;
+
+/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0, Q5_0 and Q8_0 with
+/// AVX-512 (the types without a min; Q4_1 and Q5_1 keep candle's arithmetic).
+#[allow(unused_variables)]
+fn wide_tiles(isa: Isa, kind: Kind) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0);
+    }
+    false
+}
+
+/// Groups g0..g0+4 of `w` (16 whole rows) against every activation row through one wide
+/// tile, eight activation rows per call: `put(i, values)`, values for rows g0·4..g0·4 + 16.
+#[cfg(target_arch = "x86_64")]
+fn wide_rows<'a>(
+    kind: Kind,
+    w: &Packed,
+    g0: usize,
+    nb: usize,
+    m: usize,
+    act: &impl Fn(usize) -> &'a [Q8Block],
+    mut put: impl FnMut(usize, &[f32; avx512::WIDE]),
+) {
+    const MT: usize = 8;
+    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q5_0/Q8_0 matrix;
+    // groups g0..g0+4 are whole groups of nb packed blocks.
+    let tile = unsafe { avx512::Wide::unpack(kind, std::array::from_fn(|g| w.group(g0 + g)), nb) };
+    let mut emit = |i0: usize, v: &[[f32; avx512::WIDE]]| {
+        for (di, v) in v.iter().enumerate() {
+            put(i0 + di, v);
+        }
+    };
+    let mut i0 = 0;
+    while i0 + MT <= m {
+        // SAFETY: as above; every activation row holds nb blocks.
+        let v = unsafe { tile.dot::<MT>(std::array::from_fn(|i| act(i0 + i))) };
+        emit(i0, &v);
+        i0 += MT;
+    }
+    while i0 < m {
+        // SAFETY: as above.
+        let v = unsafe { tile.dot::<1>([act(i0)]) };
+        emit(i0, &v);
+        i0 += 1;
+    }
 }
 
 /// Four rows of a packed group against every activation row: `put(i, r, value)`.
@@ -425,6 +554,44 @@ mod tests {
         runnable()
     }
 
+    /// The vector rounding of activations equals the scalar `(x·scale).round() as i8` on
+    /// ties (±0.5, ±1.5, ±2.5), just below them, signed zeros, and values that saturate.
+    #[test]
+    fn activation_rounding_matches_scalar() {
+        let below_half = 0.5f32.next_down();
+        let mut x: Vec<f32> = vec![
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            below_half,
+            -below_half,
+            0.0,
+            -0.0,
+            126.5,
+            -127.5,
+            127.49,
+            200.0,
+            -200.0,
+            1e30,
+            -1e30,
+            3.4999998,
+            -3.5000002,
+            0.25,
+            64.5,
+            -64.5,
+        ];
+        x.extend(random(32 * 8 - x.len(), 9).iter().map(|v| v * 130.0));
+        for scale in [1.0f32, 0.999, 1.0 / 3.0, -127.0 / 129.0] {
+            let mut ours = vec![0i8; x.len()];
+            round_i8(&x, scale, &mut ours);
+            let theirs: Vec<i8> = x.iter().map(|&v| (v * scale).round() as i8).collect();
+            assert_eq!(ours, theirs, "scale {scale}");
+        }
+    }
+
     #[test]
     fn isa_cap_picks_the_named_set_or_the_best() {
         let x86 = [Isa::Avx512, Isa::Avx2];
@@ -464,7 +631,7 @@ mod tests {
         let dev = Device::Cpu;
         let k = 256;
         let (mut reordered_cases, mut exact_cases) = (0, 0);
-        for n in [42, 44] {
+        for n in [42, 44, 68] {
             for dtype in [
                 GgmlDType::Q4_0,
                 GgmlDType::Q4_1,
@@ -484,7 +651,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let reference = QMatMul::from_qtensor(q).unwrap();
-                for m in [1, 3, 4, 7, 8, 9] {
+                for m in [1, 3, 4, 7, 8, 9, 17] {
                     let x = random(m * k, 2 + m as u64);
                     let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
                     let theirs: Vec<f32> = reference
@@ -496,9 +663,10 @@ mod tests {
                         .unwrap();
                     for &isa in &isas {
                         let ours = matmul_many_with(isa, &[&packed], &x, m).pop().unwrap();
-                        let reordered = matches!(isa, Isa::Neon | Isa::NeonDot)
+                        let reordered = (matches!(isa, Isa::Neon | Isa::NeonDot)
                             && matches!(kind, Kind::Q4_0 | Kind::Q8_0)
-                            && (n % 4 != 0 || m != 1);
+                            && (n % 4 != 0 || m != 1))
+                            || (wide_tiles(isa, kind) && m >= WIDE_MIN_ROWS);
                         if !reordered {
                             assert_eq!(ours, theirs, "{isa:?} {dtype:?} n={n} m={m}");
                             continue;
