@@ -225,6 +225,12 @@ pub fn attend(query: &Query, k: &KvStore, v: &KvStore) -> Result<Vec<f32>> {
 enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2's arithmetic, with the 32 vector registers of AVX-512 (VL): two query rows
+    /// that see the same keys (heads sharing a KV head, at one position) are scored and
+    /// summed together, each key and value vector loaded once for both. Bit-identical to
+    /// `Avx2` row by row.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     Scalar,
 }
 
@@ -238,6 +244,10 @@ fn simd_for(dim: usize) -> Simd {
                 && is_x86_feature_detected!("f16c")
         });
         if has && dim.is_multiple_of(8) {
+            // The block kernels' choice, so TOKENTOP_ISA=avx2 keeps attention on AVX2 too.
+            if crate::engine::kernels::isa() == Some(crate::engine::kernels::Isa::Avx512) {
+                return Simd::Avx512;
+            }
             return Simd::Avx2;
         }
     }
@@ -433,6 +443,8 @@ struct Scratch {
     kf: Vec<f32>,
     vf: Vec<f32>,
     s: Vec<f32>,
+    /// The scores of the second row of a pair (`Simd::Avx512`).
+    s2: Vec<f32>,
 }
 
 impl Scratch {
@@ -444,6 +456,7 @@ impl Scratch {
             kf: vec![0.0; block * dim],
             vf: vec![0.0; block * dim],
             s: vec![0.0; block],
+            s2: vec![0.0; block],
         }
     }
 }
@@ -488,12 +501,14 @@ fn run_task(
         let n = b.min(hi - j0);
         k.rows_f32(g, j0, n, &mut sc.kf);
         v.rows_f32(g, j0, n, &mut sc.vf);
-        for ri in 0..rows {
+        let mut ri = 0;
+        while ri < rows {
             let s = s0 + ri / rep;
             let h = g * rep + ri % rep;
             let (lo, hi) = visible(query.pos + s, query.window);
             let (a, z) = (lo.max(j0), hi.min(j0 + n));
             if a >= z {
+                ri += 1;
                 continue;
             }
             let q = &query.q[(h * query.seq + s) * dim..][..dim];
@@ -506,15 +521,38 @@ fn run_task(
                 z: z - j0,
                 scale: query.scale,
             };
+            // The next row is the next head at the same position: it sees the same keys.
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx512 && ri + 1 < rows && (ri + 1) / rep == ri / rep {
+                let q2 = &query.q[((h + 1) * query.seq + s) * dim..][..dim];
+                let (m1, m2) = sc.m[ri..ri + 2].split_at_mut(1);
+                let (l1, l2) = sc.l[ri..ri + 2].split_at_mut(1);
+                let (o1, o2) = sc.o[ri * dim..(ri + 2) * dim].split_at_mut(dim);
+                // SAFETY: simd_for found AVX2, FMA, F16C and AVX-512 (F, VL), and dim is a
+                // multiple of 8.
+                unsafe {
+                    avx2::row_block2(
+                        &row,
+                        q2,
+                        [&mut m1[0], &mut m2[0]],
+                        [&mut l1[0], &mut l2[0]],
+                        [o1, o2],
+                        [&mut sc.s, &mut sc.s2],
+                    )
+                };
+                ri += 2;
+                continue;
+            }
             let o = &mut sc.o[ri * dim..(ri + 1) * dim];
             match simd {
                 // SAFETY: simd_for found AVX2, FMA and F16C, and dim is a multiple of 8.
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe {
+                Simd::Avx2 | Simd::Avx512 => unsafe {
                     avx2::row_block(&row, &mut sc.m[ri], &mut sc.l[ri], o, &mut sc.s)
                 },
                 Simd::Scalar => scalar_row_block(&row, &mut sc.m[ri], &mut sc.l[ri], o, &mut sc.s),
             }
+            ri += 1;
         }
     }
     rows
@@ -679,42 +717,58 @@ mod avx2 {
         }
     }
 
-    /// `scalar_row_block` with AVX2: scores eight keys at a time, the exponentials in
-    /// vectors, the weighted sum of V in strips of 64 outputs held in registers.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `dim` is a multiple of 8; `kf`/`vf` hold whole groups
-    /// of 8 rows covering `a..z`; `s` holds them too.
+    /// Dot products of two query rows with eight consecutive rows of `k`, each key vector
+    /// loaded once for both; each row's sums are `dot8`'s, operation for operation.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn row_block(
-        r: &RowBlock,
+    unsafe fn dot8x2(q1: *const f32, q2: *const f32, k: *const f32, dim: usize) -> [__m256; 2] {
+        let mut a1 = [_mm256_setzero_ps(); 8];
+        let mut a2 = [_mm256_setzero_ps(); 8];
+        let mut c = 0;
+        while c < dim {
+            let (v1, v2) = (_mm256_loadu_ps(q1.add(c)), _mm256_loadu_ps(q2.add(c)));
+            for r in 0..8 {
+                let kv = _mm256_loadu_ps(k.add(r * dim + c));
+                a1[r] = _mm256_fmadd_ps(v1, kv, a1[r]);
+                a2[r] = _mm256_fmadd_ps(v2, kv, a2[r]);
+            }
+            c += 8;
+        }
+        [reduce8(a1), reduce8(a2)]
+    }
+
+    /// Eight scores of keys g..g + 8, scaled, those outside a..z set to −∞.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn masked(sc: __m256, scale: f32, g: usize, a: usize, z: usize) -> __m256 {
+        let sc = _mm256_mul_ps(sc, _mm256_set1_ps(scale));
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let (av, zv) = (_mm256_set1_epi32(a as i32), _mm256_set1_epi32(z as i32));
+        let idx = _mm256_add_epi32(_mm256_set1_epi32(g as i32), lanes);
+        let out = _mm256_or_si256(
+            _mm256_cmpgt_epi32(av, idx),
+            _mm256_cmpgt_epi32(_mm256_add_epi32(idx, _mm256_set1_epi32(1)), zv),
+        );
+        _mm256_blendv_ps(
+            sc,
+            _mm256_set1_ps(f32::NEG_INFINITY),
+            _mm256_castsi256_ps(out),
+        )
+    }
+
+    /// The online-softmax step of one row whose masked scores of keys g0..g1 are in `s`
+    /// with lane maxima `mx`: the scores become e^(s − m_new), `l` and `o` are rescaled.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn softmax_step(
+        mx: __m256,
         m: &mut f32,
         l: &mut f32,
         o: &mut [f32],
         s: &mut [f32],
+        g0: usize,
+        g1: usize,
     ) {
-        let dim = r.dim;
-        let (g0, g1) = (r.a / 8 * 8, r.z.div_ceil(8) * 8);
-        debug_assert!(g1 * dim <= r.kf.len() && g1 <= s.len() && dim.is_multiple_of(8));
-        let scale = _mm256_set1_ps(r.scale);
-        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let (av, zv) = (_mm256_set1_epi32(r.a as i32), _mm256_set1_epi32(r.z as i32));
-        let mut mx = ninf;
-        let mut g = g0;
-        while g < g1 {
-            let sc = _mm256_mul_ps(dot8(r.q.as_ptr(), r.kf.as_ptr().add(g * dim), dim), scale);
-            // Keys outside a..z are masked: index < a or index >= z.
-            let idx = _mm256_add_epi32(_mm256_set1_epi32(g as i32), lanes);
-            let out = _mm256_or_si256(
-                _mm256_cmpgt_epi32(av, idx),
-                _mm256_cmpgt_epi32(_mm256_add_epi32(idx, _mm256_set1_epi32(1)), zv),
-            );
-            let sc = _mm256_blendv_ps(sc, ninf, _mm256_castsi256_ps(out));
-            _mm256_storeu_ps(s.as_mut_ptr().add(g), sc);
-            mx = _mm256_max_ps(mx, sc);
-            g += 8;
-        }
         let mut lanes_max = [0f32; 8];
         _mm256_storeu_ps(lanes_max.as_mut_ptr(), mx);
         let mx = lanes_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -741,6 +795,68 @@ mod avx2 {
                 *x *= alpha;
             }
         }
+        *m = m_new;
+    }
+
+    /// `pv_strip` for two rows, each value vector loaded once for both.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_strip2<const N: usize>(
+        o: [*mut f32; 2],
+        p: [&[f32]; 2],
+        v: *const f32,
+        dim: usize,
+        a: usize,
+        z: usize,
+    ) {
+        let mut a1 = [_mm256_setzero_ps(); N];
+        let mut a2 = [_mm256_setzero_ps(); N];
+        for t in 0..N {
+            a1[t] = _mm256_loadu_ps(o[0].add(8 * t));
+            a2[t] = _mm256_loadu_ps(o[1].add(8 * t));
+        }
+        for j in a..z {
+            let (p1, p2) = (_mm256_set1_ps(p[0][j]), _mm256_set1_ps(p[1][j]));
+            let row = v.add(j * dim);
+            for t in 0..N {
+                let vv = _mm256_loadu_ps(row.add(8 * t));
+                a1[t] = _mm256_fmadd_ps(p1, vv, a1[t]);
+                a2[t] = _mm256_fmadd_ps(p2, vv, a2[t]);
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(o[0].add(8 * t), a1[t]);
+            _mm256_storeu_ps(o[1].add(8 * t), a2[t]);
+        }
+    }
+
+    /// `scalar_row_block` with AVX2: scores eight keys at a time, the exponentials in
+    /// vectors, the weighted sum of V in strips of 64 outputs held in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `dim` is a multiple of 8; `kf`/`vf` hold whole groups
+    /// of 8 rows covering `a..z`; `s` holds them too.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_block(
+        r: &RowBlock,
+        m: &mut f32,
+        l: &mut f32,
+        o: &mut [f32],
+        s: &mut [f32],
+    ) {
+        let dim = r.dim;
+        let (g0, g1) = (r.a / 8 * 8, r.z.div_ceil(8) * 8);
+        debug_assert!(g1 * dim <= r.kf.len() && g1 <= s.len() && dim.is_multiple_of(8));
+        let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut g = g0;
+        while g < g1 {
+            let sc = dot8(r.q.as_ptr(), r.kf.as_ptr().add(g * dim), dim);
+            let sc = masked(sc, r.scale, g, r.a, r.z);
+            _mm256_storeu_ps(s.as_mut_ptr().add(g), sc);
+            mx = _mm256_max_ps(mx, sc);
+            g += 8;
+        }
+        softmax_step(mx, m, l, o, s, g0, g1);
         let mut c = 0;
         while c + 64 <= dim {
             pv_strip::<8>(
@@ -764,7 +880,70 @@ mod avx2 {
             );
             c += 8;
         }
-        *m = m_new;
+    }
+
+    /// `row_block` for two query rows over the same keys (`r`'s range; the second row's
+    /// query is `q2`): each K and V vector is loaded once for both, the accumulators of both
+    /// held in AVX-512's 32 registers. Every row's values are `row_block`'s, bit for bit.
+    ///
+    /// # Safety
+    /// As `row_block`, and the CPU has AVX-512 F and VL.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    pub(super) unsafe fn row_block2(
+        r: &RowBlock,
+        q2: &[f32],
+        m: [&mut f32; 2],
+        l: [&mut f32; 2],
+        o: [&mut [f32]; 2],
+        s: [&mut [f32]; 2],
+    ) {
+        let dim = r.dim;
+        let (g0, g1) = (r.a / 8 * 8, r.z.div_ceil(8) * 8);
+        debug_assert!(g1 * dim <= r.kf.len() && g1 <= s[0].len() && g1 <= s[1].len());
+        debug_assert!(dim.is_multiple_of(8) && q2.len() == dim);
+        let [m1, m2] = m;
+        let [l1, l2] = l;
+        let [o1, o2] = o;
+        let [s1, s2] = s;
+        let mut mx1 = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut mx2 = mx1;
+        let mut g = g0;
+        while g < g1 {
+            let [d1, d2] = dot8x2(r.q.as_ptr(), q2.as_ptr(), r.kf.as_ptr().add(g * dim), dim);
+            let sc1 = masked(d1, r.scale, g, r.a, r.z);
+            let sc2 = masked(d2, r.scale, g, r.a, r.z);
+            _mm256_storeu_ps(s1.as_mut_ptr().add(g), sc1);
+            _mm256_storeu_ps(s2.as_mut_ptr().add(g), sc2);
+            mx1 = _mm256_max_ps(mx1, sc1);
+            mx2 = _mm256_max_ps(mx2, sc2);
+            g += 8;
+        }
+        softmax_step(mx1, m1, l1, o1, s1, g0, g1);
+        softmax_step(mx2, m2, l2, o2, s2, g0, g1);
+        let (p1, p2) = (o1.as_mut_ptr(), o2.as_mut_ptr());
+        let mut c = 0;
+        while c + 64 <= dim {
+            pv_strip2::<8>(
+                [p1.add(c), p2.add(c)],
+                [s1, s2],
+                r.vf.as_ptr().add(c),
+                dim,
+                r.a,
+                r.z,
+            );
+            c += 64;
+        }
+        while c < dim {
+            pv_strip2::<1>(
+                [p1.add(c), p2.add(c)],
+                [s1, s2],
+                r.vf.as_ptr().add(c),
+                dim,
+                r.a,
+                r.z,
+            );
+            c += 8;
+        }
     }
 }
 
@@ -829,10 +1008,15 @@ mod tests {
         (out, mag)
     }
 
+    /// Every inner-loop choice this CPU runs.
     fn simds() -> Vec<Simd> {
         let mut v = vec![Simd::Scalar];
+        #[cfg(target_arch = "x86_64")]
         if simd_for(64) != Simd::Scalar {
-            v.push(simd_for(64));
+            v.push(Simd::Avx2);
+            if simd_for(64) == Simd::Avx512 {
+                v.push(Simd::Avx512);
+            }
         }
         v
     }
@@ -973,6 +1157,54 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The paired-row kernel (`Simd::Avx512`) gives each row exactly `Avx2`'s values: same
+    /// products, same order, only loaded once for two rows. Skipped where the CPU has no
+    /// AVX-512.
+    #[test]
+    fn paired_rows_equal_single_rows_bit_for_bit() {
+        if !simds().iter().any(|s| format!("{s:?}") == "Avx512") {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // (n_head, n_kv, dim, pos, seq, window): odd and even heads per KV head, prefill and
+        // decode, at depth, windowed, head sizes with and without a 64-wide strip.
+        for (ci, (n_head, n_kv, dim, pos, seq, window)) in [
+            (9, 3, 64, 0, 77, None::<usize>),
+            (32, 8, 128, 300, 40, None),
+            (32, 4, 128, 2000, 1, None),
+            (4, 1, 256, 700, 30, Some(64)),
+            (6, 2, 80, 33, 12, Some(50)),
+            (2, 2, 64, 10, 5, None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let total = pos + seq;
+            let k = cache(KvType::F16, n_kv, dim, total, 40 + ci as u64);
+            let v = cache(KvType::F16, n_kv, dim, total, 50 + ci as u64);
+            let q = random(n_head * seq * dim, 60 + ci as u64);
+            let query = Query {
+                q: &q,
+                n_head,
+                seq,
+                pos,
+                window,
+                scale: 1.0 / (dim as f32).sqrt(),
+                sinks: None,
+            };
+            for threads in [1, 2] {
+                let single = attend_with(Simd::Avx2, &query, &k, &v, threads).unwrap();
+                let paired = attend_with(Simd::Avx512, &query, &k, &v, threads).unwrap();
+                let (a, b): (Vec<u32>, Vec<u32>) = (
+                    single.iter().map(|x| x.to_bits()).collect(),
+                    paired.iter().map(|x| x.to_bits()).collect(),
+                );
+                assert_eq!(a, b, "case {ci}, {threads} threads");
             }
         }
     }
