@@ -815,8 +815,8 @@ mod avx2 {
             a1[t] = _mm256_loadu_ps(o[0].add(8 * t));
             a2[t] = _mm256_loadu_ps(o[1].add(8 * t));
         }
-        for j in a..z {
-            let (p1, p2) = (_mm256_set1_ps(p[0][j]), _mm256_set1_ps(p[1][j]));
+        for (j, (&x1, &x2)) in p[0].iter().zip(p[1]).enumerate().take(z).skip(a) {
+            let (p1, p2) = (_mm256_set1_ps(x1), _mm256_set1_ps(x2));
             let row = v.add(j * dim);
             for t in 0..N {
                 let vv = _mm256_loadu_ps(row.add(8 * t));
