@@ -3,10 +3,13 @@
 # round with a warm page cache (the file is read once before the first round). Usage:
 #   bench/load-vs-llama-cpp.sh [-r ROUNDS] [-t THREADS] MODEL...
 # MODEL is a catalog id or a .gguf path. tokentop's time is `tokentop bench -p 1 -n 1`'s load
-# column; llama.cpp's is the "load time" llama-completion prints for a one-token answer (model
-# load plus context creation, as tokentop's). Peak RSS of both is /usr/bin/time's maximum
-# resident set size, over the file's size. llama.cpp sizes its KV cache for its default context
-# while tokentop's bench sizes it for the test, so llama.cpp's RSS column is not like for like.
+# column (opening the file and building the weights). llama.cpp's is taken from the timestamps
+# of llama-completion's verbose log: from "load the model" to "constructing llama_context" (the
+# header, mmap, and repacking into its CPU_REPACK buffers), for a one-token answer. The "load
+# time" its perf summary prints is not that (it is a few ms however long the weights took).
+# Peak RSS of both is /usr/bin/time's maximum resident set size, over the file's size.
+# llama.cpp sizes its KV cache for its default context while tokentop's bench sizes it for
+# the test, so llama.cpp's RSS column is not like for like.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=3 threads=$(nproc)
@@ -26,10 +29,14 @@ for model in "$@"; do
   path=$("$tt" pull "$model" 2>/dev/null)
   cat "$path" >/dev/null
   for _ in $(seq "$rounds"); do
-    /usr/bin/time -f "rss_kb %M" "$bin/llama-completion" -m "$path" -p hi -n 1 -t "$threads" \
-      --no-warmup -no-cnv </dev/null >/dev/null 2>"$out/l"
-    ms=$(sed -n 's/.*load time = *\([0-9.]*\) ms.*/\1/p' "$out/l" | tail -1)
-    kb=$(sed -n 's/^rss_kb \([0-9]*\)/\1/p' "$out/l")
+    /usr/bin/time -f "rss_kb %M" -o "$out/lt" "$bin/llama-completion" -m "$path" -p hi -n 1 \
+      -t "$threads" --no-warmup -no-cnv -v </dev/null >/dev/null 2>"$out/l"
+    # Log timestamps are minutes.seconds.milliseconds.microseconds.
+    ms=$(grep -a -E 'load the model|llama_context: constructing' "$out/l" | python3 -c '
+import sys
+t = [sum(int(x) * f for x, f in zip(l.split()[0].split("."), (60e3, 1e3, 1, 1e-3))) for l in sys.stdin]
+print(f"{t[-1] - t[0]:.1f}")')
+    kb=$(sed -n 's/^rss_kb \([0-9]*\)/\1/p' "$out/lt")
     printf 'llama.cpp\t%s\t%s\t%s\n' "$model" "$ms" "$kb" >>"$out/rows"
     /usr/bin/time -f "rss_kb %M" -o "$out/t" "$tt" bench -m "$path" -p 1 -n 1 -r 1 -t "$threads" \
       -o jsonl </dev/null >"$out/j"

@@ -7,7 +7,7 @@ mod common;
 mod llama_server;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 use tokentop::engine::synth::{SynthSpec, HARMONY_TOKENS};
 use tokentop::engine::tokenizer::ModelTokenizer;
@@ -58,13 +58,6 @@ fn banned(id: u32) -> bool {
     id == 0 || id == 2 || (131..=258).contains(&id) || id >= FIRST_HARMONY
 }
 
-fn log_softmax(logits: &Tensor) -> Vec<f64> {
-    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = v.iter().map(|&x| (x as f64 - max).exp()).sum();
-    v.iter().map(|&x| x as f64 - max - sum.ln()).collect()
-}
-
 fn post(server: &llama_server::Server, path: &str, body: serde_json::Value) -> serde_json::Value {
     let reply = ureq::post(&format!("{}{path}", server.url))
         .set("Content-Type", "application/json")
@@ -86,23 +79,13 @@ fn server(path: &Path) -> Option<llama_server::Server> {
 #[allow(clippy::type_complexity)]
 fn llama_cpp_steps(path: &Path, prompt: &[u32], n: usize) -> Option<Vec<(u32, Vec<(u32, f64)>)>> {
     let server = server(path)?;
-    let bias: Vec<serde_json::Value> = (0..FIRST_HARMONY + HARMONY_TOKENS.len() as u32)
-        .filter(|&id| banned(id))
-        .map(|id| serde_json::json!([id, false]))
-        .collect();
-    let reply = post(
-        &server,
-        "/completion",
-        serde_json::json!({
-            "prompt": prompt,
-            "n_predict": n,
-            "temperature": 0.0,
-            "n_probs": 10,
-            "ignore_eos": true,
-            "logit_bias": bias,
-            "cache_prompt": false,
-        }),
+    let body = llama_server::greedy_request(
+        prompt,
+        n,
+        FIRST_HARMONY + HARMONY_TOKENS.len() as u32,
+        banned,
     );
+    let reply = post(&server, "/completion", body);
     Some(llama_server::greedy_steps(&reply))
 }
 
@@ -133,7 +116,7 @@ fn parity(dtype: GgmlDType, mxfp4: bool, flips: usize, flip_tol: f64) {
     // The largest top-10 difference of each step.
     let mut per_step = Vec::with_capacity(steps.len());
     for (step, (theirs, top)) in steps.iter().enumerate() {
-        let lp = log_softmax(&logits);
+        let lp = common::log_softmax(&logits);
         let ours = (0..lp.len() as u32)
             .filter(|&id| !banned(id))
             .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))
@@ -223,23 +206,7 @@ fn gpt_oss_mxfp4_experts_match_llama_cpp() {
 fn chunked_prefill_and_truncation_equal_a_fresh_pass() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), GgmlDType::Q8_0, true);
-    let text = ascii("user: the capital of France?\nassistant: Paris, of course.");
-    let whole = load(&path).forward(&text).unwrap();
-    let mut m = load(&path);
-    for chunk in text[..text.len() - 1].chunks(5) {
-        m.forward(chunk).unwrap();
-    }
-    let last = m.forward(&text[text.len() - 1..]).unwrap();
-    let diff = common::max_abs_diff(&whole, &last);
-    assert!(diff < 1e-4, "chunked prefill differs by {diff}");
-    for keep in [text.len() - 3, 20, 9, 0] {
-        m.truncate_cache(keep);
-        let again = m.forward(&text[keep..]).unwrap();
-        let diff = common::max_abs_diff(&whole, &again);
-        assert!(diff < 1e-4, "keeping {keep}: logits differ by {diff}");
-        // Back to the whole text held, for the next, shorter prefix.
-        assert_eq!(m.cached_len(), text.len());
-    }
+    common::assert_chunked_prefill_and_truncation(|| load(&path));
 }
 
 /// tokentop's o200k ("gpt-4o") pre-tokenizer splits as llama.cpp's does: on the synthetic

@@ -49,51 +49,13 @@ fn banned(id: u32) -> bool {
     id == 0 || id == 2 || (131..=258).contains(&id) || id == 267
 }
 
-fn log_softmax(logits: &Tensor) -> Vec<f64> {
-    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = v.iter().map(|&x| (x as f64 - max).exp()).sum();
-    v.iter().map(|&x| x as f64 - max - sum.ln()).collect()
-}
-
-/// llama-server's greedy completion of `prompt` on `path`: per step, the token it chose and
-/// its top-10 (token, log-probability).
-#[allow(clippy::type_complexity)]
-fn llama_cpp_steps(path: &Path, prompt: &[u32], n: usize) -> Option<Vec<(u32, Vec<(u32, f64)>)>> {
-    // An f32 KV cache as tokentop keeps, and no flash attention: llama.cpp's CPU flash
-    // attention rounds to f16 on the way and moves log-probabilities by up to 5e-3 on these
-    // files (with it off, the attention layers alone agree within 2e-6).
-    let server = llama_server::start_model(path, &["-ctk", "f32", "-ctv", "f32", "-fa", "off"])?;
-    let bias: Vec<serde_json::Value> = (0..300u32)
-        .filter(|&id| banned(id))
-        .map(|id| serde_json::json!([id, false]))
-        .collect();
-    let body = serde_json::json!({
-        "prompt": prompt,
-        "n_predict": n,
-        "temperature": 0.0,
-        "n_probs": 10,
-        "ignore_eos": true,
-        "logit_bias": bias,
-        "cache_prompt": false,
-    });
-    let reply = ureq::post(&format!("{}/completion", server.url))
-        .set("Content-Type", "application/json")
-        .send_string(&body.to_string())
-        .expect("llama-server /completion")
-        .into_string()
-        .unwrap();
-    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
-    Some(llama_server::greedy_steps(&reply))
-}
-
 /// Greedy decoding against llama.cpp for 64 steps, fed llama.cpp's tokens: each step must pick
 /// llama.cpp's token and give its top-10 log-probabilities within 1e-3.
 fn parity(arch: &str, dtype: GgmlDType) {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), arch, dtype);
     let prompt = ascii("The capital of France is");
-    let Some(steps) = llama_cpp_steps(&path, &prompt, 64) else {
+    let Some(steps) = llama_server::f32_greedy_steps(&path, &prompt, 64, 300, banned) else {
         return;
     };
     assert_eq!(
@@ -106,7 +68,7 @@ fn parity(arch: &str, dtype: GgmlDType) {
     let mut logits = model.forward(&prompt).unwrap();
     let mut worst = 0f64;
     for (step, (theirs, top)) in steps.iter().enumerate() {
-        let lp = log_softmax(&logits);
+        let lp = common::log_softmax(&logits);
         let ours = (0..lp.len() as u32)
             .filter(|&id| !banned(id))
             .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))

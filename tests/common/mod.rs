@@ -175,3 +175,36 @@ pub fn entry(role: tokentop::protocol::Role, text: &str) -> tokentop::state::Cha
         footer: None,
     }
 }
+
+/// Log-softmax of a logits tensor, in f64.
+pub fn log_softmax(logits: &candle_core::Tensor) -> Vec<f64> {
+    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = v.iter().map(|&x| (x as f64 - max).exp()).sum();
+    v.iter().map(|&x| x as f64 - max - sum.ln()).collect()
+}
+
+/// A model's cache reuse is exact: `text` fed in chunks of 5 gives the last logits of one
+/// pass, and after truncating the cache to shorter prefixes the rest gives them again.
+pub fn assert_chunked_prefill_and_truncation(load: impl Fn() -> tokentop::engine::model::Model) {
+    let text: Vec<u32> = "user: the capital of France?\nassistant: Paris, of course."
+        .bytes()
+        .map(|b| 3 + u32::from(b)) // the synthetic vocabulary: 3 control tokens, then bytes
+        .collect();
+    let whole = load().forward(&text).unwrap();
+    let mut m = load();
+    for chunk in text[..text.len() - 1].chunks(5) {
+        m.forward(chunk).unwrap();
+    }
+    let last = m.forward(&text[text.len() - 1..]).unwrap();
+    let diff = max_abs_diff(&whole, &last);
+    assert!(diff < 1e-4, "chunked prefill differs by {diff}");
+    for keep in [text.len() - 3, 20, 9, 0] {
+        m.truncate_cache(keep);
+        let again = m.forward(&text[keep..]).unwrap();
+        let diff = max_abs_diff(&whole, &again);
+        assert!(diff < 1e-4, "keeping {keep}: logits differ by {diff}");
+        // Back to the whole text held, for the next, shorter prefix.
+        assert_eq!(m.cached_len(), text.len());
+    }
+}

@@ -141,3 +141,51 @@ pub fn greedy_steps(reply: &serde_json::Value) -> Vec<(u32, Vec<(u32, f64)>)> {
         })
         .collect()
 }
+
+/// The body of a greedy `/completion` of `prompt` for `n` tokens with the top 10 of each step,
+/// the prompt cache off and the ids below `vocab` that `banned` names never chosen (a ban
+/// changes only the choice: the reported log-probabilities are of the raw logits).
+pub fn greedy_request(
+    prompt: &[u32],
+    n: usize,
+    vocab: u32,
+    banned: impl Fn(u32) -> bool,
+) -> serde_json::Value {
+    let bias: Vec<serde_json::Value> = (0..vocab)
+        .filter(|&id| banned(id))
+        .map(|id| serde_json::json!([id, false]))
+        .collect();
+    serde_json::json!({
+        "prompt": prompt,
+        "n_predict": n,
+        "temperature": 0.0,
+        "n_probs": 10,
+        "ignore_eos": true,
+        "logit_bias": bias,
+        "cache_prompt": false,
+    })
+}
+
+/// llama-server's greedy completion (`greedy_request`) on `model`, with an f32 KV cache and no
+/// flash attention as the parity tests' tokentop side keeps (llama.cpp's CPU flash attention
+/// rounds to f16 on the way): per step, the token it chose and its top 10. None where no
+/// llama-server runs here (the caller skips).
+#[allow(clippy::type_complexity)]
+pub fn f32_greedy_steps(
+    model: &std::path::Path,
+    prompt: &[u32],
+    n: usize,
+    vocab: u32,
+    banned: impl Fn(u32) -> bool,
+) -> Option<Vec<(u32, Vec<(u32, f64)>)>> {
+    let server = start_model(model, &["-ctk", "f32", "-ctv", "f32", "-fa", "off"])?;
+    let body = greedy_request(prompt, n, vocab, banned);
+    let reply = ureq::post(&format!("{}/completion", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap_or_else(|e| panic!("llama-server /completion: {e}"))
+        .into_string()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    Some(greedy_steps(&reply))
+}
