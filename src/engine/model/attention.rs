@@ -444,6 +444,7 @@ struct Scratch {
     vf: Vec<f32>,
     s: Vec<f32>,
     /// The scores of the second row of a pair (`Simd::Avx512`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     s2: Vec<f32>,
 }
 
@@ -1010,6 +1011,7 @@ mod tests {
 
     /// Every inner-loop choice this CPU runs.
     fn simds() -> Vec<Simd> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v = vec![Simd::Scalar];
         #[cfg(target_arch = "x86_64")]
         if simd_for(64) != Simd::Scalar {
