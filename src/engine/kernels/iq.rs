@@ -674,17 +674,7 @@ mod tests {
         (raw.to_vec(), f)
     }
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::kernels::test_values as random;
 
     /// Random blocks (every bit pattern of these types is a valid block) with a modest scale,
     /// so that every grid entry and sign pattern gets exercised.

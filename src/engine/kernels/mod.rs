@@ -530,23 +530,28 @@ fn tail_dot(isa: Isa, kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     }
 }
 
+/// Deterministic values in [-1, 1) for the tests of the kernels and of attention (a 64-bit
+/// LCG): the same inputs on every run and machine.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::kernels::test_values as random;
 
     /// Every instruction set this CPU runs (AVX-512 and AVX2 here; NEON with and without
     /// SDOT on an M-series or Grace CPU), so that each path is checked.

@@ -952,17 +952,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::kernels::test_values as random;
 
     /// softmax(Q·Kᵀ·scale + mask)·V in f64 from the values the cache holds (read back, so the
     /// comparison sees only the kernel's arithmetic), `[seq][n_head][dim]`, plus for each
