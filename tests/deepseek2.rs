@@ -72,35 +72,7 @@ fn parity(name: &str, mla: SynthMla, dtype: GgmlDType, tol: f64) {
     let Some(steps) = llama_server::f32_greedy_steps(&path, &prompt, 64, VOCAB, banned) else {
         return;
     };
-    assert_eq!(
-        steps.len(),
-        64,
-        "{what}: llama-server gave {} steps",
-        steps.len()
-    );
-    let mut model = load(&path);
-    let mut logits = model.forward(&prompt).unwrap();
-    let mut worst = 0f64;
-    for (step, (theirs, top)) in steps.iter().enumerate() {
-        let lp = common::log_softmax(&logits);
-        let ours = (0..lp.len() as u32)
-            .filter(|&id| !banned(id))
-            .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))
-            .unwrap();
-        assert_eq!(ours, *theirs, "{what}: step {step} picks another token");
-        assert_eq!(top.len(), 10);
-        for &(id, p) in top {
-            let d = (lp[id as usize] - p).abs();
-            worst = worst.max(d);
-            assert!(
-                d < tol,
-                "{what}: step {step}, token {id}: log-probability {} vs llama.cpp's {p}",
-                lp[id as usize]
-            );
-        }
-        logits = model.forward(&[*theirs]).unwrap();
-    }
-    eprintln!("{what}: 64 steps agree, largest log-probability difference {worst:.2e}");
+    common::assert_steps_match(&mut load(&path), &prompt, &steps, banned, tol, &what);
 }
 
 /// V3's layout in f32: query LoRA, sigmoid scores, bias, 2 of 4 groups, weights renormalised

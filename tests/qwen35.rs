@@ -58,38 +58,8 @@ fn parity(arch: &str, dtype: GgmlDType) {
     let Some(steps) = llama_server::f32_greedy_steps(&path, &prompt, 64, 300, banned) else {
         return;
     };
-    assert_eq!(
-        steps.len(),
-        64,
-        "{arch}: llama-server gave {} steps",
-        steps.len()
-    );
-    let mut model = load(&path);
-    let mut logits = model.forward(&prompt).unwrap();
-    let mut worst = 0f64;
-    for (step, (theirs, top)) in steps.iter().enumerate() {
-        let lp = common::log_softmax(&logits);
-        let ours = (0..lp.len() as u32)
-            .filter(|&id| !banned(id))
-            .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))
-            .unwrap();
-        assert_eq!(
-            ours, *theirs,
-            "{arch} {dtype:?}: step {step} picks another token"
-        );
-        assert_eq!(top.len(), 10);
-        for &(id, p) in top {
-            let d = (lp[id as usize] - p).abs();
-            worst = worst.max(d);
-            assert!(
-                d < 1e-3,
-                "{arch} {dtype:?}: step {step}, token {id}: log-probability {} vs llama.cpp's {p}",
-                lp[id as usize]
-            );
-        }
-        logits = model.forward(&[*theirs]).unwrap();
-    }
-    eprintln!("{arch} {dtype:?}: 64 steps agree, largest log-probability difference {worst:.2e}");
+    let what = format!("{arch} {dtype:?}");
+    common::assert_steps_match(&mut load(&path), &prompt, &steps, banned, 1e-3, &what);
 }
 
 #[test]

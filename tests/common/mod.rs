@@ -208,3 +208,45 @@ pub fn assert_chunked_prefill_and_truncation(load: impl Fn() -> tokentop::engine
         assert_eq!(m.cached_len(), text.len());
     }
 }
+
+/// Greedy decoding against llama.cpp's `steps` (per step its token and top 10, from
+/// `llama_server::f32_greedy_steps`), fed llama.cpp's tokens after `prompt`: each step must
+/// pick llama.cpp's token among the ids `banned` allows and give its top-10 log-probabilities
+/// within `tol`. `what` names the file in messages.
+pub fn assert_steps_match(
+    model: &mut tokentop::engine::model::Model,
+    prompt: &[u32],
+    steps: &[(u32, Vec<(u32, f64)>)],
+    banned: impl Fn(u32) -> bool,
+    tol: f64,
+    what: &str,
+) {
+    assert_eq!(
+        steps.len(),
+        64,
+        "{what}: llama-server gave {} steps",
+        steps.len()
+    );
+    let mut logits = model.forward(prompt).unwrap();
+    let mut worst = 0f64;
+    for (step, (theirs, top)) in steps.iter().enumerate() {
+        let lp = log_softmax(&logits);
+        let ours = (0..lp.len() as u32)
+            .filter(|&id| !banned(id))
+            .max_by(|&a, &b| lp[a as usize].total_cmp(&lp[b as usize]))
+            .unwrap();
+        assert_eq!(ours, *theirs, "{what}: step {step} picks another token");
+        assert_eq!(top.len(), 10);
+        for &(id, p) in top {
+            let d = (lp[id as usize] - p).abs();
+            worst = worst.max(d);
+            assert!(
+                d < tol,
+                "{what}: step {step}, token {id}: log-probability {} vs llama.cpp's {p}",
+                lp[id as usize]
+            );
+        }
+        logits = model.forward(&[*theirs]).unwrap();
+    }
+    eprintln!("{what}: 64 steps agree, largest log-probability difference {worst:.2e}");
+}
