@@ -272,7 +272,8 @@ fn long_vocabulary_pieces_do_not_make_the_tokenizer_quadratic() {
         })
     };
     let one_long = with_pieces("long_piece", vec!["ab".repeat(1 << 20)]);
-    // 20,000 distinct 200-byte pieces: more merge work than any real vocabulary.
+    // 20,000 distinct 200-byte pieces: no merge list is derived from the pieces (spm.rs), so
+    // neither file costs more than its size.
     let many: Vec<String> = (0..20_000).map(|i| format!("{i:0>200}")).collect();
     let many = with_pieces("many_pieces", many);
     let start = std::time::Instant::now();
@@ -280,13 +281,7 @@ fn long_vocabulary_pieces_do_not_make_the_tokenizer_quadratic() {
     // A hang guard, not a speed target: the 2 MB piece alone once took over a minute.
     assert!(start.elapsed().as_secs() < 60, "{:?}", start.elapsed());
     assert_eq!(outcomes[0], Outcome::Answered, "{}", one_long.display());
-    match &outcomes[1] {
-        Outcome::Error(e) => assert!(
-            e.contains("the SentencePiece vocabulary is too large to build (20294 pieces"),
-            "{e}"
-        ),
-        o => panic!("{o:?}"),
-    }
+    assert_eq!(outcomes[1], Outcome::Answered, "{}", many.display());
 }
 
 #[test]

@@ -356,20 +356,7 @@ fn the_qwen35_pre_tokenizer_matches_llama_cpp() {
         "It's 2026!\n\n  indented\tthen 12345 numbers",
         "Ελληνικά και 中文, emoji 🙂 and more",
     ] {
-        let body = serde_json::json!({ "content": text, "add_special": false });
-        let reply = ureq::post(&format!("{}/tokenize", server.url))
-            .set("Content-Type", "application/json")
-            .send_string(&body.to_string())
-            .unwrap()
-            .into_string()
-            .unwrap();
-        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
-        let theirs: Vec<u32> = reply["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
+        let theirs = server.tokenize(text);
         assert_eq!(engine.tokenizer.encode(text).unwrap(), theirs, "{text:?}");
     }
 }

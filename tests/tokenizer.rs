@@ -1,6 +1,7 @@
 //! Tokenizers built from GGUF metadata round-trip real text, and streaming detokenization
 //! yields exactly the full decode, without holding back punctuation.
 mod common;
+mod llama_server;
 
 use tokentop::engine::{gguf::Gguf, synth::SynthSpec, tokenizer::ModelTokenizer, TokenStream};
 
@@ -80,6 +81,38 @@ fn gemma_sentencepiece_round_trips() {
     assert_eq!(ids[1], 105, "<start_of_turn> is one control token");
     assert!(tok.is_stop(106), "<end_of_turn> ends an answer");
     assert!(tok.is_stop(1), "<eos> ends an answer");
+}
+
+/// Gemma's SentencePiece segmentation (spm.rs) gives llama.cpp's tokens, on the samples and
+/// on a few thousand tokens of English prose.
+#[test]
+fn gemma_tokens_equal_llama_cpp() {
+    let Some(path) = common::gemma() else { return };
+    let Some(server) = llama_server::start_model(&path, &[]) else {
+        return;
+    };
+    let tok = tokenizer(&path);
+    let essays = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/bench/data/essays.txt"
+    ))
+    .unwrap();
+    let texts = SAMPLES.iter().copied().chain([
+        "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",
+        "  leading spaces, trailing ones  ",
+        essays.as_str(),
+    ]);
+    for text in texts {
+        let ours = tok.inner.encode(text, false).unwrap().get_ids().to_vec();
+        let theirs = server.tokenize(text);
+        let first = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+        assert_eq!(
+            (ours.len(), first),
+            (theirs.len(), None),
+            "{:?}",
+            &text[..text.len().min(80)]
+        );
+    }
 }
 
 #[test]

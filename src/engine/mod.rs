@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod harmony;
 pub mod kernels;
 pub mod model;
+pub mod spm;
 pub mod synth;
 pub mod template;
 pub mod tokenizer;

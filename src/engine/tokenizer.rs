@@ -6,6 +6,7 @@
 //! wrong split silently degrades every answer.
 
 use super::gguf::Gguf;
+use super::spm::Spm;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -18,8 +19,8 @@ use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer,
+    AddedToken, DecoderWrapper, Encoding, Model, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerImpl,
 };
 
 // GGML token types (llama.cpp's llama_token_type).
@@ -28,12 +29,6 @@ const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
 
 const SPIECE_SPACE: &str = "\u{2581}";
-
-/// SentencePiece pieces longer than this are never built by merging (see `sentencepiece`).
-const MAX_MERGE_PIECE_BYTES: usize = 256;
-/// Bytes hashed while deriving merges, summed over pieces: about a second at most; a
-/// 262k-piece vocabulary takes a few percent of it.
-const MAX_MERGE_WORK: u64 = 1 << 29;
 
 // Split regexes as llama.cpp's llama-vocab.cpp defines them per `tokenizer.ggml.pre`.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
@@ -78,9 +73,65 @@ const END_OF_TURN_TEXTS: [&str; 9] = [
     "</s>",
 ];
 
+/// The tokenizers crate's pipeline (normalizer, special tokens, pre-tokenizer, decoder) around
+/// one of its own models (BPE from the GGUF, or whatever a tokenizer.json holds) or around
+/// llama.cpp's SentencePiece segmentation (spm.rs).
+pub enum Inner {
+    Hf(Box<Tokenizer>),
+    Spm(Box<SpmTokenizer>),
+}
+
+pub type SpmTokenizer = TokenizerImpl<
+    Spm,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// `$t` bound to whichever tokenizer `$inner` holds.
+macro_rules! each {
+    ($inner:expr, $t:ident => $e:expr) => {
+        match $inner {
+            Inner::Hf($t) => $e,
+            Inner::Spm($t) => $e,
+        }
+    };
+}
+
+impl Inner {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> tokenizers::Result<Encoding> {
+        each!(self, t => t.encode(text, add_special_tokens))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> tokenizers::Result<String> {
+        each!(self, t => t.decode(ids, skip_special_tokens))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        each!(self, t => t.token_to_id(token))
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        each!(self, t => t.id_to_token(id))
+    }
+
+    pub fn get_vocab_size(&self, with_added_tokens: bool) -> usize {
+        each!(self, t => t.get_vocab_size(with_added_tokens))
+    }
+
+    fn added_ids(&self) -> Vec<(u32, String)> {
+        each!(self, t => t
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, t.content))
+            .collect())
+    }
+}
+
 /// A tokenizer plus the special ids generation needs.
 pub struct ModelTokenizer {
-    pub inner: Tokenizer,
+    pub inner: Inner,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Every id that ends an answer: EOS, EOT and known end-of-turn tokens.
@@ -136,7 +187,7 @@ impl ModelTokenizer {
         let (inner, source) = if beside.is_file() {
             let t = Tokenizer::from_file(&beside)
                 .map_err(|e| anyhow!("cannot read {}: {e}", beside.display()))?;
-            (t, beside.display().to_string())
+            (Inner::Hf(Box::new(t)), beside.display().to_string())
         } else {
             (from_gguf_metadata(g)?, "GGUF metadata".to_string())
         };
@@ -161,10 +212,9 @@ impl ModelTokenizer {
             }
         }
         let markup_ids = inner
-            .get_added_tokens_decoder()
+            .added_ids()
             .into_iter()
-            .filter(|(_, t)| {
-                let c = &t.content;
+            .filter(|(_, c)| {
                 c.len() > 2
                     && c.starts_with('<')
                     && c.ends_with('>')
@@ -210,7 +260,7 @@ fn number_array(g: &Gguf, key: &str) -> Option<Vec<f64>> {
     g.number_array(key)
 }
 
-fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {
+fn from_gguf_metadata(g: &Gguf) -> Result<Inner> {
     let model = g
         .get_str("tokenizer.ggml.model")
         .with_context(|| format!("{} has no tokenizer.ggml.model", g.path.display()))?;
@@ -222,14 +272,6 @@ fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {
         .filter(|t| t.len() == tokens.len())
         .map(|t| t.into_iter().map(|x| x as i64).collect())
         .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
-    let mut tokenizer = match model {
-        "gpt2" => bpe(g, &tokens)?,
-        "llama" | "gemma" => sentencepiece(g, &tokens, &types)?,
-        other => bail!(
-            "{}: tokenizer model \"{other}\" is not supported (gpt2, llama and gemma are); put a tokenizer.json beside the file",
-            g.path.display()
-        ),
-    };
     // Control tokens are special (matched in prompts, skipped in output); user-defined
     // ones are ordinary text the vocabulary keeps whole (Gemma's "\n\n", runs of spaces).
     let control: Vec<AddedToken> = tokens
@@ -244,9 +286,37 @@ fn from_gguf_metadata(g: &Gguf) -> Result<Tokenizer> {
         .filter(|(_, &t)| t == TYPE_USER_DEFINED)
         .map(|(s, _)| AddedToken::from(s.clone(), false).normalized(false))
         .collect();
-    tokenizer.add_special_tokens(&control);
-    tokenizer.add_tokens(&user);
-    Ok(tokenizer)
+    Ok(match model {
+        "gpt2" => {
+            let mut t = bpe(g, &tokens)?;
+            add_pieces(&mut t, &control, &user);
+            Inner::Hf(Box::new(t))
+        }
+        "llama" | "gemma" => {
+            let mut t = sentencepiece(g, tokens, &types)?;
+            add_pieces(&mut t, &control, &user);
+            Inner::Spm(Box::new(t))
+        }
+        other => bail!(
+            "{}: tokenizer model \"{other}\" is not supported (gpt2, llama and gemma are); put a tokenizer.json beside the file",
+            g.path.display()
+        ),
+    })
+}
+
+fn add_pieces<M: Model>(
+    t: &mut TokenizerImpl<
+        M,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >,
+    control: &[AddedToken],
+    user: &[AddedToken],
+) {
+    t.add_special_tokens(control);
+    t.add_tokens(user);
 }
 
 fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
@@ -309,70 +379,26 @@ fn bpe(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     Ok(t)
 }
 
-/// SentencePiece vocabularies (`llama`, `gemma`) merge adjacent pieces, highest score first,
-/// as llama.cpp's SPM tokenizer does. A Unigram model over the same scores segments badly
-/// (Gemma 3: "What" became "Wh"+"at") because the scores are merge priorities, not
-/// log-probabilities; so the scores are turned into an ordered BPE merge list instead: a
-/// pair may merge when their concatenation is a piece, ranked by that piece's score.
-fn sentencepiece(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Tokenizer> {
-    let scores = number_array(g, "tokenizer.ggml.scores")
+/// SentencePiece vocabularies (`llama`, `gemma`): llama.cpp's SPM segmentation (spm.rs),
+/// with the ▁ spaces and byte-fallback decoding around it.
+fn sentencepiece(g: &Gguf, tokens: Vec<String>, types: &[i64]) -> Result<SpmTokenizer> {
+    let scores: Vec<f32> = number_array(g, "tokenizer.ggml.scores")
         .filter(|s| s.len() == tokens.len())
         .with_context(|| {
             format!(
                 "{}: SentencePiece tokenizer without one score per token",
                 g.path.display()
             )
-        })?;
-    let unk = g.get_u32("tokenizer.ggml.unknown_token_id").unwrap_or(0) as usize;
-    let unk = tokens
-        .get(unk)
-        .with_context(|| format!("{}: unknown-token id out of range", g.path.display()))?;
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
-    let mergeable = |i: usize| matches!(types[i], TYPE_NORMAL | TYPE_USER_DEFINED);
-    let mut ranked: Vec<(f64, u32, u32)> = Vec::new();
-    // Finding a piece's merges hashes every prefix and suffix: quadratic in its length.
-    // Real pieces are short (Gemma 3's longest is 31 characters), so longer ones are kept
-    // in the vocabulary but never built by merging, and the total work is bounded too.
-    let mut work = 0u64;
-    for (i, piece) in tokens.iter().enumerate() {
-        if !mergeable(i) || piece.len() > MAX_MERGE_PIECE_BYTES {
-            continue;
-        }
-        work += (piece.len() * piece.len()) as u64;
-        if work > MAX_MERGE_WORK {
-            bail!(
-                "{}: the SentencePiece vocabulary is too large to build ({} pieces, {} bytes)",
-                g.path.display(),
-                tokens.len(),
-                tokens.iter().map(String::len).sum::<usize>()
-            );
-        }
-        for (cut, _) in piece.char_indices().skip(1) {
-            let (l, r) = piece.split_at(cut);
-            if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                if mergeable(li as usize) && mergeable(ri as usize) {
-                    ranked.push((scores[i], li, ri));
-                }
-            }
-        }
-    }
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let merges = ranked
+        })?
         .into_iter()
-        .map(|(_, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .map(|s| s as f32)
         .collect();
-    let model = BpeBuilder::new()
-        .vocab_and_merges(vocab, merges)
-        .unk_token(unk.clone())
-        .byte_fallback(true)
-        .fuse_unk(true)
-        .build()
-        .map_err(|e| anyhow!("building the SentencePiece tokenizer: {e}"))?;
-    let mut t = Tokenizer::new(model);
+    let unk = g.get_u32("tokenizer.ggml.unknown_token_id").unwrap_or(0);
+    if unk as usize >= tokens.len() {
+        bail!("{}: unknown-token id out of range", g.path.display());
+    }
+    let mergeable = |i: usize| matches!(types[i], TYPE_NORMAL | TYPE_USER_DEFINED);
+    let mut t = SpmTokenizer::new(Spm::new(tokens, scores, mergeable, unk));
     let space_prefix = g
         .get_bool("tokenizer.ggml.add_space_prefix")
         .unwrap_or(true);

@@ -14,6 +14,25 @@ pub struct Server {
 }
 
 impl Server {
+    /// llama.cpp's tokens for `text` (`/tokenize`: special tokens parsed, no BOS added).
+    #[allow(dead_code)]
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        let body = serde_json::json!({ "content": text, "add_special": false });
+        let reply = ureq::post(&format!("{}/tokenize", self.url))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        reply["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
+    }
+
     /// Kills the server (as a crash would: SIGKILL, no goodbye to clients).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
