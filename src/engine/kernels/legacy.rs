@@ -71,6 +71,7 @@ impl Kind {
 
     /// Whether the kernels take the weights as signed bytes with one scale a block (Q4_0,
     /// Q8_0 and the table types), not as unsigned ones with a min or an offset.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // NEON matches the kinds
     pub(super) fn is_signed(self) -> bool {
         matches!(self, Self::Q4_0 | Self::Q8_0 | Self::Iq4Nl | Self::Mxfp4)
     }
