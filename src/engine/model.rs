@@ -732,10 +732,19 @@ impl Matrix {
             .map(Some)
     }
 
-    /// An IQ / MXFP4 matrix on `dev`: the CPU kernels, or on a GPU (no kernels there yet)
-    /// its weights dequantized to f16.
+    /// An IQ / MXFP4 matrix on `dev`: the CPU kernels (IQ4_NL and MXFP4 repacked for the
+    /// block kernels where they run, as Q4_0 is), or on a GPU (no kernels there yet) its
+    /// weights dequantized to f16.
     fn from_iq(m: Arc<IqMatrix>, dev: &Device) -> Result<Self> {
         if dev.is_cpu() {
+            if let Some(kind) = Kind::from_iq(m.ty) {
+                return Ok(Self::Blocks(Arc::new(Packed::new(
+                    kind,
+                    m.data(),
+                    m.n,
+                    m.k,
+                ))));
+            }
             return Ok(Self::Iq(m));
         }
         static NOTE: std::sync::Once = std::sync::Once::new();
@@ -1156,11 +1165,15 @@ impl Model {
             if let Some(mut m) = Matrix::fetch_iq(g, "token_embd.weight", &[vocab, e])? {
                 g.release("token_embd.weight");
                 let m = Arc::new(m.remove(0));
-                let output = match g.has_tensor("output.weight") {
-                    true => qmm(g, "output.weight", vocab, e)?,
-                    false => Matrix::from_iq(m.clone(), dev)?,
-                };
-                (Embedding::Iq(m), output)
+                match g.has_tensor("output.weight") {
+                    true => (Embedding::Iq(m), qmm(g, "output.weight", vocab, e)?),
+                    // Tied and repacked: the embedding reads rows back from the packed copy,
+                    // so the table is stored once.
+                    false => match Matrix::from_iq(m.clone(), dev)? {
+                        Matrix::Blocks(p) => (Embedding::Tied(p.clone()), Matrix::Blocks(p)),
+                        output => (Embedding::Iq(m), output),
+                    },
+                }
             } else if g.has_tensor("output.weight") {
                 (
                     embedding(g, vocab, e, dev)?,

@@ -42,8 +42,36 @@ pub(super) unsafe fn half4(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i))
 }
 
+/// The scales of a packed block's four rows as f32: four f16, or MXFP4's four E8M0 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scales4(kind: Kind, p: *const u8) -> __m128 {
+    if kind != Kind::Mxfp4 {
+        return half4(p);
+    }
+    // mxfp4::e8m0_half: 2^(e − 128) as the exponent field e − 1, or the subnormal
+    // 0x0020_0000 << e for e < 2.
+    let e = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+    let one = _mm_set1_epi32(1);
+    let normal = _mm_slli_epi32::<23>(_mm_sub_epi32(e, one));
+    let sub = _mm_sllv_epi32(_mm_set1_epi32(0x0020_0000), e);
+    _mm_castsi128_ps(_mm_blendv_epi8(sub, normal, _mm_cmpgt_epi32(e, one)))
+}
+
+/// One block's scale: an f16, or MXFP4's E8M0 byte.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale1(kind: Kind, p: *const u8) -> f32 {
+    if kind == Kind::Mxfp4 {
+        super::mxfp4::e8m0_half(*p)
+    } else {
+        half(p)
+    }
+}
+
 /// A block's 32 weights as bytes, given its quants `q` and high bits `h`: unsigned
-/// (Q4_1, Q5_1; Q5_0 too, offset folded later) or signed (Q4_0, Q8_0).
+/// (Q4_1, Q5_1; Q5_0 too, offset folded later) or signed (Q4_0, Q8_0, and IQ4_NL and
+/// MXFP4 as their tables' values, looked up with one pshufb).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> __m256i {
@@ -55,18 +83,24 @@ unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> __m256i {
             _mm256_and_si256(bits(h), _mm256_set1_epi8(0x10)),
         ),
         Kind::Q8_0 => _mm256_loadu_si256(q as *const __m256i),
+        Kind::Iq4Nl | Kind::Mxfp4 => {
+            let t = _mm_loadu_si128(kind.table().expect("a table type").as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(t), nibbles(q))
+        }
         Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("K-quants run in kquant_avx2.rs"),
     }
 }
 
 /// The 8 partial i32 sums of a block's integer dot product with activations `y`.
-/// Unsigned weights: Σ w·y (no i16 saturation: w < 32, |y| ≤ 127). Signed: via |w|.
+/// Unsigned weights: Σ w·y (no i16 saturation: w < 32, |y| ≤ 127). Signed: via |w|
+/// (|w| ≤ 127 for every signed kind, IQ4_NL's −127 included, so pairs stay within i16).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lanes(kind: Kind, w: __m256i, y: __m256i) -> __m256i {
-    let (a, b) = match kind {
-        Kind::Q4_0 | Kind::Q8_0 => (_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
-        _ => (w, y),
+    let (a, b) = if kind.is_signed() {
+        (_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
+    } else {
+        (w, y)
     };
     _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
@@ -120,14 +154,14 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
     let (om, oh, oq) = kind.packed_offsets();
     let qn = kind.qs_bytes();
     let p0 = group.as_ptr();
-    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+    if kind.is_signed() {
         // candle's AVX2 kernel per row: acc = fma(d·d', pairs as floats, acc); hsum.
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, a) in act.iter().enumerate() {
             let p = p0.add(b * gb);
             let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             let mut d = [0f32; 4];
-            _mm_storeu_ps(d.as_mut_ptr(), half4(p));
+            _mm_storeu_ps(d.as_mut_ptr(), scales4(kind, p));
             for r in 0..4 {
                 let w = weights(kind, p.add(oq + r * qn), p);
                 let q = _mm256_cvtepi32_ps(lanes(kind, w, y));
@@ -170,15 +204,19 @@ pub unsafe fn dot_row(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
         let p = row.as_ptr().add(b * bb);
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         let l = lanes(kind, weights(kind, p.add(bq), p.add(bh)), y);
-        if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(p) * a.d), _mm256_cvtepi32_ps(l), acc);
+        if kind.is_signed() {
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(scale1(kind, p) * a.d),
+                _mm256_cvtepi32_ps(l),
+                acc,
+            );
         } else {
             let z = _mm256_setzero_si256();
             let m = _mm_set1_ps(if kind.has_min() { half(p.add(bm)) } else { 0.0 });
             sumf = update(kind, sumf, sum4([l, z, z, z]), _mm_set1_ps(half(p)), m, a);
         }
     }
-    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+    if kind.is_signed() {
         hsum(acc)
     } else {
         _mm_cvtss_f32(sumf)
@@ -204,7 +242,7 @@ pub unsafe fn unpack4(
             let w = weights(kind, p.add(oq + r * kind.qs_bytes()), p.add(oh + r * 4));
             _mm256_storeu_si256(q.as_mut_ptr().add((b * 4 + r) * QK) as *mut __m256i, w);
         }
-        _mm_storeu_ps(d.as_mut_ptr().add(b * 4), half4(p));
+        _mm_storeu_ps(d.as_mut_ptr().add(b * 4), scales4(kind, p));
         if kind.has_min() {
             _mm_storeu_ps(m.as_mut_ptr().add(b * 4), half4(p.add(om)));
         }
@@ -222,7 +260,7 @@ pub unsafe fn dot4_unpacked(
 ) -> [f32; 4] {
     let w =
         |b: usize, r: usize| _mm256_loadu_si256(q.as_ptr().add((b * 4 + r) * QK) as *const __m256i);
-    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+    if kind.is_signed() {
         // `dot4`'s replay of candle's kernel.
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, a) in act.iter().enumerate() {

@@ -16,7 +16,7 @@
 //! per row) and sweeps four activation rows at a time over it, reusing each weight register
 //! for all four.
 
-use super::avx2::{half4, update};
+use super::avx2::{half4, scales4, update};
 use super::{Kind, Q8Block};
 use std::arch::x86_64::*;
 
@@ -40,6 +40,16 @@ unsafe fn block4(kind: Kind, p: *const u8) -> (__m512i, __m512i) {
     let m4 = _mm512_set1_epi8(0x0F);
     let mut lo = _mm512_and_si512(raw, m4);
     let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+    if let Some(t) = kind.table() {
+        // The table's values + 128 (unsigned; `lanes` takes 128·Σ y back), looked up by
+        // vpshufb in each 128-bit lane.
+        let t = _mm_xor_si128(
+            _mm_loadu_si128(t.as_ptr() as *const __m128i),
+            _mm_set1_epi8(-128),
+        );
+        let t = _mm512_broadcast_i32x4(t);
+        return (_mm512_shuffle_epi8(t, lo), _mm512_shuffle_epi8(t, hi));
+    }
     if kind.has_high_bits() {
         // Row r's 32-bit word: bits 0..16 go to chunk r of `lo`, bits 16..32 to `hi`.
         let h = _mm_loadu_si128(p.add(oh) as *const __m128i);
@@ -119,13 +129,13 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
     let gb = 4 * kind.block_bytes();
     debug_assert!(group.len() >= act.len() * gb);
     let p0 = group.as_ptr();
-    if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+    if kind.is_signed() {
         let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for (b, a) in act.iter().enumerate() {
             let p = p0.add(b * gb);
             let (wl, wh) = block4(kind, p);
             let (yl, yh) = y_halves(a);
-            let d = per_row(_mm_mul_ps(half4(p), _mm_set1_ps(a.d)));
+            let d = per_row(_mm_mul_ps(scales4(kind, p), _mm_set1_ps(a.d)));
             lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes(kind, wl, yl)), lo);
             hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes(kind, wh, yh)), hi);
         }
@@ -176,7 +186,7 @@ impl Tile {
         let gb = 4 * kind.block_bytes();
         debug_assert!(group.len() >= nb * gb);
         let (om, _, _) = kind.packed_offsets();
-        let signed = matches!(kind, Kind::Q4_0 | Kind::Q8_0);
+        let signed = kind.is_signed();
         let mut t = Self {
             kind,
             q: Vec::with_capacity(2 * nb),
@@ -190,7 +200,9 @@ impl Tile {
             for w in [lo, hi] {
                 let w = match kind {
                     Kind::Q4_0 => _mm512_sub_epi8(w, _mm512_set1_epi8(8)),
-                    Kind::Q8_0 => _mm512_xor_si512(w, _mm512_set1_epi8(-128)),
+                    Kind::Q8_0 | Kind::Iq4Nl | Kind::Mxfp4 => {
+                        _mm512_xor_si512(w, _mm512_set1_epi8(-128))
+                    }
                     _ => w,
                 };
                 if signed {
@@ -201,7 +213,7 @@ impl Tile {
                 }
                 t.q.push(w);
             }
-            t.d.push(per_row(half4(p)));
+            t.d.push(per_row(scales4(kind, p)));
             if kind.has_min() {
                 t.m.push(per_row(half4(p.add(om))));
             }
@@ -219,7 +231,7 @@ impl Tile {
         let (kind, nb) = (self.kind, self.d.len());
         debug_assert!(acts.iter().all(|a| a.len() == nb));
         let a = acts.map(|a| a.as_ptr());
-        if matches!(kind, Kind::Q4_0 | Kind::Q8_0) {
+        if kind.is_signed() {
             let flip = _mm512_set1_epi8(-128);
             let mut acc = [[_mm512_setzero_ps(); 2]; 4];
             for b in 0..nb {
@@ -282,7 +294,7 @@ impl Tile {
 /// Rows of a `Wide` tile: four packed groups.
 pub const WIDE: usize = 16;
 
-/// Four packed Q4_0, Q5_0 or Q8_0 groups (16 rows) unpacked once for prefill in llama.cpp's
+/// Four packed Q4_0, Q5_0, Q8_0, IQ4_NL or MXFP4 groups (16 rows) unpacked once for prefill in llama.cpp's
 /// repacked-GEMM layout: per block, eight registers whose lane r holds four consecutive
 /// weights of row r (register t: weights 4t..4t+4) as unsigned bytes, and the 16 rows'
 /// scales in one register. An activation row's four bytes are broadcast to all lanes, so
@@ -295,7 +307,8 @@ pub const WIDE: usize = 16;
 /// chain), so results differ from candle's by a few ulps of Σ|w·x|: the tests hold this
 /// kernel to a tolerance and the perplexity check (bench/perplexity.sh) to llama.cpp's.
 pub struct Wide {
-    /// What the unsigned bytes are offset by: 8 (Q4_0), 16 (Q5_0) or 128 (Q8_0's + 128).
+    /// What the unsigned bytes are offset by: 8 (Q4_0), 16 (Q5_0) or 128 (Q8_0's + 128, the
+    /// table types' values + 128).
     offset: i32,
     q: Vec<__m512i>,
     d: Vec<__m512>,
@@ -306,10 +319,10 @@ impl Wide {
     ///
     /// # Safety
     /// The CPU runs AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; every group holds nb packed
-    /// blocks of `kind`, which is Q4_0, Q5_0 or Q8_0.
+    /// blocks of `kind`, which is Q4_0, Q5_0, Q8_0, IQ4_NL or MXFP4.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn unpack(kind: Kind, groups: [&[u8]; 4], nb: usize) -> Self {
-        debug_assert!(matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0));
+        debug_assert!(kind == Kind::Q5_0 || kind.is_signed());
         let gb = 4 * kind.block_bytes();
         debug_assert!(groups.iter().all(|g| g.len() >= nb * gb));
         // A group's block as `block4`'s two registers (chunk c: row c's weights 0..16, then
@@ -357,6 +370,14 @@ impl Wide {
                 }
             }
             w.q.extend_from_slice(&out);
+            if kind == Kind::Mxfp4 {
+                let mut s = [0f32; WIDE];
+                for (g, &p) in p.iter().enumerate() {
+                    _mm_storeu_ps(s.as_mut_ptr().add(4 * g), scales4(kind, p));
+                }
+                w.d.push(_mm512_loadu_ps(s.as_ptr()));
+                continue;
+            }
             // The four groups' four f16 scales each, rows 0..16 in order.
             let s01 = _mm_unpacklo_epi64(
                 _mm_loadl_epi64(p[0] as *const __m128i),

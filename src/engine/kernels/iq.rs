@@ -546,6 +546,11 @@ impl IqMatrix {
         &self.data[j * rb..(j + 1) * rb]
     }
 
+    /// The blocks as ggml lays them out, row after row.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         dequantize_row(self.ty, self.row(j), out);
     }

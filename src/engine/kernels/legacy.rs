@@ -1,8 +1,15 @@
 //! The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): their ggml layout and
 //! tokentop's packing in groups of four rows, shared by every instruction set's kernels.
-//! `Kind` and `Packed` also carry the K-quants, whose layout lives in kquant.rs.
+//! `Kind` and `Packed` also carry the K-quants, whose layout lives in kquant.rs, and IQ4_NL
+//! and MXFP4, which are Q4_0 with a 16-entry table of values instead of `nibble − 8` (and,
+//! for MXFP4, a power-of-two scale byte instead of an f16): packed like Q4_0, as llama.cpp's
+//! repack.cpp packs them (block_iq4_nlx4), they run on the Q4_0 kernels with one table
+//! lookup (pshufb / tbl) per 16 nibbles.
 
+use super::iq::IqType;
+use super::iq_tables::{KVALUES_IQ4NL, KVALUES_MXFP4};
 use super::kquant::{self, KQuant};
+use super::mxfp4::e8m0_half;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
@@ -15,6 +22,10 @@ pub enum Kind {
     Q5_0,
     Q5_1,
     Q8_0,
+    /// IQ4_NL: an f16 scale and 32 nibbles indexing `KVALUES_IQ4NL`.
+    Iq4Nl,
+    /// MXFP4: an E8M0 scale byte and 32 nibbles indexing `KVALUES_MXFP4`.
+    Mxfp4,
     /// K-quants (kquant.rs; x86-64 only, candle's kernels elsewhere).
     Q4K,
     Q5K,
@@ -36,6 +47,51 @@ impl Kind {
             GgmlDType::Q6K if cfg!(target_arch = "x86_64") => Self::Q6K,
             _ => return None,
         })
+    }
+
+    /// The kernel for an IQ type, where one runs on this CPU: IQ4_NL and MXFP4 (the others
+    /// run on kernels/iq.rs).
+    pub fn from_iq(t: IqType) -> Option<Self> {
+        super::isa()?;
+        match t {
+            IqType::Iq4Nl => Some(Self::Iq4Nl),
+            IqType::Mxfp4 => Some(Self::Mxfp4),
+            _ => None,
+        }
+    }
+
+    /// The values a nibble indexes, for the table types.
+    pub(super) fn table(self) -> Option<&'static [i8; 16]> {
+        match self {
+            Self::Iq4Nl => Some(&KVALUES_IQ4NL),
+            Self::Mxfp4 => Some(&KVALUES_MXFP4),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernels take the weights as signed bytes with one scale a block (Q4_0,
+    /// Q8_0 and the table types), not as unsigned ones with a min or an offset.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // NEON matches the kinds
+    pub(super) fn is_signed(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q8_0 | Self::Iq4Nl | Self::Mxfp4)
+    }
+
+    /// Bytes of a block's scale: an f16, or MXFP4's E8M0 byte.
+    pub(super) fn scale_bytes(self) -> usize {
+        if self == Self::Mxfp4 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// The scale of a block whose scale bytes start at `p[0]`.
+    pub(super) fn scale(self, p: &[u8]) -> f32 {
+        if self == Self::Mxfp4 {
+            e8m0_half(p[0])
+        } else {
+            f16::from_bits(u16::from_le_bytes([p[0], p[1]])).to_f32()
+        }
     }
 
     /// The K-quant this is, if it is one.
@@ -65,6 +121,8 @@ impl Kind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Iq4Nl => 18,
+            Self::Mxfp4 => 17,
             Self::Q4K | Self::Q5K | Self::Q6K => self.kquant().expect("K").block_bytes(),
         }
     }
@@ -94,14 +152,16 @@ impl Kind {
             Self::Q5_0 => (0, 2, 6),
             Self::Q5_1 => (2, 4, 8),
             Self::Q8_0 => (0, 0, 2),
+            Self::Iq4Nl => (0, 0, 2),
+            Self::Mxfp4 => (0, 0, 1),
             Self::Q4K | Self::Q5K | Self::Q6K => unreachable!("K-quants pack in kquant.rs"),
         }
     }
 
     /// Offsets inside a packed 4-row block: (mins, high bits, quants); scales are at 0.
     pub(super) fn packed_offsets(self) -> (usize, usize, usize) {
-        let m = 8;
-        let h = if self.has_min() { 16 } else { 8 };
+        let m = 4 * self.scale_bytes();
+        let h = if self.has_min() { m + 8 } else { m };
         let q = h + if self.has_high_bits() { 16 } else { 0 };
         (m, h, q)
     }
@@ -137,7 +197,7 @@ impl Packed {
                     &raw[at..at + bb]
                 };
                 for r in 0..4 {
-                    data.extend_from_slice(&block(r)[0..2]);
+                    data.extend_from_slice(&block(r)[0..kind.scale_bytes()]);
                 }
                 if kind.has_min() {
                     for r in 0..4 {
@@ -168,6 +228,7 @@ impl Packed {
         let (nb, bb) = (self.k / QK, kind.block_bytes());
         let half =
             |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
+        let sb = kind.scale_bytes();
         // (d, m, high bits, quants) of block b of row j, wherever the layout puts them.
         let parts = |b: usize| -> (f32, f32, u32, &[u8]) {
             let word =
@@ -187,7 +248,12 @@ impl Packed {
                 } else {
                     0
                 };
-                (half(g, 2 * r), m, h, &g[oq + r * qn..oq + (r + 1) * qn])
+                (
+                    kind.scale(&g[sb * r..]),
+                    m,
+                    h,
+                    &g[oq + r * qn..oq + (r + 1) * qn],
+                )
             } else {
                 let (bm, bh, bq) = kind.block_offsets();
                 let blk = &self.tail_row(j)[b * bb..(b + 1) * bb];
@@ -197,7 +263,7 @@ impl Packed {
                 } else {
                     0
                 };
-                (half(blk, 0), m, h, &blk[bq..bq + qn])
+                (kind.scale(blk), m, h, &blk[bq..bq + qn])
             }
         };
         for (b, ys) in out.chunks_exact_mut(QK).enumerate().take(nb) {
@@ -212,6 +278,9 @@ impl Packed {
                         Kind::Q4_0 => nib - 8,
                         Kind::Q5_0 => (nib | hb << 4) - 16,
                         Kind::Q5_1 => nib | hb << 4,
+                        Kind::Iq4Nl | Kind::Mxfp4 => {
+                            kind.table().expect("a table type")[nib as usize] as i32
+                        }
                         _ => nib,
                     }
                 };

@@ -22,6 +22,10 @@
 //!   `sumf += sumi·(d'·d)`, the arithmetic of candle's repacked NEON kernels (see neon.rs for
 //!   where candle's own choice of kernel differs, and by how much).
 //!
+//! IQ4_NL and MXFP4 (no candle kernel) are packed and run the same way as Q4_0, their
+//! nibbles looked up in the type's table (legacy.rs); their reference is the dequantized
+//! weights (kernels/iq.rs), which the tests hold them to within float rounding.
+//!
 //! One exception on purpose: prefill (8 or more activation rows) of Q4_0, Q5_0 and Q8_0 with
 //! AVX-512 runs 16-row wide tiles (`avx512::Wide`) that scale each block's whole integer sum
 //! once, as llama.cpp's repacked GEMM does, instead of replaying candle's eight FMA lanes:
@@ -375,13 +379,16 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
 /// unpacking a tile costs more than it saves.
 const WIDE_MIN_ROWS: usize = 8;
 
-/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0, Q5_0 and Q8_0 with
-/// AVX-512 (the types without a min; Q4_1 and Q5_1 keep candle's arithmetic).
+/// Whether prefill of `kind` runs on the 16-row wide tiles: Q4_0, Q5_0, Q8_0, IQ4_NL and
+/// MXFP4 with AVX-512 (the types without a min; Q4_1 and Q5_1 keep candle's arithmetic).
 #[allow(unused_variables)]
 fn wide_tiles(isa: Isa, kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        return matches!(kind, Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0);
+        return matches!(
+            kind,
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0 | Kind::Iq4Nl | Kind::Mxfp4
+        );
     }
     false
 }
@@ -399,7 +406,8 @@ fn wide_rows<'a>(
     mut put: impl FnMut(usize, &[f32; avx512::WIDE]),
 ) {
     const MT: usize = 8;
-    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a Q4_0/Q5_0/Q8_0 matrix;
+    // SAFETY: wide_tiles found AVX-512 F/BW/VL/VNNI (and AVX2) and a matrix of a kind
+    // without a min (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4);
     // groups g0..g0+4 are whole groups of nb packed blocks.
     let tile = unsafe { avx512::Wide::unpack(kind, std::array::from_fn(|g| w.group(g0 + g)), nb) };
     let mut emit = |i0: usize, v: &[[f32; avx512::WIDE]]| {
@@ -594,6 +602,157 @@ mod tests {
             round_i8(&x, scale, &mut ours);
             let theirs: Vec<i8> = x.iter().map(|&v| (v * scale).round() as i8).collect();
             assert_eq!(ours, theirs, "scale {scale}");
+        }
+    }
+
+    /// Random IQ4_NL / MXFP4 blocks (every nibble pattern is valid) with modest scales:
+    /// IQ4_NL's f16 between 2^-8 and 2^-7, MXFP4's E8M0 byte 120..128.
+    fn table_blocks(ty: iq::IqType, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut raw: Vec<u8> = (0..blocks * ty.block_bytes())
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect();
+        for b in raw.chunks_exact_mut(ty.block_bytes()) {
+            match ty {
+                iq::IqType::Mxfp4 => b[0] = 120 + b[0] % 8,
+                _ => b[1] = 0x1C + b[1] % 4,
+            }
+        }
+        raw
+    }
+
+    /// IQ4_NL and MXFP4 repacked for the block kernels, for every instruction set this CPU
+    /// runs, in decode and prefill shapes (AVX2's unpacked tiles from m = 8, AVX-512's 4-row
+    /// tiles from m = 4 and its 16-row wide tiles from m = 8), with row counts leaving a
+    /// tail of 1 to 3 ggml rows or none: each value within 1e-5 of Σ|w·x| of the f64 dot
+    /// product of the dequantized weights (kernels/iq.rs, itself held to gguf-py's
+    /// dequantization) and the activations as quantized. The integer block sums are exact,
+    /// so only the float scaling and summation order can move a value, by a few ulps of that
+    /// sum. Rows read back from the packed layout equal iq.rs's dequantization bit for bit.
+    #[test]
+    fn iq4nl_mxfp4_tiles_match_dequantized_reference() {
+        let isas = available();
+        if isas.is_empty() {
+            eprintln!("SKIPPED: no kernel instruction set on this CPU; kernels/iq.rs runs");
+            return;
+        }
+        let k = 256;
+        let mut checked = 0;
+        for ty in [iq::IqType::Iq4Nl, iq::IqType::Mxfp4] {
+            let kind = Kind::from_iq(ty).expect("a block kernel for the table types");
+            for n in [41, 42, 44, 68, 71] {
+                let raw = table_blocks(ty, n * k / QK, ty.ggml_id() as u64 + n as u64);
+                let w = iq::IqMatrix::new(ty, raw.clone(), n, k).unwrap();
+                let packed = Packed::new(kind, &raw, n, k);
+                let wf = w.dequantize();
+                let mut row = vec![0f32; k];
+                for j in 0..n {
+                    packed.dequantize_row(j, &mut row);
+                    assert_eq!(row, wf[j * k..(j + 1) * k], "{ty:?} n={n} row {j}");
+                }
+                for m in [1, 2, 3, 4, 5, 8, 9, 17] {
+                    let x = random(m * k, 11 + m as u64);
+                    let mut a = vec![Q8Block::default(); m * k / QK];
+                    quantize_activations(&x, &mut a);
+                    let xq: Vec<f64> = a
+                        .iter()
+                        .flat_map(|b| b.qs.map(|q| q as f64 * b.d as f64))
+                        .collect();
+                    for &isa in &isas {
+                        let got = matmul_many_with(isa, &[&packed], &x, m).pop().unwrap();
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (wr, xr) = (&wf[j * k..(j + 1) * k], &xq[i * k..(i + 1) * k]);
+                                let want: f64 =
+                                    wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b).sum();
+                                let scale: f64 =
+                                    wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                                let v = got[i * n + j] as f64;
+                                assert!(
+                                    (v - want).abs() <= 1e-5 * scale,
+                                    "{isa:?} {ty:?} n={n} m={m} ({i},{j}): {v} vs {want}"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("checked {isas:?}: {checked} values");
+    }
+
+    /// The repacked IQ4_NL / MXFP4 kernels agree with the unrepacked per-row ones
+    /// (kernels/iq.rs, ggml's arithmetic: one float update per block) on the same weights
+    /// and inputs, for every instruction set this CPU runs and iq.rs's scalar code: the same
+    /// exact integer block sums, scaled and summed in another order, so within 1e-5 of
+    /// Σ|w·x| (most values are bit-identical: the count is printed).
+    #[test]
+    fn iq4nl_mxfp4_repacked_agree_with_unrepacked() {
+        let isas = available();
+        if isas.is_empty() {
+            eprintln!("SKIPPED: no kernel instruction set on this CPU; kernels/iq.rs runs");
+            return;
+        }
+        let (n, k) = (70, 576);
+        let (mut same, mut total) = (0, 0);
+        for ty in [iq::IqType::Iq4Nl, iq::IqType::Mxfp4] {
+            let kind = Kind::from_iq(ty).unwrap();
+            let raw = table_blocks(ty, n * k / QK, 5);
+            let w = iq::IqMatrix::new(ty, raw.clone(), n, k).unwrap();
+            let packed = Packed::new(kind, &raw, n, k);
+            let wf = w.dequantize();
+            for m in [1, 9] {
+                let x = random(m * k, 3 + m as u64);
+                for &isa in &isas {
+                    let ours = matmul_many_with(isa, &[&packed], &x, m).pop().unwrap();
+                    for per_row in [Some(isa), None] {
+                        let theirs = iq::matmul_with(per_row, &w, &x, m);
+                        for (idx, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                            let (i, j) = (idx / n, idx % n);
+                            let scale: f32 =
+                                (0..k).map(|c| (wf[j * k + c] * x[i * k + c]).abs()).sum();
+                            assert!(
+                                (a - b).abs() <= 1e-5 * scale,
+                                "{isa:?} vs {per_row:?} {ty:?} m={m} ({i},{j}): {a} vs {b}"
+                            );
+                            same += (a == b) as usize;
+                            total += 1;
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("repacked vs per-row: {same} of {total} values bit-identical");
+    }
+
+    /// The vector E8M0 scale (avx2::scales4) equals mxfp4::e8m0_half for every byte,
+    /// subnormal scales (e < 2) and 2^127 included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn mxfp4_vector_scales_match_e8m0_half() {
+        if !available().contains(&Isa::Avx2) {
+            eprintln!("SKIPPED: no AVX2 on this CPU");
+            return;
+        }
+        for e0 in (0..=255u8).step_by(4) {
+            let e = [e0, e0 + 1, e0 + 2, e0 + 3];
+            let mut got = [0f32; 4];
+            // SAFETY: AVX2, FMA and F16C are detected above; `e` holds four bytes.
+            unsafe {
+                std::arch::x86_64::_mm_storeu_ps(
+                    got.as_mut_ptr(),
+                    avx2::scales4(Kind::Mxfp4, e.as_ptr()),
+                )
+            };
+            for (g, e) in got.iter().zip(e) {
+                assert_eq!(g.to_bits(), mxfp4::e8m0_half(e).to_bits(), "e = {e}");
+            }
         }
     }
 

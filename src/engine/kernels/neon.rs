@@ -46,7 +46,7 @@ unsafe fn mul_sum(a: int8x16_t, b: int8x16_t) -> int32x4_t {
 }
 
 /// A block's 32 weights as two signed byte vectors (weights 0..15 and 16..31), given its
-/// quants `q` and high bits `h`: signed for Q4_0 and Q8_0, unsigned (< 32) for the others
+/// quants `q` and high bits `h`: signed for Q4_0, Q8_0, IQ4_NL and MXFP4, unsigned (< 32) for the others
 /// (Q5_0's −16 is folded into the float update).
 #[inline(always)]
 unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> (int8x16_t, int8x16_t) {
@@ -55,6 +55,11 @@ unsafe fn weights(kind: Kind, q: *const u8, h: *const u8) -> (int8x16_t, int8x16
     }
     let v = vld1q_u8(q);
     let (mut lo, mut hi) = (vandq_u8(v, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(v));
+    if let Some(t) = kind.table() {
+        // IQ4_NL / MXFP4: the nibbles index the type's 16 values (one tbl each half).
+        let t = vld1q_s8(t.as_ptr());
+        return (vqtbl1q_s8(t, lo), vqtbl1q_s8(t, hi));
+    }
     if kind == Kind::Q4_0 {
         lo = vsubq_u8(lo, vdupq_n_u8(8));
         hi = vsubq_u8(hi, vdupq_n_u8(8));
@@ -95,7 +100,7 @@ unsafe fn half(p: *const u8) -> f32 {
 #[inline(always)]
 fn update(kind: Kind, sumf: f32, sumi: i32, d: f32, m: f32, a: &Q8Block) -> f32 {
     match kind {
-        Kind::Q4_0 | Kind::Q8_0 => sumf + sumi as f32 * (a.d * d),
+        Kind::Q4_0 | Kind::Q8_0 | Kind::Iq4Nl | Kind::Mxfp4 => sumf + sumi as f32 * (a.d * d),
         // Σ (q − 16)·y = Σ q·y − 16·Σ y, exactly.
         Kind::Q5_0 => sumf + (sumi - 16 * a.isum) as f32 * d * a.d,
         Kind::Q4_1 | Kind::Q5_1 => sumf + (sumi as f32 * d * a.d + m * a.s),
@@ -119,7 +124,11 @@ unsafe fn dot4_impl<const SDOT: bool>(kind: Kind, group: &[u8], act: &[Q8Block])
             } else {
                 0.0
             };
-            *s = update(kind, *s, sumi, half(p.add(2 * r)), m, a);
+            let d = kind.scale(std::slice::from_raw_parts(
+                p.add(kind.scale_bytes() * r),
+                kind.scale_bytes(),
+            ));
+            *s = update(kind, *s, sumi, d, m, a);
         }
     }
     sumf
@@ -135,7 +144,8 @@ unsafe fn dot_row_impl<const SDOT: bool>(kind: Kind, row: &[u8], act: &[Q8Block]
         let p = row.as_ptr().add(b * bb);
         let sumi = block_sum::<SDOT>(kind, p.add(bq), p.add(bh), a);
         let m = if kind.has_min() { half(p.add(bm)) } else { 0.0 };
-        sumf = update(kind, sumf, sumi, half(p), m, a);
+        let d = kind.scale(std::slice::from_raw_parts(p, kind.scale_bytes()));
+        sumf = update(kind, sumf, sumi, d, m, a);
     }
     sumf
 }
