@@ -200,7 +200,8 @@ pub fn packed_len(kind: KQuant, n: usize, k: usize) -> usize {
 }
 
 /// Repacks n rows of k weights given in ggml's block layout into tiles of eight rows.
-pub fn pack(kind: KQuant, raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+#[cfg(test)]
+fn pack(kind: KQuant, raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     let mut data = vec![0u8; packed_len(kind, n, k)];
     pack_into(kind, raw, n, k, &mut data);
     data
@@ -211,36 +212,39 @@ fn word(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// A tile's quants (weights 8g..8g+7 of row r in word g·TILE + r, weight 8g + j in the low
+/// nibble of byte j, 8g + j + 4 in the high one) from 32 bytes of a ggml block whose low
+/// nibbles hold 32-weight chunk `lo` and high nibbles chunk `lo + step`: eight bytes give
+/// both chunks' words for one group (bytes 0..3 and 4..7 of it, nibble by nibble).
+fn nibble_quads(src: &[u8; 32], lo: usize, step: usize, out: &mut [u8; 1024], r: usize) {
+    const M: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+    for i in 0..4 {
+        let x = u64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let (l, h) = (x & M, (x >> 4) & M);
+        // Byte j + 4's nibble goes to the high half of byte j.
+        for (c, v) in [(lo, l), (lo + step, h)] {
+            let o = ((4 * c + i) * TILE + r) * 4;
+            out[o..o + 4].copy_from_slice(&((v | (v >> 28)) as u32).to_le_bytes());
+        }
+    }
+}
+
+fn bytes32(b: &[u8], at: usize) -> &[u8; 32] {
+    b[at..at + 32].try_into().expect("32 bytes")
+}
+
 /// `pack` into `out` (`packed_len` bytes; every byte is written, padding rows as zeros).
 ///
-/// Written on four-byte words (each byte a lane) rather than weight by weight: the loader
-/// repacks every K-quant matrix of a model with this, and unpacking each weight to a byte
-/// first (as `pack_reference` does) made it 45% of a MoE file's load. A test holds the two to
-/// the same bytes.
+/// Written on words (each byte a lane) rather than weight by weight: the loader repacks
+/// every K-quant matrix of a model with this, and unpacking each weight to a byte first (as
+/// `pack_reference` does) made it 45% of a MoE file's load. A test holds the two to the same
+/// bytes.
 pub fn pack_into(kind: KQuant, raw: &[u8], n: usize, k: usize, out: &mut [u8]) {
     use layout::*;
     assert_eq!(k % QK_K, 0, "rows must be whole super-blocks");
     let (kb, bb, tb) = (k / QK_K, kind.block_bytes(), kind.tile_bytes());
     assert_eq!(raw.len(), n * kb * bb, "matrix bytes");
     assert_eq!(out.len(), packed_len(kind, n, k), "packed bytes");
-    const LO: u32 = 0x0F0F_0F0F;
-    // Group g (weights 8g..8g+7) of a tile's quants from a byte slice whose 32-weight chunk
-    // c sits in the low or high nibbles of 32 bytes at `chunk(c)`: byte j of the word holds
-    // weight 8g + j in its low nibble and 8g + j + 4 in its high one.
-    let quads = |src: &[u8], chunk: &dyn Fn(usize) -> (usize, bool), out: &mut [u8], r: usize| {
-        for g in 0..32 {
-            let (at, high) = chunk(g / 4);
-            let at = at + 8 * (g % 4);
-            let (a, b) = (word(src, at), word(src, at + 4));
-            let q = if high {
-                ((a >> 4) & LO) | (b & !LO)
-            } else {
-                (a & LO) | ((b & LO) << 4)
-            };
-            let o = (g * TILE + r) * 4;
-            out[o..o + 4].copy_from_slice(&q.to_le_bytes());
-        }
-    };
     for (t, tile) in out.chunks_exact_mut(kb * tb).enumerate() {
         let rows = TILE.min(n - t * TILE);
         if rows < TILE {
@@ -259,9 +263,13 @@ pub fn pack_into(kind: KQuant, raw: &[u8], n: usize, k: usize, out: &mut [u8]) {
                             out[SC + s * TILE + r] = sc;
                             out[MN + s * TILE + r] = mn;
                         }
-                        // Chunk c: bytes 32·(c/2), low nibbles for even c, high for odd.
+                        // Bytes 32m..32m+32: chunk 2m in the low nibbles, 2m + 1 in the high.
                         let qs = if kind == KQuant::Q4K { 16 } else { 48 };
-                        quads(&blk[qs..qs + 128], &|c| (32 * (c / 2), c % 2 == 1), &mut out[QS..QH5], r);
+                        let quads: &mut [u8; 1024] =
+                            (&mut out[QS..QS + 1024]).try_into().expect("1024");
+                        for m in 0..4 {
+                            nibble_quads(bytes32(blk, qs + 32 * m), 2 * m, 1, quads, r);
+                        }
                         if kind == KQuant::Q5K {
                             // Sub s, byte j: bit 2·g4 is the fifth bit of weight 8·g4 + j,
                             // bit 2·g4 + 1 that of weight 8·g4 + 4 + j (g4: group in sub);
@@ -284,13 +292,16 @@ pub fn pack_into(kind: KQuant, raw: &[u8], n: usize, k: usize, out: &mut [u8]) {
                         for s in 0..16 {
                             out[SC6 + s * TILE + r] = blk[192 + s];
                         }
-                        // Chunk c of half h = c/4, quarter q = c%4: bytes 64h + 32·(q%2),
-                        // low nibbles for q < 2, high ones after.
-                        let chunk = |c: usize| (64 * (c / 4) + 32 * (c % 2), c % 4 >= 2);
-                        quads(&blk[0..128], &chunk, &mut out[QL6..QH6], r);
+                        // Bytes 32p..32p+32 (half h = p/2): chunk 4h + p%2 in the low
+                        // nibbles, chunk 4h + p%2 + 2 in the high ones.
+                        let quads: &mut [u8; 1024] =
+                            (&mut out[QL6..QL6 + 1024]).try_into().expect("1024");
+                        for p in 0..4 {
+                            nibble_quads(bytes32(blk, 32 * p), 4 * (p / 2) + p % 2, 2, quads, r);
+                        }
                         // Sub s (16 weights of chunk c = s/2), byte j: bits 2i, 2i+1 are the
                         // two high bits of weight 16s + 4i + j, which are bits 2q, 2q+1 of
-                        // qh[32h + (16s + 4i + j) % 32].
+                        // qh[32h + (16s + 4i + j) % 32] (h = c/4, q = c%4).
                         let qh = &blk[128..192];
                         for s in 0..16 {
                             let c = s / 2;

@@ -506,7 +506,9 @@ fn host_routed_with(experts: &[Mlp], xs: &Tensor, (rows, weights): Routes) -> Re
 }
 
 /// Splits a stacked (n_expert, rows, cols) quantized tensor, as the file stores it, into one
-/// matrix per expert; the blocks of each expert are contiguous, so this is a byte split.
+/// matrix per expert; the blocks of each expert are contiguous, so this is a byte split. For
+/// the block kernels every expert is repacked in one pass into one shared buffer (see
+/// model.rs's `pack_stacked`).
 pub(super) fn split_experts(
     dtype: GgmlDType,
     data: &[u8],
@@ -523,19 +525,7 @@ pub(super) fn split_experts(
             data.len()
         );
     }
-    let per = data.len() / n;
-    (0..n)
-        .map(|e| {
-            Matrix::from_bytes(
-                dtype,
-                &data[e * per..(e + 1) * per],
-                rows,
-                cols,
-                dev,
-                &built,
-            )
-        })
-        .collect()
+    Matrix::stacked_from_bytes(dtype, data, n, rows, cols, dev, &built)
 }
 
 #[cfg(test)]
