@@ -1448,13 +1448,22 @@ fn pack_stacked(
             let r1 = (r0 + PIECE_ROWS).min(n);
             let (from, to) = (e * per_raw + r0 * rb, e * per_raw + r1 * rb);
             let at = e * per;
-            let (o0, o1) = (at + Packed::packed_len(kind, r0, k), at + Packed::packed_len(kind, r1, k));
+            let (o0, o1) = (
+                at + Packed::packed_len(kind, r0, k),
+                at + Packed::packed_len(kind, r1, k),
+            );
             if o1 > ready {
                 let end = (ready + PREFAULT).max(o1).min(total);
                 buf.prefault(ready, end - ready);
                 ready = end;
             }
-            Packed::pack_into(kind, &raw[from..to], r1 - r0, k, &mut buf.bytes_mut()[o0..o1]);
+            Packed::pack_into(
+                kind,
+                &raw[from..to],
+                r1 - r0,
+                k,
+                &mut buf.bytes_mut()[o0..o1],
+            );
             if to - given >= GIVE_BACK || to == raw.len() {
                 done(&raw[given..to]);
                 given = to;
@@ -1726,28 +1735,36 @@ mod tests {
     use super::*;
 
     /// Repacking in pieces (as the loader does for large matrices) gives the matrix `new`
-    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows.
+    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows
+    /// (legacy types) or a padded last tile (K-quants, where this CPU runs their kernels).
     #[test]
     fn matrices_repacked_in_pieces_equal_whole_ones() {
         if !kernels::simd() {
             eprintln!("SKIPPED: no block kernels on this CPU");
             return;
         }
-        let (n, k) = (2 * 1024 + 70, 64);
-        let vals: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
-            .collect();
-        let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        let n = 2 * 1024 + 70;
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
         ] {
+            let Some(kind) = Kind::from_dtype(dtype) else {
+                eprintln!("SKIPPED {dtype:?}: candle's kernels run it on this CPU");
+                continue;
+            };
+            let k = kind.block_weights() * 2;
+            let vals: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+                .collect();
+            let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let raw = q.data().unwrap();
-            let kind = Kind::from_dtype(dtype).unwrap();
             let whole = Packed::new(kind, &raw, n, k);
             let given_back = std::cell::Cell::new(0);
             let Matrix::Blocks(pieces) =

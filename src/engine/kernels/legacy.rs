@@ -256,7 +256,13 @@ impl Packed {
 
     /// `count` matrices of n rows of k weights packed one after another in `buf` (each
     /// `packed_len` bytes, see `pack_into`), sharing it.
-    pub fn from_buffer(kind: Kind, n: usize, k: usize, buf: PackedBuffer, count: usize) -> Vec<Self> {
+    pub fn from_buffer(
+        kind: Kind,
+        n: usize,
+        k: usize,
+        buf: PackedBuffer,
+        count: usize,
+    ) -> Vec<Self> {
         let len = Self::packed_len(kind, n, k);
         assert_eq!(buf.bytes().len(), count * len, "buffer of {count} matrices");
         let buf = Arc::new(buf);
