@@ -1418,10 +1418,10 @@ impl Model {
 }
 
 /// Repacks `count` matrices of n rows of k weights, stored one after another in `raw` (a
-/// slice of the memory map), straight into one fresh buffer (kernels' `PackedBuffer`: huge
-/// pages where the system gives them, which a single expert's matrix is too small for).
-/// Rows go in pieces of PIECE_ROWS and `done` gets the map's bytes behind them in spans of
-/// at least GIVE_BACK, so the file's pages and the packed copy are never both resident
+/// slice of the memory map), straight into one fresh buffer (kernels' `PackedBuffer`), with
+/// no intermediate copy. Rows go in pieces of PIECE_ROWS; the buffer's pages are faulted in
+/// PREFAULT bytes ahead of the writes, and `done` gets the map's bytes behind them in spans
+/// of at least GIVE_BACK, so the file's pages and the packed copy are never both resident
 /// whole (peak memory stays near the file's size).
 fn pack_stacked(
     kind: Kind,
@@ -1437,9 +1437,11 @@ fn pack_stacked(
     // next rows' included, which are then read in again: in spans of 2 MiB that happens
     // about once per page rather than once per piece.
     const GIVE_BACK: usize = 2 << 20;
+    // Pages of the buffer faulted in per call: few calls, and at most this much of it
+    // resident ahead of the map's pages given back.
+    const PREFAULT: usize = 2 << 20;
     let (per_raw, per) = (raw.len() / count, Packed::packed_len(kind, n, k));
     let rb = per_raw / n;
-    const PREFAULT: usize = 2 << 20;
     let mut buf = PackedBuffer::new(count * per);
     let total = count * per;
     let (mut given, mut ready) = (0, 0);
