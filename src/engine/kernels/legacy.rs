@@ -124,8 +124,8 @@ pub struct Packed {
 /// file's load), and they go back to the system when the model is dropped instead of staying
 /// in an allocator arena. One buffer may hold several matrices (the experts of a stacked
 /// tensor). Not advised as transparent huge pages: measured on this project's x86-64 VM,
-/// zeroing fresh 2 MiB pages made a 756 MB MoE load almost three times slower (the host backs them
-/// lazily), and the batched faults already remove most of the per-page cost.
+/// zeroing fresh 2 MiB pages made a 756 MB MoE load almost three times slower (the host
+/// backs them lazily), and the batched faults already remove most of the per-page cost.
 #[derive(Debug)]
 pub struct PackedBuffer(Buf);
 
