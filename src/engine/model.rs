@@ -8,7 +8,7 @@
 
 use super::gguf::{Gguf, Mapped};
 use super::kernels::iq::{IqMatrix, IqType};
-use super::kernels::{self, Kind, Packed};
+use super::kernels::{self, Kind, Packed, PackedBuffer};
 use crate::protocol::KvTypes;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
@@ -778,14 +778,7 @@ impl Matrix {
     /// A matrix of n rows of k weights from its bytes as the file stores them (a slice of the
     /// memory map): repacked straight from there for the block kernels, else copied once
     /// into candle's quantized tensor (on `dev`). `done` gets each part of `raw` once it is no
-    /// longer needed (the loader gives back those pages of the map): matrices are repacked
-    /// in pieces of PIECE_ROWS rows so the file's pages and the packed copy are never both
-    /// resident whole, and given back in spans of at least GIVE_BACK bytes.
-    ///
-    /// The pieces are small on purpose: glibc raises its mmap threshold to the size of the
-    /// largest block freed, and the load threads' arenas then keep up to twice that free but
-    /// resident. Pieces of 1024 rows (2.4 to 8 MB for an 8B model's matrices) left 16 MB
-    /// of a 241 MB file's load peak in freed pieces; 64 rows keep it under 1 MB per thread.
+    /// longer needed (the loader gives back those pages of the map; see `pack_stacked`).
     fn from_bytes(
         dtype: GgmlDType,
         raw: &[u8],
@@ -794,32 +787,45 @@ impl Matrix {
         dev: &Device,
         done: &dyn Fn(&[u8]),
     ) -> Result<Self> {
-        const PIECE_ROWS: usize = 64;
-        // Each give-back drops the map's pages around it (see gguf.rs's FAULT_AROUND), the
-        // next rows' included, which are then read in again: in spans of 2 MiB that happens
-        // about once per page rather than once per piece.
-        const GIVE_BACK: usize = 2 << 20;
+        Ok(Self::stacked_from_bytes(dtype, raw, 1, n, k, dev, done)?
+            .pop()
+            .expect("one matrix"))
+    }
+
+    /// `count` matrices of n rows of k weights stored one after another in `raw` (the
+    /// experts of a stacked tensor, or one matrix), as `from_bytes` builds them; for the block
+    /// kernels all packed into one buffer (see `pack_stacked`).
+    fn stacked_from_bytes(
+        dtype: GgmlDType,
+        raw: &[u8],
+        count: usize,
+        n: usize,
+        k: usize,
+        dev: &Device,
+        done: &dyn Fn(&[u8]),
+    ) -> Result<Vec<Self>> {
+        if count == 0 || !raw.len().is_multiple_of(count) {
+            bail!(
+                "{count} matrices of [{n}, {k}] cannot hold {} bytes",
+                raw.len()
+            );
+        }
         if let (Some(kind), true) = (Kind::from_dtype(dtype), dev.is_cpu()) {
-            if k.is_multiple_of(kernels::QK) && n > 0 {
-                let rb = raw.len() / n;
-                let given = std::cell::Cell::new(0);
-                let pieces = (0..n).step_by(PIECE_ROWS).map(|r0| {
-                    let r1 = (r0 + PIECE_ROWS).min(n);
-                    let p = Packed::new(kind, &raw[r0 * rb..r1 * rb], r1 - r0, k);
-                    if r1 * rb - given.get() >= GIVE_BACK || r1 == n {
-                        done(&raw[given.get()..r1 * rb]);
-                        given.set(r1 * rb);
-                    }
-                    p
-                });
-                return Ok(Self::Blocks(Arc::new(Packed::from_pieces(
-                    kind, n, k, pieces,
-                ))));
+            if k.is_multiple_of(kind.block_weights()) && n > 0 {
+                return Ok(pack_stacked(kind, raw, count, n, k, done)
+                    .into_iter()
+                    .map(|p| Self::Blocks(Arc::new(p)))
+                    .collect());
             }
         }
-        let m = Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?);
-        done(raw);
-        m
+        let per = raw.len() / count;
+        raw.chunks_exact(per)
+            .map(|raw| {
+                let m = Self::new(qtensor_from_ggml(dtype, raw, vec![n, k], dev)?);
+                done(raw);
+                m
+            })
+            .collect()
     }
 
     /// The input as m rows of k values.
@@ -1424,6 +1430,64 @@ impl Model {
     }
 }
 
+/// Repacks `count` matrices of n rows of k weights, stored one after another in `raw` (a
+/// slice of the memory map), straight into one fresh buffer (kernels' `PackedBuffer`), with
+/// no intermediate copy. Rows go in pieces of PIECE_ROWS; the buffer's pages are faulted in
+/// PREFAULT bytes ahead of the writes, and `done` gets the map's bytes behind them in spans
+/// of at least GIVE_BACK, so the file's pages and the packed copy are never both resident
+/// whole (peak memory stays near the file's size).
+fn pack_stacked(
+    kind: Kind,
+    raw: &[u8],
+    count: usize,
+    n: usize,
+    k: usize,
+    done: &dyn Fn(&[u8]),
+) -> Vec<Packed> {
+    // A multiple of 8 rows, so no tile or group straddles two pieces.
+    const PIECE_ROWS: usize = 64;
+    // Each give-back drops the map's pages around it (see gguf.rs's FAULT_AROUND), the
+    // next rows' included, which are then read in again: in spans of 2 MiB that happens
+    // about once per page rather than once per piece.
+    const GIVE_BACK: usize = 2 << 20;
+    // Pages of the buffer faulted in per call: few calls, and at most this much of it
+    // resident ahead of the map's pages given back.
+    const PREFAULT: usize = 2 << 20;
+    let (per_raw, per) = (raw.len() / count, Packed::packed_len(kind, n, k));
+    let rb = per_raw / n;
+    let mut buf = PackedBuffer::new(count * per);
+    let total = count * per;
+    let (mut given, mut ready) = (0, 0);
+    for e in 0..count {
+        for r0 in (0..n).step_by(PIECE_ROWS) {
+            let r1 = (r0 + PIECE_ROWS).min(n);
+            let (from, to) = (e * per_raw + r0 * rb, e * per_raw + r1 * rb);
+            let at = e * per;
+            let (o0, o1) = (
+                at + Packed::packed_len(kind, r0, k),
+                at + Packed::packed_len(kind, r1, k),
+            );
+            if o1 > ready {
+                let end = (ready + PREFAULT).max(o1).min(total);
+                buf.prefault(ready, end - ready);
+                ready = end;
+            }
+            Packed::pack_into(
+                kind,
+                &raw[from..to],
+                r1 - r0,
+                k,
+                &mut buf.bytes_mut()[o0..o1],
+            );
+            if to - given >= GIVE_BACK || to == raw.len() {
+                done(&raw[given..to]);
+                given = to;
+            }
+        }
+    }
+    Packed::from_buffer(kind, n, k, buf, count)
+}
+
 /// Runs `f` for 0..n on a few short-lived threads (as many as the CPU has, at most n) and
 /// returns the results in order, or the error of the lowest index that failed. Plain scoped
 /// threads rather than candle's barrier pool: the work calls candle operations that use that
@@ -1686,28 +1750,36 @@ mod tests {
     use super::*;
 
     /// Repacking in pieces (as the loader does for large matrices) gives the matrix `new`
-    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows.
+    /// gives: the same rows back and bit-identical products, with a tail of n % 4 rows
+    /// (legacy types) or a padded last tile (K-quants, where this CPU runs their kernels).
     #[test]
     fn matrices_repacked_in_pieces_equal_whole_ones() {
         if !kernels::simd() {
             eprintln!("SKIPPED: no block kernels on this CPU");
             return;
         }
-        let (n, k) = (2 * 1024 + 70, 64);
-        let vals: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
-            .collect();
-        let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        let n = 2 * 1024 + 70;
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
         ] {
+            let Some(kind) = Kind::from_dtype(dtype) else {
+                eprintln!("SKIPPED {dtype:?}: candle's kernels run it on this CPU");
+                continue;
+            };
+            let k = kind.block_weights() * 2;
+            let vals: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+                .collect();
+            let w = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let raw = q.data().unwrap();
-            let kind = Kind::from_dtype(dtype).unwrap();
             let whole = Packed::new(kind, &raw, n, k);
             let given_back = std::cell::Cell::new(0);
             let Matrix::Blocks(pieces) =

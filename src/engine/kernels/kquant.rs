@@ -155,6 +155,7 @@ fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 /// The 256 weights of one ggml block as unsigned values (Q6_K's still offset by 32).
+#[cfg(test)]
 fn block_values(kind: KQuant, blk: &[u8]) -> [u8; QK_K] {
     let mut v = [0u8; QK_K];
     match kind {
@@ -193,8 +194,137 @@ fn block_values(kind: KQuant, blk: &[u8]) -> [u8; QK_K] {
     v
 }
 
+/// Bytes of n rows of k weights packed in tiles (the last tile padded to eight rows).
+pub fn packed_len(kind: KQuant, n: usize, k: usize) -> usize {
+    n.div_ceil(TILE) * (k / QK_K) * kind.tile_bytes()
+}
+
 /// Repacks n rows of k weights given in ggml's block layout into tiles of eight rows.
-pub fn pack(kind: KQuant, raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+#[cfg(test)]
+fn pack(kind: KQuant, raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let mut data = vec![0u8; packed_len(kind, n, k)];
+    pack_into(kind, raw, n, k, &mut data);
+    data
+}
+
+/// Four bytes of a slice as a little-endian word (four lanes of one byte).
+fn word(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A tile's quants (weights 8g..8g+7 of row r in word g·TILE + r, weight 8g + j in the low
+/// nibble of byte j, 8g + j + 4 in the high one) from 32 bytes of a ggml block whose low
+/// nibbles hold 32-weight chunk `lo` and high nibbles chunk `lo + step`: eight bytes give
+/// both chunks' words for one group (bytes 0..3 and 4..7 of it, nibble by nibble).
+fn nibble_quads(src: &[u8; 32], lo: usize, step: usize, out: &mut [u8; 1024], r: usize) {
+    const M: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+    for i in 0..4 {
+        let x = u64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let (l, h) = (x & M, (x >> 4) & M);
+        // Byte j + 4's nibble goes to the high half of byte j.
+        for (c, v) in [(lo, l), (lo + step, h)] {
+            let o = ((4 * c + i) * TILE + r) * 4;
+            out[o..o + 4].copy_from_slice(&((v | (v >> 28)) as u32).to_le_bytes());
+        }
+    }
+}
+
+fn bytes32(b: &[u8], at: usize) -> &[u8; 32] {
+    b[at..at + 32].try_into().expect("32 bytes")
+}
+
+/// `pack` into `out` (`packed_len` bytes; every byte is written, padding rows as zeros).
+///
+/// Written on words (each byte a lane) rather than weight by weight: the loader repacks
+/// every K-quant matrix of a model with this, and unpacking each weight to a byte first (as
+/// `pack_reference` does) made it 45% of a MoE file's load. A test holds the two to the same
+/// bytes.
+pub fn pack_into(kind: KQuant, raw: &[u8], n: usize, k: usize, out: &mut [u8]) {
+    use layout::*;
+    assert_eq!(k % QK_K, 0, "rows must be whole super-blocks");
+    let (kb, bb, tb) = (k / QK_K, kind.block_bytes(), kind.tile_bytes());
+    assert_eq!(raw.len(), n * kb * bb, "matrix bytes");
+    assert_eq!(out.len(), packed_len(kind, n, k), "packed bytes");
+    for (t, tile) in out.chunks_exact_mut(kb * tb).enumerate() {
+        let rows = TILE.min(n - t * TILE);
+        if rows < TILE {
+            tile.fill(0);
+        }
+        for (b, out) in tile.chunks_exact_mut(tb).enumerate() {
+            for r in 0..rows {
+                let at = ((t * TILE + r) * kb + b) * bb;
+                let blk = &raw[at..at + bb];
+                match kind {
+                    KQuant::Q4K | KQuant::Q5K => {
+                        out[D + 2 * r..D + 2 * r + 2].copy_from_slice(&blk[0..2]);
+                        out[DMIN + 2 * r..DMIN + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                        for s in 0..8 {
+                            let (sc, mn) = scale_min(s, &blk[4..16]);
+                            out[SC + s * TILE + r] = sc;
+                            out[MN + s * TILE + r] = mn;
+                        }
+                        // Bytes 32m..32m+32: chunk 2m in the low nibbles, 2m + 1 in the high.
+                        let qs = if kind == KQuant::Q4K { 16 } else { 48 };
+                        let quads: &mut [u8; 1024] =
+                            (&mut out[QS..QS + 1024]).try_into().expect("1024");
+                        for m in 0..4 {
+                            nibble_quads(bytes32(blk, qs + 32 * m), 2 * m, 1, quads, r);
+                        }
+                        if kind == KQuant::Q5K {
+                            // Sub s, byte j: bit 2·g4 is the fifth bit of weight 8·g4 + j,
+                            // bit 2·g4 + 1 that of weight 8·g4 + 4 + j (g4: group in sub);
+                            // weight i's fifth bit is bit i/32 of qh[i % 32].
+                            let qh = &blk[16..48];
+                            for s in 0..8 {
+                                let mut h = 0u32;
+                                for g4 in 0..4 {
+                                    let (a, b) = (word(qh, 8 * g4), word(qh, 8 * g4 + 4));
+                                    h |= ((a >> s) & 0x0101_0101) << (2 * g4);
+                                    h |= ((b >> s) & 0x0101_0101) << (2 * g4 + 1);
+                                }
+                                let o = QH5 + (s * TILE + r) * 4;
+                                out[o..o + 4].copy_from_slice(&h.to_le_bytes());
+                            }
+                        }
+                    }
+                    KQuant::Q6K => {
+                        out[D6 + 2 * r..D6 + 2 * r + 2].copy_from_slice(&blk[208..210]);
+                        for s in 0..16 {
+                            out[SC6 + s * TILE + r] = blk[192 + s];
+                        }
+                        // Bytes 32p..32p+32 (half h = p/2): chunk 4h + p%2 in the low
+                        // nibbles, chunk 4h + p%2 + 2 in the high ones.
+                        let quads: &mut [u8; 1024] =
+                            (&mut out[QL6..QL6 + 1024]).try_into().expect("1024");
+                        for p in 0..4 {
+                            nibble_quads(bytes32(blk, 32 * p), 4 * (p / 2) + p % 2, 2, quads, r);
+                        }
+                        // Sub s (16 weights of chunk c = s/2), byte j: bits 2i, 2i+1 are the
+                        // two high bits of weight 16s + 4i + j, which are bits 2q, 2q+1 of
+                        // qh[32h + (16s + 4i + j) % 32] (h = c/4, q = c%4).
+                        let qh = &blk[128..192];
+                        for s in 0..16 {
+                            let c = s / 2;
+                            let base = 32 * (c / 4) + 16 * (s % 2);
+                            let mut h = 0u32;
+                            for i in 0..4 {
+                                h |= ((word(qh, base + 4 * i) >> (2 * (c % 4))) & 0x0303_0303)
+                                    << (2 * i);
+                            }
+                            let o = QH6 + (s * TILE + r) * 4;
+                            out[o..o + 4].copy_from_slice(&h.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first, byte-by-byte form of `pack_into`, kept as the test's reference: each weight
+/// unpacked to a byte, then packed again.
+#[cfg(test)]
+fn pack_reference(kind: KQuant, raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     use layout::*;
     assert_eq!(k % QK_K, 0, "rows must be whole super-blocks");
     let (kb, bb, tb) = (k / QK_K, kind.block_bytes(), kind.tile_bytes());
@@ -630,6 +760,28 @@ mod tests {
     use candle_core::{Device, Module, Tensor};
 
     use crate::engine::kernels::test_values as random;
+
+    /// The word-wise repack writes the same bytes as the weight-by-weight one it replaced,
+    /// for every K-quant on arbitrary bytes (every bit of every field lands somewhere
+    /// checked), in whole tiles and with a padded last tile, into a buffer that held
+    /// garbage before (padding rows come out zero).
+    #[test]
+    fn word_wise_pack_equals_the_byte_by_byte_pack() {
+        for kind in [KQuant::Q4K, KQuant::Q5K, KQuant::Q6K] {
+            for (n, k) in [(16, 512), (13, 256), (1, 768), (8, 256)] {
+                let len = n * (k / QK_K) * kind.block_bytes();
+                let raw: Vec<u8> = random(len, n as u64 * 31 + k as u64)
+                    .iter()
+                    .map(|v| (v.to_bits() >> 7) as u8)
+                    .collect();
+                let want = pack_reference(kind, &raw, n, k);
+                assert_eq!(pack(kind, &raw, n, k), want, "{kind:?} n={n} k={k}");
+                let mut out = vec![0xA5u8; packed_len(kind, n, k)];
+                pack_into(kind, &raw, n, k, &mut out);
+                assert_eq!(out, want, "{kind:?} n={n} k={k} into a used buffer");
+            }
+        }
+    }
 
     /// Every K-quant against candle's own matmul on random blocks, in decode and prefill
     /// shapes (m = 33 takes candle's AMX route where the CPU has one), with row counts that

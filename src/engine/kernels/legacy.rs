@@ -12,6 +12,7 @@ use super::kquant::{self, KQuant};
 use super::mxfp4::e8m0_half;
 use candle_core::quantized::GgmlDType;
 use half::f16;
+use std::sync::Arc;
 
 pub const QK: usize = 32;
 
@@ -173,21 +174,119 @@ pub struct Packed {
     pub kind: Kind,
     pub n: usize,
     pub k: usize,
-    data: Vec<u8>,
+    data: PackedBytes,
+}
+
+/// Fresh memory for packed weights, written once at load. Large buffers are anonymous maps
+/// rather than heap blocks: their pages stay untouched (and unzeroed by the allocator) until
+/// the repack writes them, the loader faults them in a span at a time (`prefault`: one call
+/// per 2 MiB instead of one page fault per 4 KiB page; page faults were a third of a MoE
+/// file's load), and they go back to the system when the model is dropped instead of staying
+/// in an allocator arena. One buffer may hold several matrices (the experts of a stacked
+/// tensor). Not advised as transparent huge pages: measured on this project's x86-64 VM,
+/// zeroing fresh 2 MiB pages made a 756 MB MoE load almost three times slower (the host
+/// backs them lazily), and the batched faults already remove most of the per-page cost.
+#[derive(Debug)]
+pub struct PackedBuffer(Buf);
+
+#[derive(Debug)]
+enum Buf {
+    Heap(Vec<u8>),
+    Anon(memmap2::MmapMut),
+}
+
+impl PackedBuffer {
+    /// Below this a buffer is a heap block (a map of its own would waste most of a page).
+    const MAP_FROM: usize = 2 << 20;
+
+    /// `len` zero bytes.
+    pub fn new(len: usize) -> Self {
+        if len >= Self::MAP_FROM {
+            if let Ok(map) = memmap2::MmapMut::map_anon(len) {
+                return Self(Buf::Anon(map));
+            }
+        }
+        Self(Buf::Heap(vec![0; len]))
+    }
+
+    /// Faults in the pages of `len` bytes at `at` in one call (MADV_POPULATE_WRITE) ahead of
+    /// writing them, instead of one page fault per page.
+    pub fn prefault(&self, at: usize, len: usize) {
+        #[cfg(target_os = "linux")]
+        if let Buf::Anon(m) = &self.0 {
+            // An error (a kernel older than 5.14) leaves the pages to fault one by one.
+            let _ = m.advise_range(memmap2::Advice::PopulateWrite, at, len);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (at, len);
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.0 {
+            Buf::Heap(v) => v,
+            Buf::Anon(m) => m,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.0 {
+            Buf::Heap(v) => v,
+            Buf::Anon(m) => m,
+        }
+    }
+}
+
+/// A packed matrix's bytes: a range of a buffer it may share with other matrices.
+#[derive(Debug)]
+struct PackedBytes {
+    buf: Arc<PackedBuffer>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for PackedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf.bytes()[self.start..self.start + self.len]
+    }
 }
 
 impl Packed {
+    /// Bytes n rows of k weights take packed.
+    pub fn packed_len(kind: Kind, n: usize, k: usize) -> usize {
+        match kind.kquant() {
+            Some(kq) => kquant::packed_len(kq, n, k),
+            None => n * (k / QK) * kind.block_bytes(),
+        }
+    }
+
     /// Repacks n rows of k weights given in ggml's block layout.
     pub fn new(kind: Kind, raw: &[u8], n: usize, k: usize) -> Self {
+        let mut buf = PackedBuffer(Buf::Heap(vec![0; Self::packed_len(kind, n, k)]));
+        Self::pack_into(kind, raw, n, k, buf.bytes_mut());
+        Self::from_buffer(kind, n, k, buf, 1)
+            .pop()
+            .expect("one matrix")
+    }
+
+    /// `new`'s bytes, written into `out` (`packed_len` bytes). Rows packed separately in
+    /// consecutive ranges (each but the last a multiple of 8 rows, so no group or tile
+    /// straddles two) into consecutive ranges of `out` give the bytes of the whole.
+    pub fn pack_into(kind: Kind, raw: &[u8], n: usize, k: usize, out: &mut [u8]) {
         if let Some(kq) = kind.kquant() {
-            let data = kquant::pack(kq, raw, n, k);
-            return Self { kind, n, k, data };
+            return kquant::pack_into(kq, raw, n, k, out);
         }
         assert_eq!(k % QK, 0, "rows must be whole blocks");
         let (nb, bb) = (k / QK, kind.block_bytes());
         assert_eq!(raw.len(), n * nb * bb, "matrix bytes");
+        assert_eq!(out.len(), raw.len(), "packed bytes");
         let groups = n / 4;
-        let mut data = Vec::with_capacity(raw.len());
+        let mut at = 0;
+        let mut put = |b: &[u8]| {
+            out[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        };
         let (bm, bh, bq) = kind.block_offsets();
         let qn = kind.qs_bytes();
         for g in 0..groups {
@@ -197,25 +296,50 @@ impl Packed {
                     &raw[at..at + bb]
                 };
                 for r in 0..4 {
-                    data.extend_from_slice(&block(r)[0..kind.scale_bytes()]);
+                    put(&block(r)[0..kind.scale_bytes()]);
                 }
                 if kind.has_min() {
                     for r in 0..4 {
-                        data.extend_from_slice(&block(r)[bm..bm + 2]);
+                        put(&block(r)[bm..bm + 2]);
                     }
                 }
                 if kind.has_high_bits() {
                     for r in 0..4 {
-                        data.extend_from_slice(&block(r)[bh..bh + 4]);
+                        put(&block(r)[bh..bh + 4]);
                     }
                 }
                 for r in 0..4 {
-                    data.extend_from_slice(&block(r)[bq..bq + qn]);
+                    put(&block(r)[bq..bq + qn]);
                 }
             }
         }
-        data.extend_from_slice(&raw[groups * 4 * nb * bb..]);
-        Self { kind, n, k, data }
+        put(&raw[groups * 4 * nb * bb..]);
+    }
+
+    /// `count` matrices of n rows of k weights packed one after another in `buf` (each
+    /// `packed_len` bytes, see `pack_into`), sharing it.
+    pub fn from_buffer(
+        kind: Kind,
+        n: usize,
+        k: usize,
+        buf: PackedBuffer,
+        count: usize,
+    ) -> Vec<Self> {
+        let len = Self::packed_len(kind, n, k);
+        assert_eq!(buf.bytes().len(), count * len, "buffer of {count} matrices");
+        let buf = Arc::new(buf);
+        (0..count)
+            .map(|i| Self {
+                kind,
+                n,
+                k,
+                data: PackedBytes {
+                    buf: buf.clone(),
+                    start: i * len,
+                    len,
+                },
+            })
+            .collect()
     }
 
     /// Row j as floats, computed as candle's dequantization does (for embedding lookups
@@ -296,28 +420,6 @@ impl Packed {
     /// The packed bytes (K-quants: tiles of kquant.rs).
     pub(super) fn data(&self) -> &[u8] {
         &self.data
-    }
-
-    /// One matrix from pieces packed from consecutive row ranges (every piece but the last a
-    /// multiple of 64 rows, so groups never straddle two), each appended and dropped as it
-    /// comes: the loader repacks a large tensor piece by piece and gives back the memory
-    /// map's pages of each piece once it is packed, so the file and its packed copy are never
-    /// both resident. Equal to `new` on the whole matrix (a test holds it to that).
-    pub fn from_pieces(
-        kind: Kind,
-        n: usize,
-        k: usize,
-        pieces: impl Iterator<Item = Packed>,
-    ) -> Self {
-        let mut data = Vec::with_capacity(n * (k / QK) * kind.block_bytes());
-        let mut rows = 0;
-        for p in pieces {
-            assert!(p.kind == kind && p.k == k && rows % 64 == 0, "piece layout");
-            rows += p.n;
-            data.extend_from_slice(&p.data);
-        }
-        assert_eq!(rows, n, "pieces cover the matrix");
-        Self { kind, n, k, data }
     }
 
     pub(super) fn group(&self, g: usize) -> &[u8] {

@@ -54,7 +54,7 @@ mod kquant_avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-pub use legacy::{Kind, Packed, QK};
+pub use legacy::{Kind, Packed, PackedBuffer, QK};
 
 use half::f16;
 

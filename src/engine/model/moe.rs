@@ -506,7 +506,9 @@ fn host_routed_with(experts: &[Mlp], xs: &Tensor, (rows, weights): Routes) -> Re
 }
 
 /// Splits a stacked (n_expert, rows, cols) quantized tensor, as the file stores it, into one
-/// matrix per expert; the blocks of each expert are contiguous, so this is a byte split.
+/// matrix per expert; the blocks of each expert are contiguous, so this is a byte split. For
+/// the block kernels every expert is repacked in one pass into one shared buffer (see
+/// model.rs's `pack_stacked`).
 pub(super) fn split_experts(
     dtype: GgmlDType,
     data: &[u8],
@@ -523,19 +525,7 @@ pub(super) fn split_experts(
             data.len()
         );
     }
-    let per = data.len() / n;
-    (0..n)
-        .map(|e| {
-            Matrix::from_bytes(
-                dtype,
-                &data[e * per..(e + 1) * per],
-                rows,
-                cols,
-                dev,
-                &built,
-            )
-        })
-        .collect()
+    Matrix::stacked_from_bytes(dtype, data, n, rows, cols, dev, &built)
 }
 
 #[cfg(test)]
@@ -658,6 +648,76 @@ mod tests {
     }
 
     /// Packed experts routed in two parallel regions give the per-expert route's output.
+    /// The experts of a stacked tensor, packed in one pass into one shared buffer (large
+    /// enough here to be an anonymous map), are the matrices each expert's bytes packed alone
+    /// give: the same rows back and bit-identical products, for legacy and K-quant types, with
+    /// row counts that leave a partial group or tile inside every expert; and every byte of
+    /// the map is given back once, in order.
+    #[test]
+    fn experts_packed_in_one_pass_equal_each_packed_alone() {
+        if !kernels::simd() {
+            eprintln!("SKIPPED: no block kernels on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n_exp, rows) = (8, 262);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let Some(kind) = kernels::Kind::from_dtype(dtype) else {
+                eprintln!("SKIPPED {dtype:?}: candle's kernels run it on this CPU");
+                continue;
+            };
+            let cols = kind.block_weights() * if kind.kquant().is_some() { 8 } else { 64 };
+            let w = QTensor::quantize(&values((n_exp, rows, cols), 1.0, 9), dtype).unwrap();
+            let raw = w.data().unwrap();
+            assert!(
+                Packed::packed_len(kind, rows, cols) * n_exp >= 2 << 20,
+                "{dtype:?}: the test's buffer should be a map"
+            );
+            let spans = std::cell::RefCell::new(Vec::new());
+            let base = raw.as_ptr() as usize;
+            let experts = split_experts(dtype, &raw, &[n_exp, rows, cols], &dev, |b| {
+                spans
+                    .borrow_mut()
+                    .push((b.as_ptr() as usize - base, b.len()))
+            })
+            .unwrap();
+            let mut at = 0;
+            for (start, len) in spans.into_inner() {
+                assert_eq!(start, at, "{dtype:?}: spans given back in order, once");
+                at += len;
+            }
+            assert_eq!(at, raw.len(), "{dtype:?}: every byte given back");
+            let per = raw.len() / n_exp;
+            let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for (e, m) in experts.iter().enumerate() {
+                let Matrix::Blocks(shared) = m else {
+                    panic!("{dtype:?} expert {e} is not packed");
+                };
+                let alone = Packed::new(kind, &raw[e * per..(e + 1) * per], rows, cols);
+                for j in 0..rows {
+                    alone.dequantize_row(j, &mut a);
+                    shared.dequantize_row(j, &mut b);
+                    assert_eq!(a, b, "{dtype:?} expert {e} row {j}");
+                }
+                let (ya, yb) = (
+                    kernels::matmul(&alone, &x, 3),
+                    kernels::matmul(shared, &x, 3),
+                );
+                assert!(
+                    ya.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?} expert {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn one_region_route_matches_the_per_expert_route() {
         if !kernels::simd() {
