@@ -168,6 +168,8 @@ unsafe fn nibble_scales(p: *const u8) -> __m256i {
     _mm256_cvtepu8_epi16(_mm_add_epi8(_mm_add_epi8(s, s), _mm_set1_epi8(1)))
 }
 
+// k picks the sub-block (j = jj + k) as well as its accumulator
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn iq2xxs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let bb = IqType::Iq2Xxs.block_bytes();
@@ -316,6 +318,8 @@ unsafe fn iq3xxs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     sumf
 }
 
+// k picks the sub-block (j = jj + k) as well as its accumulator
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn iq3s(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let bb = IqType::Iq3S.block_bytes();
@@ -428,6 +432,8 @@ unsafe fn iq1m(row: *const u8, act: &[Q8KBlock]) -> f32 {
     sumf
 }
 
+// k picks the sub-block (j = jj + k) as well as its accumulator
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn iq4xs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let bb = IqType::Iq4Xs.block_bytes();
