@@ -589,19 +589,10 @@ impl Acts {
 #[allow(unused_variables)]
 fn dot(isa: Option<Isa>, ty: IqType, row: &[u8], acts: &Acts, i: usize, nb: usize) -> f32 {
     match acts {
+        // IQ4_NL and MXFP4 run on the block kernels (legacy.rs) wherever an instruction set
+        // does; this is the scalar path for the others and for tests.
         Acts::Q8_0(a) => {
             let a = &a[i * nb..(i + 1) * nb];
-            #[cfg(target_arch = "x86_64")]
-            if isa == Some(Isa::Avx512) {
-                // SAFETY: isa() found AVX-512 F, BW, VL and VNNI besides AVX2, FMA and F16C.
-                return unsafe { super::iq_avx512::dot_row_q8_0(ty, row, a) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) {
-                // SAFETY: isa() found AVX2, FMA and F16C (AVX-512 CPUs have them too); the
-                // row holds nb blocks.
-                return unsafe { super::iq_avx2::dot_row_q8_0(ty, row, a) };
-            }
             match ty {
                 IqType::Iq4Nl => dot_row_iq4nl(row, a),
                 _ => mxfp4::dot_row(row, a),

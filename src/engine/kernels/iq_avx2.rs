@@ -1,7 +1,7 @@
 //! The IQ and MXFP4 kernels with AVX2 (+FMA, F16C). The 256-weight types sum each super-block
 //! exactly in integers and apply one float update, as the scalar kernels in iq.rs do, so the
-//! two give identical results; IQ4_NL and MXFP4 accumulate `d·d'·Σ` in 8 float lanes (as
-//! ggml's AVX2 kernels do), which reorders the float additions.
+//! two give identical results. (IQ4_NL and MXFP4 run on the block kernels, repacked:
+//! legacy.rs.)
 //!
 //! Grid groups are gathered with scalar loads into one vector (ggml's AVX2 kernels do the
 //! same: AVX2 gathers are slower here); signs are applied to the activations with `sign_epi8`
@@ -11,7 +11,6 @@
 
 use super::iq::{dot_row_q8k as scalar_q8k, iq1m_scale, IqType, Q8KBlock};
 use super::iq_tables::*;
-use super::Q8Block;
 use std::arch::x86_64::*;
 
 #[inline]
@@ -39,15 +38,6 @@ unsafe fn hsum_i32(x: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
     _mm_cvtsi128_si32(s)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_f32(x: __m256) -> f32 {
-    let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
 }
 
 /// Σ over pairs of (unsigned grid bytes × signed activations), weighted per 16-bit pair by
@@ -462,36 +452,4 @@ unsafe fn iq4xs(row: *const u8, act: &[Q8KBlock]) -> f32 {
         sumf += half(b) * a.d * hsum_i32(_mm256_add_epi32(acc[0], acc[1])) as f32;
     }
     sumf
-}
-
-/// One IQ4_NL or MXFP4 row against q8_0 activations: per block
-/// `acc = fma(d·d', Σ pairs, acc)` in 8 lanes, summed at the end.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_row_q8_0(ty: IqType, row: &[u8], act: &[Q8Block]) -> f32 {
-    let bb = ty.block_bytes();
-    debug_assert!(row.len() >= act.len() * bb);
-    let (table, qoff) = match ty {
-        IqType::Iq4Nl => (KVALUES_IQ4NL.as_ptr(), 2),
-        _ => (KVALUES_MXFP4.as_ptr(), 1),
-    };
-    let table = _mm_loadu_si128(table as *const __m128i);
-    let m4 = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for (ib, a) in act.iter().enumerate() {
-        let b = row.as_ptr().add(ib * bb);
-        let d = match ty {
-            IqType::Iq4Nl => half(b),
-            _ => super::mxfp4::e8m0_half(*b),
-        };
-        let q = _mm_loadu_si128(b.add(qoff) as *const __m128i);
-        let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
-        let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-        let w = _mm256_set_m128i(hi, lo);
-        let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
-        let l = _mm256_madd_epi16(p, ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(l), acc);
-    }
-    hsum_f32(acc)
 }

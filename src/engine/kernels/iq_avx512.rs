@@ -1,20 +1,16 @@
-//! The table-lookup types (IQ4_NL and MXFP4 against q8_0, IQ4_XS against q8_K) with AVX-512
-//! (F, BW, VL, VNNI): two 32-weight blocks per 512-bit register, the weights looked up from
-//! the 16-entry table in every 128-bit lane, and `vpdpbusd` for the products (|w| unsigned
-//! times the activations with w's sign, as the AVX2 kernels use `sign_epi8`; AVX-512 has no
-//! byte sign instruction, so a masked subtraction negates them).
-//!
-//! IQ4_XS sums each super-block exactly in integers, as iq.rs's scalar kernel does, so the two
-//! are bit-identical. IQ4_NL and MXFP4 accumulate `d·d'·Σ` in 16 float lanes (two blocks at a
-//! time), another order of the float additions than the AVX2 kernels' 8 lanes: results agree
-//! within a few ulps of Σ|w·x| (iq.rs's tests check every instruction set against f64).
+//! IQ4_XS against q8_K with AVX-512 (F, BW, VL, VNNI): two 32-weight blocks per 512-bit
+//! register, the weights looked up from the 16-entry table in every 128-bit lane, and
+//! `vpdpbusd` for the products (|w| unsigned times the activations with w's sign, as the AVX2
+//! kernels use `sign_epi8`; AVX-512 has no byte sign instruction, so a masked subtraction
+//! negates them). Each super-block is summed exactly in integers, as iq.rs's scalar kernel
+//! does, so the two are bit-identical. (IQ4_NL and MXFP4 run on the block kernels, repacked:
+//! legacy.rs.)
 //!
 //! The grid types (IQ1, IQ2, IQ3) stay on the AVX2 kernels: their time goes to looking up one
 //! grid entry per 4 or 8 weights with scalar loads, which wider registers do not shorten.
 
 use super::iq::{IqType, Q8KBlock};
-use super::iq_tables::{KVALUES_IQ4NL, KVALUES_MXFP4};
-use super::Q8Block;
+use super::iq_tables::KVALUES_IQ4NL;
 use std::arch::x86_64::*;
 
 /// The 16 table bytes in every 128-bit lane.
@@ -49,51 +45,6 @@ unsafe fn dot4s(w: __m512i, y: __m512i) -> __m512i {
     let z = _mm512_setzero_si512();
     let ys = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), z, y);
     _mm512_dpbusd_epi32(z, _mm512_abs_epi8(w), ys)
-}
-
-/// 64 activations from two 32-byte runs.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn load2(p0: *const i8, p1: *const i8) -> __m512i {
-    let a = _mm256_loadu_si256(p0 as *const __m256i);
-    let b = _mm256_loadu_si256(p1 as *const __m256i);
-    _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
-}
-
-/// One IQ4_NL or MXFP4 row against q8_0 activations: per pair of blocks
-/// `acc = fma(d·d' (per half), Σ, acc)` in 16 lanes; an odd last block goes to the AVX2 kernel.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_row_q8_0(ty: IqType, row: &[u8], act: &[Q8Block]) -> f32 {
-    let bb = ty.block_bytes();
-    debug_assert!(row.len() >= act.len() * bb);
-    let (t, qoff) = match ty {
-        IqType::Iq4Nl => (table(&KVALUES_IQ4NL), 2),
-        _ => (table(&KVALUES_MXFP4), 1),
-    };
-    let scale = |b: *const u8| match ty {
-        IqType::Iq4Nl => half::f16::from_bits((b as *const u16).read_unaligned()).to_f32(),
-        _ => super::mxfp4::e8m0_half(*b),
-    };
-    let mut acc = _mm512_setzero_ps();
-    let pairs = act.len() / 2;
-    for (p, a) in act.chunks_exact(2).enumerate() {
-        let b0 = row.as_ptr().add(2 * p * bb);
-        let b1 = b0.add(bb);
-        let w = lookup2(t, b0.add(qoff), b1.add(qoff));
-        let s = dot4s(w, load2(a[0].qs.as_ptr(), a[1].qs.as_ptr()));
-        let d = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(scale(b0) * a[0].d),
-            _mm512_set1_ps(scale(b1) * a[1].d),
-        );
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc);
-    }
-    let mut sumf = _mm512_reduce_add_ps(acc);
-    if act.len() % 2 == 1 {
-        let last = 2 * pairs;
-        sumf += super::iq_avx2::dot_row_q8_0(ty, &row[last * bb..], &act[last..]);
-    }
-    sumf
 }
 
 /// One IQ4_XS row against q8_K activations: per super-block an exact integer sum (each
