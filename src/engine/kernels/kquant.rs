@@ -15,11 +15,11 @@
 //!
 //! Activations are quantized as llama.cpp does ([`quantize_activations`]: halves to even,
 //! where candle rounds them away from zero; nothing else differs). Given the same quantized
-//! activations, the arithmetic, per row: the integer dot product of each sub-block is exact; the float
-//! updates replay candle's x86 tile kernels (repack_x86.rs, the same in its AVX2, AVX-VNNI,
-//! AVX-512 and AMX forms), so results are bit-identical to candle wherever candle takes its
-//! tiles (Q4_K always, Q6_K for more than one input row; both when the row count is a
-//! multiple of 16):
+//! activations, the arithmetic, per row: the integer dot product of each sub-block is exact;
+//! the float updates replay candle's x86 tile kernels (repack_x86.rs, the same in its AVX2,
+//! AVX-VNNI, AVX-512 and AMX forms), so results are bit-identical to candle wherever candle
+//! takes its tiles (Q4_K always, Q6_K for more than one input row; both when the row count is
+//! a multiple of 16):
 //! - Q4_K / Q5_K, per sub-block of 32: `acc = fma(Σq·a, (d·sc)·d_a, acc)`, then
 //!   `acc = fma(−(dmin·m), d_a·(bsum₀+bsum₁), acc)` (Q5_K has no candle tile: same order);
 //! - Q6_K, per sub-block of 16: `acc = fma(Σq·a − 32·bsum, (d·sc)·d_a, acc)` with q in 0..63.
