@@ -295,30 +295,21 @@ pub unsafe fn dot4_unpacked(
     out
 }
 
-/// `(x[i] · scale).round()` (half away from zero, as f32::round) saturated to i8, for the 32
-/// values at `x`, exactly as the scalar expression for finite values (NaN gives −128, not 0): the product is the same single rounding,
-/// and the rounding is done as truncation plus a step where the (exact) remainder is at
-/// least one half.
+/// `(x[i] · scale).round_ties_even()` saturated to i8, for the 32 values at `x`, exactly as
+/// the scalar expression for finite values (NaN gives −128, not 0): the same single rounding
+/// of the product, then the rounding to an integer that ggml's quantizers do
+/// (`_mm256_round_ps(.., _MM_ROUND_NEAREST)`: halves to even).
 ///
 /// # Safety
 /// The CPU runs AVX2; `x` and `out` hold 32 values.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn round_i8x32(x: *const f32, scale: f32, out: *mut i8) {
     let s = _mm256_set1_ps(scale);
-    let half = _mm256_set1_ps(0.5);
-    let sign = _mm256_set1_ps(-0.0);
-    let one = _mm256_set1_ps(1.0);
     let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
     let v: [__m256i; 4] = std::array::from_fn(|c| {
         let p = _mm256_mul_ps(_mm256_loadu_ps(x.add(8 * c)), s);
-        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
-        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(p, t));
-        let step = _mm256_and_ps(
-            _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half),
-            _mm256_or_ps(one, _mm256_and_ps(p, sign)),
-        );
-        let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, step), lo), hi);
-        _mm256_cvtps_epi32(r)
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
     });
     // Pack to bytes: packs interleave 128-bit lanes, the permutation restores the order.
     let ab = _mm256_packs_epi32(v[0], v[1]);

@@ -9,10 +9,7 @@
 //! block, one float update per block or sub-block); iq_avx2.rs holds the AVX2 ones.
 //!
 //! The q8_K activations are the K-quants' (kquant.rs), as llama.cpp uses one
-//! quantize_row_q8_K for every K and IQ type. That one rounds halves away from zero (candle's
-//! BlockQ8K::from_float, which the K-quant kernels replay bit for bit) where ggml's
-//! quantize_row_q8_K_ref (what x86 runs) rounds them to even: the two differ only where
-//! `v·127/max` is exactly a half, one step of 1/127 of the block's largest value.
+//! quantize_row_q8_K for every K and IQ type: ggml's quantize_row_q8_K_ref, halves to even.
 
 use super::iq_tables::*;
 pub(super) use super::kquant::{Q8KBlock, QK_K};

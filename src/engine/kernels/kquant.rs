@@ -13,11 +13,13 @@
 //! order as candle's x86 tiles. A matrix whose row count is not a multiple of 8 ends in a
 //! tile padded with zero rows, which the kernels compute and nobody reads.
 //!
-//! Arithmetic, per row: the integer dot product of each sub-block is exact; the float
-//! updates replay candle's x86 tile kernels (repack_x86.rs, the same in its AVX2, AVX-VNNI,
-//! AVX-512 and AMX forms), so results are bit-identical to candle wherever candle takes its
-//! tiles (Q4_K always, Q6_K for more than one input row; both when the row count is a
-//! multiple of 16):
+//! Activations are quantized as llama.cpp does ([`quantize_activations`]: halves to even,
+//! where candle rounds them away from zero; nothing else differs). Given the same quantized
+//! activations, the arithmetic, per row: the integer dot product of each sub-block is exact;
+//! the float updates replay candle's x86 tile kernels (repack_x86.rs, the same in its AVX2,
+//! AVX-VNNI, AVX-512 and AMX forms), so results are bit-identical to candle wherever candle
+//! takes its tiles (Q4_K always, Q6_K for more than one input row; both when the row count is
+//! a multiple of 16):
 //! - Q4_K / Q5_K, per sub-block of 32: `acc = fma(Σq·a, (d·sc)·d_a, acc)`, then
 //!   `acc = fma(−(dmin·m), d_a·(bsum₀+bsum₁), acc)` (Q5_K has no candle tile: same order);
 //! - Q6_K, per sub-block of 16: `acc = fma(Σq·a − 32·bsum, (d·sc)·d_a, acc)` with q in 0..63.
@@ -64,8 +66,10 @@ impl Default for Q8KBlock {
     }
 }
 
-/// ggml's quantize_row_q8_K as candle writes it (BlockQ8K::from_float): the scale maps the
-/// value of largest magnitude to −127, and d is its reciprocal.
+/// ggml's quantize_row_q8_K as llama.cpp's CPU backend runs it (quantize_row_q8_K_ref on
+/// x86-64 and aarch64): the scale maps the value of largest magnitude to −127, d is its
+/// reciprocal, and the products round halves to even (ggml's nearest_int; candle's
+/// BlockQ8K::from_float rounds them away from zero).
 pub fn quantize_activations(x: &[f32], out: &mut [Q8KBlock]) {
     for (xs, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut max, mut amax) = (0f32, 0f32);
@@ -80,7 +84,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [Q8KBlock]) {
             continue;
         }
         let iscale = -127f32 / max;
-        // (iscale·v).round() clamped to i8, which is the saturating cast.
+        // (iscale·v) rounded half to even and clamped to i8 (the saturating cast).
         super::round_i8(xs, iscale, &mut b.qs);
         for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = q.iter().map(|&q| q as i32).sum::<i32>() as i16;
@@ -927,33 +931,48 @@ mod tests {
         }
     }
 
-    /// Activations quantize exactly as candle's block_q8_K: its vec_dot of a Q8_K matrix
-    /// with itself needs the same blocks, so compare through candle's own quantizer.
+    /// Activations quantize exactly as ggml's quantize_row_q8_K_ref, which llama.cpp runs for
+    /// every K and IQ type on x86-64 and aarch64 alike (its repacked GEMMs'
+    /// ggml_quantize_mat_q8_K_4x8 too): written out from ggml-quants.c (nearest_int: halves
+    /// to even), on random blocks, a zero block and a block of exact halves.
     #[test]
-    fn q8k_activations_match_candle() {
-        let dev = Device::Cpu;
-        let mut x = random(4 * QK_K, 7);
+    fn q8k_activations_match_ggml() {
+        let mut x = random(5 * QK_K, 7);
         x[QK_K..2 * QK_K].fill(0.0);
         x[2 * QK_K + 3] = -5.0;
-        let t = Tensor::from_vec(x.clone(), (4, QK_K), &dev).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q8K).unwrap();
-        let bytes = q.data().unwrap();
-        let mut ours = vec![Q8KBlock::default(); 4];
+        // max −127: iscale 1, so these are exact halves.
+        let halves = &mut x[4 * QK_K..];
+        halves[..8].copy_from_slice(&[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -126.5, -127.0]);
+        halves[8..].fill(3.0);
+        let mut ours = vec![Q8KBlock::default(); 5];
         quantize_activations(&x, &mut ours);
-        // candle's block_q8_K: d, qs, bsums (tokentop's adds the sums the kernels use).
-        let candle_block = 4 + QK_K + 2 * QK_K / 16;
-        assert_eq!(candle_block * 4, bytes.len());
-        for (b, theirs) in ours.iter().zip(bytes.chunks_exact(candle_block)) {
-            assert_eq!(b.d.to_le_bytes(), theirs[0..4], "d");
-            let qs: Vec<u8> = b.qs.iter().map(|&q| q as u8).collect();
-            assert_eq!(qs, theirs[4..4 + QK_K], "qs");
-            let bs: Vec<u8> = b.bsums.iter().flat_map(|s| s.to_le_bytes()).collect();
-            assert_eq!(bs, theirs[4 + QK_K..], "bsums");
+        let nearest_int = |f: f32| ((f + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
+        for (i, (b, xs)) in ours.iter().zip(x.chunks_exact(QK_K)).enumerate() {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in xs {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let iscale = if amax == 0.0 { 0.0 } else { -127.0 / max };
+            let qs: Vec<i8> = xs
+                .iter()
+                .map(|&v| nearest_int(iscale * v).min(127) as i8)
+                .collect();
+            let d = if amax == 0.0 { 0.0 } else { 1.0 / iscale };
+            assert_eq!(b.d.to_bits(), d.to_bits(), "block {i}: d");
+            assert_eq!(b.qs[..], qs[..], "block {i}: qs");
+            for (j, s) in b.bsums.iter().enumerate() {
+                let sum: i32 = qs[16 * j..16 * (j + 1)].iter().map(|&q| q as i32).sum();
+                assert_eq!(*s as i32, sum, "block {i}: bsums[{j}]");
+            }
             for s in 0..8 {
                 let pair = b.bsums[2 * s] as i32 + b.bsums[2 * s + 1] as i32;
                 assert_eq!(b.dsum32[s], b.d * pair as f32);
                 assert_eq!(b.sum16x32[2 * s], 32.0 * b.bsums[2 * s] as f32);
             }
         }
+        assert_eq!(ours[4].qs[..8], [0, 2, 2, 0, -2, -2, -126, -127]);
     }
 }

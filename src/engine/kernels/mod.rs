@@ -12,8 +12,9 @@
 //! each, as ggml-cpu keeps its arch folders. The instruction set is detected once, at run time,
 //! in [`isa`]; nothing assumes a feature the CPU does not report (no `target-cpu`).
 //!
-//! Results equal candle's on the same machine, so greedy generations do not change:
-//! - activations are quantized exactly as candle/ggml do (block_q8_1 / block_q8_0);
+//! Activations are quantized exactly as llama.cpp's CPU backend does on the same architecture
+//! (block_q8_1 / block_q8_0: see [`quantize_activations`]), which is not quite candle's
+//! arithmetic; given the same quantized activations, results equal candle's:
 //! - each block's integer dot product is exact in any order;
 //! - x86 (AVX2): Q4_1/Q5_0/Q5_1 apply candle's per-block float update in candle's order
 //!   (`sumf += sumi·d·d' [+ m·s]`); Q4_0/Q8_0 replay candle's AVX2 kernels, which accumulate
@@ -70,23 +71,37 @@ pub struct Q8Block {
     pub qs: [i8; QK],
 }
 
-/// ggml's quantize_row_q8_1, with d and s rounded through f16 as ggml and candle store them.
+/// ggml-cpu's quantize_row_q8_1 as llama.cpp runs it on this architecture (and its
+/// quantize_row_q8_0, which writes the same d and qs): d = amax/127 stored as f16, the values
+/// multiplied by 127/amax on x86-64 (the AVX2 code in arch/x86/quants.c; its repacked GEMMs'
+/// ggml_quantize_mat_q8_0_4x8 does the same) or by 1/d on aarch64 (arch/arm/quants.c) and
+/// rounded half to even (`_mm256_round_ps(.., _MM_ROUND_NEAREST)`, NEON's vcvtnq), and
+/// s = d·Σq with the unrounded f32 d, stored as f16.
+///
+/// Not candle's BlockQ8_0/BlockQ8_1::from_float (1/d and halves away from zero, s from the f16
+/// d), which rounds some of the same inputs to another integer than llama.cpp does: on the
+/// random-weight parity files such a flip moves log-probabilities by 1e-2 to 1 from that step
+/// on (tests/deepseek2.rs, gpt_oss.rs).
 pub fn quantize_activations(x: &[f32], out: &mut [Q8Block]) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
+        #[cfg(target_arch = "x86_64")]
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        #[cfg(not(target_arch = "x86_64"))]
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let d16 = f16::from_f32(d);
         round_i8(xs, id, &mut b.qs);
         let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
-        b.d = d16.to_f32();
-        b.s = f16::from_f32(f16::from_f32(sum as f32).to_f32() * b.d).to_f32();
+        b.d = f16::from_f32(d).to_f32();
+        b.s = f16::from_f32(d * sum as f32).to_f32();
         b.isum = sum;
     }
 }
 
-/// `(x · scale).round()` saturated to i8 for each value (as `as i8` casts), 32 at a time
-/// with AVX2 where the kernels run on x86-64 (bit-identical: see avx2::round_i8x32).
+/// `(x · scale)` rounded to the nearest integer, halves to even (as `f32::round_ties_even`,
+/// ggml's nearest_int and its SIMD quantizers), saturated to i8 for each value (as `as i8`
+/// casts), 32 at a time with AVX2 where the kernels run on x86-64 (bit-identical: see
+/// avx2::round_i8x32).
 pub(super) fn round_i8(x: &[f32], scale: f32, out: &mut [i8]) {
     debug_assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
@@ -98,7 +113,7 @@ pub(super) fn round_i8(x: &[f32], scale: f32, out: &mut [i8]) {
         return;
     }
     for (q, &v) in out.iter_mut().zip(x) {
-        *q = (v * scale).round() as i8;
+        *q = (v * scale).round_ties_even() as i8;
     }
 }
 
@@ -567,8 +582,9 @@ mod tests {
         runnable()
     }
 
-    /// The vector rounding of activations equals the scalar `(x·scale).round() as i8` on
-    /// ties (±0.5, ±1.5, ±2.5), just below them, signed zeros, and values that saturate.
+    /// The vector rounding of activations equals the scalar `(x·scale).round_ties_even() as
+    /// i8` on ties (±0.5, ±1.5, ±2.5), just below them, signed zeros, and values that
+    /// saturate.
     #[test]
     fn activation_rounding_matches_scalar() {
         let below_half = 0.5f32.next_down();
@@ -600,9 +616,88 @@ mod tests {
         for scale in [1.0f32, 0.999, 1.0 / 3.0, -127.0 / 129.0] {
             let mut ours = vec![0i8; x.len()];
             round_i8(&x, scale, &mut ours);
-            let theirs: Vec<i8> = x.iter().map(|&v| (v * scale).round() as i8).collect();
+            let theirs: Vec<i8> = x
+                .iter()
+                .map(|&v| (v * scale).round_ties_even() as i8)
+                .collect();
             assert_eq!(ours, theirs, "scale {scale}");
         }
+        let mut ties = [0i8; QK];
+        round_i8(&x[..QK], 1.0, &mut ties);
+        assert_eq!(ties[..6], [0, 0, 2, -2, 2, -2], "halves go to even");
+    }
+
+    /// ggml's block quantizer as llama.cpp's CPU backend runs it here, written out from
+    /// ggml-cpu's C: the multiplier 127/amax on x86-64 (arch/x86/quants.c) and 1/d on
+    /// aarch64 (arch/arm/quants.c), halves to even (nearest_int's 1.5·2²³ trick, which is
+    /// exactly what `_mm256_round_ps(.., _MM_ROUND_NEAREST)` and NEON's vcvtnq give), and
+    /// s = d·Σq from the f32 d.
+    fn ggml_q8_1(xs: &[f32]) -> (f16, f16, [i8; QK]) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if cfg!(target_arch = "x86_64") {
+            if amax != 0.0 {
+                127.0 / amax
+            } else {
+                0.0
+            }
+        } else if d != 0.0 {
+            1.0 / d
+        } else {
+            0.0
+        };
+        let nearest_int = |f: f32| ((f + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
+        let qs: [i8; QK] = std::array::from_fn(|j| nearest_int(xs[j] * id) as i8);
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        (f16::from_f32(d), f16::from_f32(d * sum as f32), qs)
+    }
+
+    /// Activations quantize as llama.cpp's quantize_row_q8_0 / q8_1 do on this CPU, bit for
+    /// bit: on random blocks, on a block of exact halves, and on a block where this
+    /// architecture's multiplier and the other one (127/amax, 1/(amax/127)) round some value
+    /// differently (candle's BlockQ8_1::from_float takes 1/d and rounds halves away from zero).
+    #[test]
+    fn activations_quantize_as_llama_cpp() {
+        let mut x = random(QK * 16, 11);
+        for (b, v) in x.chunks_exact_mut(QK).enumerate() {
+            v.iter_mut().for_each(|v| *v *= (b as f32 - 7.5) * 0.37);
+        }
+        // Exact halves: amax 127, so the multiplier is 1 either way.
+        let halves: [f32; 8] = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.0];
+        x.extend(halves.iter().chain(std::iter::repeat(&3.0)).take(QK));
+        // An amax whose two multipliers differ, and a value that they round apart.
+        let split = (0..100_000)
+            .map(|i| 0.75 + i as f32 * 1e-5)
+            .find_map(|amax: f32| {
+                let (a, b) = (127.0 / amax, 1.0 / (amax / 127.0));
+                (0..126)
+                    .flat_map(|j| {
+                        let v = (j as f32 + 0.5) / a;
+                        [v.next_down(), v, v.next_up()]
+                    })
+                    .find(|&v| (v * a).round_ties_even() != (v * b).round_ties_even())
+                    .map(|v| (amax, v))
+            })
+            .expect("an amax and a value the two multipliers round apart");
+        x.push(split.0);
+        x.push(split.1);
+        x.extend(std::iter::repeat_n(0.1, QK - 2));
+        // An all-zero block.
+        x.extend([0.0; QK]);
+        let mut ours = vec![Q8Block::default(); x.len() / QK];
+        quantize_activations(&x, &mut ours);
+        for (i, (b, xs)) in ours.iter().zip(x.chunks_exact(QK)).enumerate() {
+            let (d, s, qs) = ggml_q8_1(xs);
+            assert_eq!(b.qs, qs, "block {i}: qs");
+            assert_eq!(b.d, d.to_f32(), "block {i}: d");
+            assert_eq!(b.s, s.to_f32(), "block {i}: s");
+            assert_eq!(
+                b.isum,
+                qs.iter().map(|&q| q as i32).sum::<i32>(),
+                "block {i}"
+            );
+        }
+        assert_eq!(ours[16].qs[..8], [0, 2, 2, 0, -2, -2, 126, 127]);
     }
 
     /// Random IQ4_NL / MXFP4 blocks (every nibble pattern is valid) with modest scales:
@@ -777,6 +872,21 @@ mod tests {
         }
     }
 
+    /// Random activations on a grid that both quantizers read alike: per block of 32, whole
+    /// numbers up to ±127 (one of them ±127) times a power of two, so d is that power exactly,
+    /// every product with the multiplier (127/amax or 1/d) is a whole number, and s = d·Σq
+    /// rounds to f16 the same from an f16 or an f32 d: tokentop's blocks (ggml's arithmetic)
+    /// then equal candle's (its own), and a kernel's result can be held to candle's bit for bit.
+    fn grid_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = random(n, seed);
+        for (b, v) in x.chunks_exact_mut(QK).enumerate() {
+            let scale = 0.5f32.powi(1 + (b % 5) as i32);
+            v.iter_mut().for_each(|v| *v = (*v * 127.0).round() * scale);
+            v[b % QK] = if b % 2 == 0 { 127.0 } else { -127.0 } * scale;
+        }
+        x
+    }
+
     /// Every type against candle's own matmul on random blocks, in decode and prefill shapes,
     /// with row counts that leave a tail and that do not, for every instruction set this CPU
     /// runs: bit-identical, except Q4_0/Q8_0 on aarch64 where candle itself picks kernels of
@@ -816,7 +926,7 @@ mod tests {
                     .unwrap();
                 let reference = QMatMul::from_qtensor(q).unwrap();
                 for m in [1, 3, 4, 7, 8, 9, 17] {
-                    let x = random(m * k, 2 + m as u64);
+                    let x = grid_values(m * k, 2 + m as u64);
                     let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
                     let theirs: Vec<f32> = reference
                         .forward(&xt)
