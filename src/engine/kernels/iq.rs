@@ -667,20 +667,12 @@ mod tests {
         (raw.to_vec(), f)
     }
 
-    use crate::engine::kernels::test_values as random;
+    use crate::engine::kernels::{test_bytes, test_values as random};
 
     /// Random blocks (every bit pattern of these types is a valid block) with a modest scale,
     /// so that every grid entry and sign pattern gets exercised.
     fn random_blocks(ty: IqType, n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        let mut raw: Vec<u8> = (0..n * ty.block_bytes())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 56) as u8
-            })
-            .collect();
+        let mut raw = test_bytes(n * ty.block_bytes(), seed);
         for b in raw.chunks_exact_mut(ty.block_bytes()) {
             match ty {
                 IqType::Mxfp4 => b[0] = 120 + b[0] % 8,

@@ -553,19 +553,32 @@ fn tail_dot(isa: Isa, kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     }
 }
 
-/// Deterministic values in [-1, 1) for the tests of the kernels and of attention (a 64-bit
-/// LCG): the same inputs on every run and machine.
+/// A 64-bit LCG's states after `seed`: the tests' deterministic inputs, the same on every
+/// run and machine.
+#[cfg(test)]
+fn lcg(seed: u64) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(seed), |s| {
+        Some(
+            s.wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407),
+        )
+    })
+    .skip(1)
+}
+
+/// Deterministic values in [-1, 1) for the tests of the kernels and of attention.
 #[cfg(test)]
 pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
+    lcg(seed)
+        .take(n)
+        .map(|s| ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0)
         .collect()
+}
+
+/// Deterministic bytes for the tests: random weight blocks, before their scales are tamed.
+#[cfg(test)]
+pub(crate) fn test_bytes(n: usize, seed: u64) -> Vec<u8> {
+    lcg(seed).take(n).map(|s| (s >> 56) as u8).collect()
 }
 
 #[cfg(test)]
@@ -703,15 +716,7 @@ mod tests {
     /// Random IQ4_NL / MXFP4 blocks (every nibble pattern is valid) with modest scales:
     /// IQ4_NL's f16 between 2^-8 and 2^-7, MXFP4's E8M0 byte 120..128.
     fn table_blocks(ty: iq::IqType, blocks: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        let mut raw: Vec<u8> = (0..blocks * ty.block_bytes())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 56) as u8
-            })
-            .collect();
+        let mut raw = test_bytes(blocks * ty.block_bytes(), seed);
         for b in raw.chunks_exact_mut(ty.block_bytes()) {
             match ty {
                 iq::IqType::Mxfp4 => b[0] = 120 + b[0] % 8,
