@@ -15,7 +15,8 @@
 //! halves to even): the rounding of a few activations per matmul changes, and these texts part
 //! ways after a line. Perplexity, same text and chunks, before → after (llama-perplexity):
 //! SmolLM2 Q4_1 29.0538 → 29.1621 (29.2585); Gemma 3 270M 30.6409 → 30.6764 (30.5843). The
-//! aarch64 texts predate that change (halves to even on NEON too now): re-pinned under qemu.
+//! aarch64 texts did not change with it (NEON rounds halves to even now too; checked under
+//! qemu-aarch64 with `../shared/tools/aarch64 test --release --test greedy_identity`).
 //!
 //! Pinned per instruction-set family: candle's x86 (AVX2) and aarch64 (NEON) kernels add the
 //! same products in different orders, so the last bits of the logits differ and greedy texts
