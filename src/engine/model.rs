@@ -698,10 +698,19 @@ enum Matrix {
     Iq(Arc<IqMatrix>),
 }
 
+/// An IQ or MXFP4 tensor: `count` matrices (1 for a 2-D tensor) of n rows of k weights of
+/// `ty`, one after another in `data` (the map).
+struct IqLayout<'g> {
+    ty: IqType,
+    n: usize,
+    k: usize,
+    count: usize,
+    data: &'g [u8],
+}
+
 impl Matrix {
-    /// The tensor as n matrices of its rows × cols (n = 1 for a 2-D `want`) when its type is
-    /// an IQ type or MXFP4, else None.
-    fn fetch_iq(g: &Gguf, name: &str, want: &[usize]) -> Result<Option<Vec<IqMatrix>>> {
+    /// An IQ or MXFP4 tensor's layout, checked against `want`; None for another type.
+    fn iq_layout<'g>(g: &'g Gguf, name: &str, want: &[usize]) -> Result<Option<IqLayout<'g>>> {
         let Some(ty) = g
             .tensor_type(name)
             .and_then(|t| IqType::from_ggml_id(t.id()))
@@ -725,9 +734,69 @@ impl Matrix {
         if count == 0 || data.len() % count != 0 {
             return Err(bad(format!("{} bytes for shape {dims:?}", data.len())));
         }
-        let per = data.len() / count;
-        data.chunks_exact(per)
+        IqMatrix::check(ty, data.len() / count, n, k).map_err(bad)?;
+        Ok(Some(IqLayout {
+            ty,
+            n,
+            k,
+            count,
+            data,
+        }))
+    }
+
+    /// The tensor as n matrices of its rows × cols (n = 1 for a 2-D `want`) when its type is
+    /// an IQ type or MXFP4, else None.
+    fn fetch_iq(g: &Gguf, name: &str, want: &[usize]) -> Result<Option<Vec<IqMatrix>>> {
+        let Some(IqLayout {
+            ty,
+            n,
+            k,
+            count,
+            data,
+        }) = Self::iq_layout(g, name, want)?
+        else {
+            return Ok(None);
+        };
+        let bad = |what: String| anyhow::anyhow!("{}: tensor {name}: {what}", g.path.display());
+        data.chunks_exact(data.len() / count)
             .map(|d| IqMatrix::new(ty, d.to_vec(), n, k).map_err(bad))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// An IQ or MXFP4 tensor as its matrices on `dev` (see `fetch_iq`), the map given back:
+    /// IQ4_NL and MXFP4 on the CPU packed straight from the map for the block kernels, as
+    /// `stacked_from_bytes` packs the legacy types (no copy of the file's layout first).
+    fn iq_matrices(
+        g: &Gguf,
+        name: &str,
+        want: &[usize],
+        dev: &Device,
+    ) -> Result<Option<Vec<Self>>> {
+        let Some(IqLayout {
+            ty,
+            n,
+            k,
+            count,
+            data,
+        }) = Self::iq_layout(g, name, want)?
+        else {
+            return Ok(None);
+        };
+        if let (Some(kind), true, true) = (Kind::from_iq(ty), dev.is_cpu(), n > 0) {
+            let packed = pack_stacked(kind, data, count, n, k, &|b| g.release_bytes(b));
+            g.release(name);
+            return Ok(Some(
+                packed
+                    .into_iter()
+                    .map(|p| Self::Blocks(Arc::new(p)))
+                    .collect(),
+            ));
+        }
+        let ms = Self::fetch_iq(g, name, want)?.expect("an IQ tensor");
+        g.release(name);
+        ms.into_iter()
+            .map(|m| Self::from_iq(Arc::new(m), dev))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -1572,10 +1641,9 @@ fn candle_type(g: &Gguf, name: &str) -> Result<GgmlDType> {
 /// A weight matrix of `rows` × `cols`, built from the memory map (see `Matrix::from_bytes`);
 /// the map's pages are given back once it is built.
 fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize, dev: &Device) -> Result<Matrix> {
-    // The IQ types and MXFP4, which candle lacks, run on kernels/iq.rs from their raw blocks.
-    if let Some(mut m) = Matrix::fetch_iq(g, name, &[rows, cols])? {
-        g.release(name);
-        return Matrix::from_iq(Arc::new(m.remove(0)), dev);
+    // The IQ types and MXFP4, which candle lacks, run on tokentop's kernels.
+    if let Some(mut m) = Matrix::iq_matrices(g, name, &[rows, cols], dev)? {
+        return Ok(m.remove(0));
     }
     check_shape(g, name, &[rows, cols])?;
     let dtype = candle_type(g, name)?;

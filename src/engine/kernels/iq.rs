@@ -516,6 +516,12 @@ pub struct IqMatrix {
 impl IqMatrix {
     /// n rows of k weights in ggml's block layout; an error names what does not fit.
     pub fn new(ty: IqType, data: Vec<u8>, n: usize, k: usize) -> Result<Self, String> {
+        Self::check(ty, data.len(), n, k)?;
+        Ok(Self { ty, n, k, data })
+    }
+
+    /// Whether `bytes` hold n rows of k weights of `ty`, in whole blocks.
+    pub fn check(ty: IqType, bytes: usize, n: usize, k: usize) -> Result<(), String> {
         if !k.is_multiple_of(ty.block_elems()) {
             return Err(format!(
                 "{}: rows of {k} weights are not whole blocks of {}",
@@ -524,14 +530,13 @@ impl IqMatrix {
             ));
         }
         let want = n * (k / ty.block_elems()) * ty.block_bytes();
-        if data.len() != want {
+        if bytes != want {
             return Err(format!(
-                "{}: {n}×{k} weights need {want} bytes, found {}",
-                ty.name(),
-                data.len()
+                "{}: {n}×{k} weights need {want} bytes, found {bytes}",
+                ty.name()
             ));
         }
-        Ok(Self { ty, n, k, data })
+        Ok(())
     }
 
     pub fn row_bytes(&self) -> usize {

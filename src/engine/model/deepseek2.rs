@@ -505,13 +505,8 @@ fn per_head(heads: &Heads, x: &Tensor) -> Result<Tensor> {
 
 /// A stacked (heads, rows, cols) tensor as one matrix per head.
 fn head_matrices(g: &Gguf, name: &str, shape: [usize; 3], dev: &Device) -> Result<Heads> {
-    if let Some(ms) = Matrix::fetch_iq(g, name, &shape)? {
-        g.release(name);
-        return ms
-            .into_iter()
-            .map(|m| Matrix::from_iq(Arc::new(m), dev))
-            .collect::<Result<_>>()
-            .map(Heads::Each);
+    if let Some(ms) = Matrix::iq_matrices(g, name, &shape, dev)? {
+        return Ok(Heads::Each(ms));
     }
     check_shape(g, name, &shape)?;
     if !g.has_tensor(name) {

@@ -15,7 +15,6 @@ use super::moe::{host_routes, split_experts};
 use super::{candle_type, check_finite, check_shape, fetch, matrix, Gguf, HParams, Matrix, Rope};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use std::sync::Arc;
 
 /// ggml_swiglu_oai's constants as llama.cpp's build_moe_ffn passes them.
 const SWIGLU_ALPHA: f32 = 1.702;
@@ -222,13 +221,8 @@ impl Moe {
         let router_b = vec(g, &name("ffn_gate_inp", "bias"), &[n])?;
         let stacked = |g: &Gguf, part: &str, shape: [usize; 3]| -> Result<Vec<Matrix>> {
             let t = name(part, "weight");
-            match Matrix::fetch_iq(g, &t, &shape)? {
-                Some(ms) => {
-                    g.release(&t);
-                    ms.into_iter()
-                        .map(|m| Matrix::from_iq(Arc::new(m), dev))
-                        .collect()
-                }
+            match Matrix::iq_matrices(g, &t, &shape, dev)? {
+                Some(ms) => Ok(ms),
                 None => {
                     check_shape(g, &t, &shape)?;
                     let dtype = candle_type(g, &t)?;

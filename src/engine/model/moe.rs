@@ -83,15 +83,8 @@ impl Moe {
                     name("ffn_gate")
                 ),
             };
-            let iq = |g: &Gguf, part: &str, shape: [usize; 3]| -> Result<Option<Vec<Matrix>>> {
-                let Some(ms) = Matrix::fetch_iq(g, &name(part), &shape)? else {
-                    return Ok(None);
-                };
-                g.release(&name(part));
-                ms.into_iter()
-                    .map(|m| Matrix::from_iq(Arc::new(m), dev))
-                    .collect::<Result<Vec<_>>>()
-                    .map(Some)
+            let iq = |g: &Gguf, part: &str, shape: [usize; 3]| {
+                Matrix::iq_matrices(g, &name(part), &shape, dev)
             };
             // IQ / MXFP4 experts (gpt-oss, IQ2 DeepSeek): one matrix each, on tokentop's
             // kernels; a part in a candle type beside them is split as usual.
