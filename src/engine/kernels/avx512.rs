@@ -331,24 +331,7 @@ impl Wide {
         let pos: [__m512i; 8] = std::array::from_fn(|t| {
             let t = t as i32;
             let p = |c: i32| (t / 4) * 16 + 4 * c + t % 4;
-            _mm512_setr_epi32(
-                p(0),
-                p(1),
-                p(2),
-                p(3),
-                p(0),
-                p(1),
-                p(2),
-                p(3),
-                p(0),
-                p(1),
-                p(2),
-                p(3),
-                p(0),
-                p(1),
-                p(2),
-                p(3),
-            )
+            _mm512_setr4_epi32(p(0), p(1), p(2), p(3))
         });
         let mut w = Self {
             offset: match kind {
