@@ -708,6 +708,16 @@ struct IqLayout<'g> {
     data: &'g [u8],
 }
 
+impl IqLayout<'_> {
+    /// The matrices, copied out of the map.
+    fn matrices(&self) -> Vec<IqMatrix> {
+        self.data
+            .chunks_exact(self.data.len() / self.count)
+            .map(|d| IqMatrix::new(self.ty, d.to_vec(), self.n, self.k).expect("checked"))
+            .collect()
+    }
+}
+
 impl Matrix {
     /// An IQ or MXFP4 tensor's layout, checked against `want`; None for another type.
     fn iq_layout<'g>(g: &'g Gguf, name: &str, want: &[usize]) -> Result<Option<IqLayout<'g>>> {
@@ -747,21 +757,7 @@ impl Matrix {
     /// The tensor as n matrices of its rows × cols (n = 1 for a 2-D `want`) when its type is
     /// an IQ type or MXFP4, else None.
     fn fetch_iq(g: &Gguf, name: &str, want: &[usize]) -> Result<Option<Vec<IqMatrix>>> {
-        let Some(IqLayout {
-            ty,
-            n,
-            k,
-            count,
-            data,
-        }) = Self::iq_layout(g, name, want)?
-        else {
-            return Ok(None);
-        };
-        let bad = |what: String| anyhow::anyhow!("{}: tensor {name}: {what}", g.path.display());
-        data.chunks_exact(data.len() / count)
-            .map(|d| IqMatrix::new(ty, d.to_vec(), n, k).map_err(bad))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        Ok(Self::iq_layout(g, name, want)?.map(|l| l.matrices()))
     }
 
     /// An IQ or MXFP4 tensor as its matrices on `dev` (see `fetch_iq`), the map given back:
@@ -773,18 +769,11 @@ impl Matrix {
         want: &[usize],
         dev: &Device,
     ) -> Result<Option<Vec<Self>>> {
-        let Some(IqLayout {
-            ty,
-            n,
-            k,
-            count,
-            data,
-        }) = Self::iq_layout(g, name, want)?
-        else {
+        let Some(l) = Self::iq_layout(g, name, want)? else {
             return Ok(None);
         };
-        if let (Some(kind), true, true) = (Kind::from_iq(ty), dev.is_cpu(), n > 0) {
-            let packed = pack_stacked(kind, data, count, n, k, &|b| g.release_bytes(b));
+        if let (Some(kind), true, true) = (Kind::from_iq(l.ty), dev.is_cpu(), l.n > 0) {
+            let packed = pack_stacked(kind, l.data, l.count, l.n, l.k, &|b| g.release_bytes(b));
             g.release(name);
             return Ok(Some(
                 packed
@@ -793,7 +782,7 @@ impl Matrix {
                     .collect(),
             ));
         }
-        let ms = Self::fetch_iq(g, name, want)?.expect("an IQ tensor");
+        let ms = l.matrices();
         g.release(name);
         ms.into_iter()
             .map(|m| Self::from_iq(Arc::new(m), dev))
