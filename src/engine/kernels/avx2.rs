@@ -1,7 +1,7 @@
 //! The legacy 32-block kernels with AVX2 (+FMA, F16C): bit-identical to candle's x86 results.
 //! Also the fallback of avx512.rs for a matrix's tail rows.
 
-use super::{Kind, Q8Block, QK};
+use super::{prefetch, Kind, Q8Block, QK};
 use std::arch::x86_64::*;
 
 #[inline]
@@ -159,6 +159,7 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, a) in act.iter().enumerate() {
             let p = p0.add(b * gb);
+            prefetch(p, gb);
             let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             let mut d = [0f32; 4];
             _mm_storeu_ps(d.as_mut_ptr(), scales4(kind, p));
@@ -173,6 +174,7 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
     let mut sumf = _mm_setzero_ps();
     for (b, a) in act.iter().enumerate() {
         let p = p0.add(b * gb);
+        prefetch(p, gb);
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         let l = |r: usize| {
             lanes(
@@ -202,6 +204,7 @@ pub unsafe fn dot_row(kind: Kind, row: &[u8], act: &[Q8Block]) -> f32 {
     let mut sumf = _mm_setzero_ps();
     for (b, a) in act.iter().enumerate() {
         let p = row.as_ptr().add(b * bb);
+        prefetch(p, bb);
         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
         let l = lanes(kind, weights(kind, p.add(bq), p.add(bh)), y);
         if kind.is_signed() {

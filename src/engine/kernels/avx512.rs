@@ -17,7 +17,7 @@
 //! for all four.
 
 use super::avx2::{half4, scales4, update};
-use super::{Kind, Q8Block};
+use super::{prefetch, Kind, Q8Block};
 use std::arch::x86_64::*;
 
 /// A block of a packed group's four rows as two registers: chunk r (16 bytes) of the first
@@ -133,6 +133,7 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
         let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for (b, a) in act.iter().enumerate() {
             let p = p0.add(b * gb);
+            prefetch(p, gb);
             let (wl, wh) = block4(kind, p);
             let (yl, yh) = y_halves(a);
             let d = per_row(_mm_mul_ps(scales4(kind, p), _mm_set1_ps(a.d)));
@@ -146,6 +147,7 @@ pub unsafe fn dot4(kind: Kind, group: &[u8], act: &[Q8Block]) -> [f32; 4] {
     let mut sumf = _mm_setzero_ps();
     for (b, a) in act.iter().enumerate() {
         let p = p0.add(b * gb);
+        prefetch(p, gb);
         let (wl, wh) = block4(kind, p);
         let (yl, yh) = y_halves(a);
         let v = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wl, yl), wh, yh);

@@ -11,6 +11,7 @@
 
 use super::iq::{dot_row_q8k as scalar_q8k, iq1m_scale, IqType, Q8KBlock};
 use super::iq_tables::*;
+use super::prefetch;
 use std::arch::x86_64::*;
 
 #[inline]
@@ -166,6 +167,7 @@ unsafe fn iq2xxs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let mut acc = [_mm256_setzero_si256(); 2];
         for jj in (0..8).step_by(2) {
             for k in 0..2 {
@@ -222,6 +224,7 @@ unsafe fn iq2xs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let sc = nibble_scales(b.add(66));
         let mut pick = _mm256_set1_epi16(0x0100);
         let mut acc = [_mm256_setzero_si256(); 2];
@@ -259,6 +262,7 @@ unsafe fn iq2s(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let (qs, signs, qh) = (b.add(2), b.add(34), b.add(66));
         let sc = nibble_scales(b.add(74));
         let mut pick = _mm256_set1_epi16(0x0100);
@@ -288,6 +292,7 @@ unsafe fn iq3xxs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let (qs, gas) = (b.add(2), b.add(66));
         let mut acc = _mm256_setzero_si256();
         for j in 0..8 {
@@ -319,6 +324,7 @@ unsafe fn iq3s(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let (qs, qh, signs, scales) = (b.add(2), b.add(66), b.add(74), b.add(106));
         let mut acc = [_mm256_setzero_si256(); 2];
         for jj in (0..8).step_by(2) {
@@ -348,6 +354,7 @@ unsafe fn iq1s(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let (qs, qh) = (b.add(2), b.add(34));
         let mut acc = [_mm256_setzero_si256(); 2];
         let mut sumi1 = 0i32;
@@ -385,6 +392,7 @@ unsafe fn iq1m(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let (qs, qh) = (b, b.add(32));
         let sc: [u16; 4] = std::array::from_fn(|i| u16_at(b.add(48 + 2 * i)));
         let d = half(iq1m_scale(&sc).to_le_bytes().as_ptr());
@@ -432,6 +440,7 @@ unsafe fn iq4xs(row: *const u8, act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (i, a) in act.iter().enumerate() {
         let (b, q8) = (row.add(i * bb), a.qs.as_ptr());
+        prefetch(b, bb);
         let h = u16_at(b.add(2)) as i32;
         let mut acc = [_mm256_setzero_si256(); 2];
         for jj in (0..8).step_by(2) {

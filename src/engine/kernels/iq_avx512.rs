@@ -11,6 +11,7 @@
 
 use super::iq::{IqType, Q8KBlock};
 use super::iq_tables::KVALUES_IQ4NL;
+use super::prefetch;
 use std::arch::x86_64::*;
 
 /// The 16 table bytes in every 128-bit lane.
@@ -57,6 +58,7 @@ pub unsafe fn dot_row_iq4xs(row: &[u8], act: &[Q8KBlock]) -> f32 {
     let mut sumf = 0f32;
     for (ib, a) in act.iter().enumerate() {
         let b = row.as_ptr().add(ib * bb);
+        prefetch(b, bb);
         let h = (b.add(2) as *const u16).read_unaligned() as i32;
         let ls = |j: usize| {
             ((*b.add(4 + j / 2) as i32 >> (4 * (j % 2)) & 0xF) | (h >> (2 * j) & 3) << 4) - 32
