@@ -69,10 +69,16 @@ const PREFETCH_AHEAD: usize = 4096;
 
 /// Asks the cache for the `bytes` that start `PREFETCH_AHEAD` past `p`, one request per
 /// 64-byte line: what a kernel reading `bytes` from `p` in this step reads a few steps on.
-/// A hint only (it never faults, past the end of a matrix included). x86-64 only: the ARM
-/// cores of the users' machines are not measured here, and their prefetchers follow streams.
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
+    prefetch_range(p.wrapping_add(PREFETCH_AHEAD), bytes);
+}
+
+/// Asks the cache for `bytes` from `p`, one request per 64-byte line. A hint only (it never
+/// faults, past the end of a buffer included). x86-64 only: the ARM cores of the users'
+/// machines are not measured here, and their prefetchers follow streams.
+#[inline(always)]
+pub fn prefetch_range(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -80,9 +86,7 @@ fn prefetch(p: *const u8, bytes: usize) {
         while off < bytes {
             // SAFETY: a prefetch reads nothing the program sees and does not fault on any
             // address; the address is only computed (wrapping), never dereferenced.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD + off) as *const i8)
-            };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
             off += 64;
         }
     }

@@ -156,6 +156,21 @@ impl KvStore {
         self.cap = cap;
     }
 
+    /// Asks the cache for positions `j0..j0 + n` of head `h` (see `kernels::prefetch_range`):
+    /// the block a task converts next, while it works on this one.
+    pub fn prefetch(&self, h: usize, j0: usize, n: usize) {
+        let j0 = j0.min(self.cap);
+        let n = n.min(self.cap - j0);
+        let u = self.units();
+        let at = (h * self.cap + j0) * u;
+        let (p, unit) = match &self.data {
+            Buf::F32(d) => (d[at..].as_ptr() as *const u8, size_of::<f32>()),
+            Buf::F16(d) => (d[at..].as_ptr() as *const u8, size_of::<f16>()),
+            Buf::Q8(d) => (d[at..].as_ptr() as *const u8, size_of::<BlockQ8_0>()),
+        };
+        crate::engine::kernels::prefetch_range(p, n * u * unit);
+    }
+
     /// Positions `j0..j0 + n` of head `h` as f32, `n × dim` values into `out`.
     pub fn rows_f32(&self, h: usize, j0: usize, n: usize, out: &mut [f32]) {
         let u = self.units();
@@ -500,6 +515,10 @@ fn run_task(
     for blk in b0..b1 {
         let j0 = blk * b;
         let n = b.min(hi - j0);
+        if blk + 1 < b1 {
+            k.prefetch(g, j0 + b, b);
+            v.prefetch(g, j0 + b, b);
+        }
         k.rows_f32(g, j0, n, &mut sc.kf);
         v.rows_f32(g, j0, n, &mut sc.vf);
         let mut ri = 0;
