@@ -65,10 +65,12 @@ use half::f16;
 /// requests, decode of an 8B-shape Q4_0 file went from 61 to 92 t/s (the machine's read
 /// bandwidth) and of SmolLM2 Q8_0 from 107 to 158 t/s; 1 KiB ahead gained a third of that,
 /// 2 KiB two thirds, 4 KiB all of it (bench/RESULTS.md, 2026-11-25, third session).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Asks the cache for the `bytes` that start `PREFETCH_AHEAD` past `p`, one request per
 /// 64-byte line: what a kernel reading `bytes` from `p` in this step reads a few steps on.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
     prefetch_range(p.wrapping_add(PREFETCH_AHEAD), bytes);
@@ -370,25 +372,35 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
         .map(|(j, &m)| vec![0f32; m * j.w.n])
         .collect();
     let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
-    // Work items are groups of four rows, or of 16 (four groups) where every job is a
-    // prefill that the wide tiles take, numbered across the jobs.
-    let wide = wide_tiles(isa, kind) && ms.iter().all(|&m| m >= WIDE_MIN_ROWS);
-    let per_item = if wide { 4 } else { 1 };
-    let items = |n: usize| n.div_ceil(4).div_ceil(per_item);
-    let starts: Vec<usize> = jobs
+    // Work items are groups of four rows, or of 16 (four groups) in a job that is a prefill
+    // the wide tiles take, numbered across the jobs (in a MoE prefill some experts get
+    // enough tokens for the wide tiles and some do not).
+    let wide_kind = wide_tiles(isa, kind);
+    let per_item: Vec<usize> = ms
         .iter()
-        .scan(0, |acc, j| {
+        .map(|&m| {
+            if wide_kind && m >= WIDE_MIN_ROWS {
+                4
+            } else {
+                1
+            }
+        })
+        .collect();
+    let items = |t: usize| jobs[t].w.n.div_ceil(4).div_ceil(per_item[t]);
+    let starts: Vec<usize> = (0..jobs.len())
+        .scan(0, |acc, t| {
             let s = *acc;
-            *acc += items(j.w.n);
+            *acc += items(t);
             Some(s)
         })
         .collect();
-    let total: usize = jobs.iter().map(|j| items(j.w.n)).sum();
+    let total: usize = (0..jobs.len()).map(items).sum();
     candle_core::utils::barrier_pool().execute_chunked(total, |chunk| {
         for item in chunk {
             let t = starts.partition_point(|&s| s <= item) - 1;
             let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
             let n = w.n;
+            let (per_item, wide) = (per_item[t], per_item[t] == 4);
             let g0 = (item - starts[t]) * per_item;
             // SAFETY: element (i, j) of job t's output belongs to this task for the rows j
             // of its groups g0..g0+per_item; each output holds m * n values.
@@ -864,6 +876,45 @@ mod tests {
             }
         }
         eprintln!("repacked vs per-row: {same} of {total} values bit-identical");
+    }
+
+    /// A MoE prefill's jobs (one per expert, each with its own tokens) give every job what a
+    /// matmul of that job alone gives, bit for bit, whatever the other jobs' row counts: an
+    /// expert with enough tokens for the wide tiles takes them even beside one that has one
+    /// token (before, one small job sent them all to the narrow tiles).
+    #[test]
+    fn each_job_of_a_region_equals_its_own_matmul() {
+        let (n, k) = (40, 256);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let kind = Kind::from_dtype(dtype).unwrap();
+            let mats: Vec<Packed> = (0..3)
+                .map(|e| {
+                    let w = Tensor::from_vec(random(n * k, 7 + e), (n, k), &Device::Cpu).unwrap();
+                    let q = QTensor::quantize(&w, dtype).unwrap();
+                    Packed::new(kind, &q.data().unwrap(), n, k)
+                })
+                .collect();
+            let ms = [1usize, 12, 5];
+            let xs: Vec<Vec<f32>> = ms
+                .iter()
+                .enumerate()
+                .map(|(e, &m)| random(m * k, 20 + e as u64))
+                .collect();
+            for isa in available() {
+                let jobs: Vec<Job> = mats.iter().zip(&xs).map(|(w, x)| Job { w, x }).collect();
+                let together = matmul_jobs_with(isa, &jobs);
+                for (e, job) in jobs.iter().enumerate() {
+                    let alone = matmul_jobs_with(isa, std::slice::from_ref(job))
+                        .pop()
+                        .unwrap();
+                    assert_eq!(
+                        together[e], alone,
+                        "{isa:?} {dtype:?} job {e} (m = {})",
+                        ms[e]
+                    );
+                }
+            }
+        }
     }
 
     /// The vector E8M0 scale (avx2::scales4) equals mxfp4::e8m0_half for every byte,
