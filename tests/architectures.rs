@@ -55,6 +55,24 @@ fn incremental_decoding_matches_a_single_pass() {
         let path = common::synth(dir.path(), &spec);
         let mut whole = Model::load(&mut Gguf::open(&path).unwrap(), 512, &Device::Cpu).unwrap();
         let all = whole.forward(&tokens).unwrap();
+        // The last layer runs past its attention only for the rows whose logits are asked
+        // for: those rows equal the same rows of every token's logits.
+        let load = || Model::load(&mut Gguf::open(&path).unwrap(), 512, &Device::Cpu).unwrap();
+        let every = load().forward_all(&tokens, 0).unwrap();
+        let tail = load().forward_all(&tokens, 30).unwrap();
+        assert_eq!(tail.dims(), &[10, every.dim(1).unwrap()], "{}", spec.arch);
+        let diff = common::max_abs_diff(&every.narrow(0, 30, 10).unwrap(), &tail);
+        assert!(
+            diff < 1e-3,
+            "{}: a suffix's logits differ by {diff}",
+            spec.arch
+        );
+        let diff = common::max_abs_diff(&every.get(39).unwrap(), &all);
+        assert!(
+            diff < 1e-3,
+            "{}: the last logits differ by {diff}",
+            spec.arch
+        );
         let mut steps = Model::load(&mut Gguf::open(&path).unwrap(), 512, &Device::Cpu).unwrap();
         steps.forward(&tokens[..25]).unwrap();
         let mut last = None;

@@ -1425,9 +1425,8 @@ impl Model {
     /// the logits of the last one as a (vocab,) f32 tensor.
     /// Runs `tokens` after the cached ones and returns the logits of the last.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let seq = tokens.len();
-        let x = self.hidden(tokens)?;
-        Ok(self.logits(&x.i((0, seq - 1..seq, ..))?)?.squeeze(0)?)
+        let x = self.hidden(tokens, tokens.len().saturating_sub(1))?;
+        Ok(self.logits(&x.i(0)?)?.squeeze(0)?)
     }
 
     /// Runs `tokens` after the cached ones and returns the logits of every one of them from
@@ -1437,8 +1436,8 @@ impl Model {
         if from >= seq {
             bail!("forward_all: no logits asked for ({from} of {seq} tokens skipped)");
         }
-        let x = self.hidden(tokens)?;
-        self.logits(&x.i((0, from..seq, ..))?)
+        let x = self.hidden(tokens, from)?;
+        self.logits(&x.i(0)?)
     }
 
     /// The logits (rows, vocab) of hidden states (rows, d).
@@ -1447,8 +1446,12 @@ impl Model {
         Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    /// The hidden states (1, seq, d) of `tokens` after the last layer; fills the cache.
-    fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
+    /// The hidden states (1, seq − from, d) after the last layer of `tokens[from..]`; fills
+    /// the cache with all of them. As llama.cpp does, the last layer runs its attention for
+    /// every token (their keys and values go into the cache) and the rest of it (output
+    /// projection, FFN) only for the rows whose logits are asked for: in a prefill, one
+    /// row of the last layer's FFN instead of all of them.
+    fn hidden(&mut self, tokens: &[u32], from: usize) -> Result<Tensor> {
         let pos = self.cached_len();
         let seq = tokens.len();
         if seq == 0 {
@@ -1466,10 +1469,12 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
         if let Some(h) = &mut self.hybrid {
-            return h.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
+            let x = h.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device)?;
+            return Ok(x.narrow(1, from, seq - from)?);
         }
         if let Some(m) = &mut self.mla {
-            return m.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device);
+            let x = m.hidden(tokens, &self.embed, &self.hp, self.n_ctx, &self.device)?;
+            return Ok(x.narrow(1, from, seq - from)?);
         }
         let mut x = self.embed.lookup(tokens, &self.device)?;
         if let Some(s) = self.embed_scale {
@@ -1477,12 +1482,18 @@ impl Model {
         }
         // Mask tensors only for candle's attention on a GPU: the CPU kernel masks by range.
         let mut masks: [Option<Tensor>; 2] = [None, None];
-        for layer in &mut self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
             let slot = usize::from(layer.window.is_some());
             if masks[slot].is_none() && !self.device.is_cpu() {
                 masks[slot] = attention_mask(seq, pos, layer.window, &self.device)?;
             }
-            x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, masks[slot].as_ref())?;
+            let keep = if i == last { from } else { 0 };
+            let mask = masks[slot].as_ref();
+            x = layer_forward(layer, &self.hp, self.n_ctx, &x, pos, mask, keep)?;
+        }
+        if self.layers.is_empty() {
+            x = x.narrow(1, from, seq - from)?;
         }
         Ok(x)
     }
@@ -1722,6 +1733,7 @@ fn layer_forward(
     x: &Tensor,
     pos: usize,
     mask: Option<&Tensor>,
+    keep: usize,
 ) -> Result<Tensor> {
     let (b, seq, _) = x.dims3()?;
     let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
@@ -1769,6 +1781,15 @@ fn layer_forward(
         n_ctx,
         mask,
     )?;
+    // Past the attention, rows are independent: only rows keep.. go on (see `hidden`).
+    let (x, out) = if keep > 0 {
+        (
+            x.narrow(1, keep, seq - keep)?,
+            out.narrow(1, keep, seq - keep)?,
+        )
+    } else {
+        (x.clone(), out)
+    };
     let mut out = l.attn_out.forward(&out)?;
     if let Some(bias) = &l.attn_out_b {
         out = out.broadcast_add(bias)?;
