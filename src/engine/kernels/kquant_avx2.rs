@@ -3,7 +3,7 @@
 //! kquant.rs).
 
 use super::kquant::{layout::*, KQuant, Order, Q8KBlock, TILE};
-use super::prefetch;
+use super::{prefetch, prefetch_rows};
 use std::arch::x86_64::*;
 
 /// Four activation bytes broadcast to every lane.
@@ -64,10 +64,7 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
     let mut acc = [_mm256_setzero_ps(); MT];
     for b in 0..kb {
         let p = tile.as_ptr().add(b * tb);
-        if MT == 1 {
-            // Decode streams the weights; prefill sweeps a block of tiles already in cache.
-            prefetch(p, tb);
-        }
+        prefetch_rows(MT, p, tb);
         let dv = halves(p.add(D));
         let mv = halves(p.add(DMIN));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
@@ -132,10 +129,7 @@ unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT
     let mut acc = [_mm256_setzero_ps(); MT];
     for b in 0..kb {
         let p = tile.as_ptr().add(b * tb);
-        if MT == 1 {
-            // Decode streams the weights; prefill sweeps a block of tiles already in cache.
-            prefetch(p, tb);
-        }
+        prefetch_rows(MT, p, tb);
         let dv = halves(p.add(D6));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
         for s in 0..16 {

@@ -7,7 +7,7 @@
 
 use super::kquant::{layout::*, KQuant, Order, Q8KBlock, TILE};
 use super::kquant_avx2::{bcast, bytes_i8, bytes_u8, halves, q6k_lanes, shift};
-use super::prefetch;
+use super::prefetch_rows;
 use std::arch::x86_64::*;
 
 /// Q4_K (Q5 false) or Q5_K (Q5 true): one tile against MT activation rows.
@@ -23,10 +23,7 @@ unsafe fn q45k<const MT: usize, const Q5: bool>(tile: &[u8], acts: &[&[Q8KBlock]
     let mut acc = [_mm256_setzero_ps(); MT];
     for b in 0..kb {
         let p = tile.as_ptr().add(b * tb);
-        if MT == 1 {
-            // Decode streams the weights; prefill sweeps a block of tiles already in cache.
-            prefetch(p, tb);
-        }
+        prefetch_rows(MT, p, tb);
         let dv = halves(p.add(D));
         let mv = halves(p.add(DMIN));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
@@ -79,10 +76,7 @@ unsafe fn q6k<const MT: usize>(tile: &[u8], acts: &[&[Q8KBlock]]) -> [__m256; MT
     let mut acc = [_mm256_setzero_ps(); MT];
     for b in 0..kb {
         let p = tile.as_ptr().add(b * tb);
-        if MT == 1 {
-            // Decode streams the weights; prefill sweeps a block of tiles already in cache.
-            prefetch(p, tb);
-        }
+        prefetch_rows(MT, p, tb);
         let dv = halves(p.add(D6));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
         for s in 0..16 {
@@ -237,10 +231,8 @@ unsafe fn q45k_pair<const MT: usize, const Q5: bool>(
     let mut acc = [_mm512_setzero_ps(); MT];
     for b in 0..kb {
         let (pa, pb) = (ta.as_ptr().add(b * bytes), tb.as_ptr().add(b * bytes));
-        if MT == 1 {
-            prefetch(pa, bytes);
-            prefetch(pb, bytes);
-        }
+        prefetch_rows(MT, pa, bytes);
+        prefetch_rows(MT, pb, bytes);
         let dv = pair_halves(pa.add(D), pb.add(D));
         let mv = pair_halves(pa.add(DMIN), pb.add(DMIN));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
@@ -296,10 +288,8 @@ unsafe fn q6k_pair<const MT: usize>(ta: &[u8], tb: &[u8], acts: &[&[Q8KBlock]]) 
     let mut acc = [_mm512_setzero_ps(); MT];
     for b in 0..kb {
         let (pa, pb) = (ta.as_ptr().add(b * bytes), tb.as_ptr().add(b * bytes));
-        if MT == 1 {
-            prefetch(pa, bytes);
-            prefetch(pb, bytes);
-        }
+        prefetch_rows(MT, pa, bytes);
+        prefetch_rows(MT, pb, bytes);
         let dv = pair_halves(pa.add(D6), pb.add(D6));
         let a: [&Q8KBlock; MT] = std::array::from_fn(|i| &acts[i][b]);
         for s in 0..16 {

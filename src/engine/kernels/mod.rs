@@ -76,6 +76,16 @@ fn prefetch(p: *const u8, bytes: usize) {
     prefetch_range(p.wrapping_add(PREFETCH_AHEAD), bytes);
 }
 
+/// `prefetch` in a kernel taking `rows` activation rows per call: only decode (one row)
+/// streams its weights; prefill sweeps a block of tiles that is already in cache.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_rows(rows: usize, p: *const u8, bytes: usize) {
+    if rows == 1 {
+        prefetch(p, bytes);
+    }
+}
+
 /// Asks the cache for `bytes` from `p`, one request per 64-byte line. A hint only (it never
 /// faults, past the end of a buffer included). x86-64 only: the ARM cores of the users'
 /// machines are not measured here, and their prefetchers follow streams.
@@ -376,17 +386,12 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
     // the wide tiles take, numbered across the jobs (in a MoE prefill some experts get
     // enough tokens for the wide tiles and some do not).
     let wide_kind = wide_tiles(isa, kind);
-    let per_item: Vec<usize> = ms
+    let wide: Vec<bool> = ms
         .iter()
-        .map(|&m| {
-            if wide_kind && m >= WIDE_MIN_ROWS {
-                4
-            } else {
-                1
-            }
-        })
+        .map(|&m| wide_kind && m >= WIDE_MIN_ROWS)
         .collect();
-    let items = |t: usize| jobs[t].w.n.div_ceil(4).div_ceil(per_item[t]);
+    let per_item = |t: usize| if wide[t] { 4 } else { 1 };
+    let items = |t: usize| jobs[t].w.n.div_ceil(4).div_ceil(per_item(t));
     let starts: Vec<usize> = (0..jobs.len())
         .scan(0, |acc, t| {
             let s = *acc;
@@ -400,7 +405,7 @@ fn matmul_jobs_with(isa: Isa, jobs: &[Job]) -> Vec<Vec<f32>> {
             let t = starts.partition_point(|&s| s <= item) - 1;
             let (w, out, m, acts) = (jobs[t].w, outs[t], ms[t], &acts[which[t]]);
             let n = w.n;
-            let (per_item, wide) = (per_item[t], per_item[t] == 4);
+            let (per_item, wide) = (per_item(t), wide[t]);
             let g0 = (item - starts[t]) * per_item;
             // SAFETY: element (i, j) of job t's output belongs to this task for the rows j
             // of its groups g0..g0+per_item; each output holds m * n values.
